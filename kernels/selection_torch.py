@@ -1,0 +1,120 @@
+"""Anchor-layer Top-k selection in PyTorch (CPU serving path; reference for GPU kernels).
+
+For each query: exact post-softmax probabilities over its whole causal row. They are pooled per
+KV head (sum over the GQA group's query heads) and per tile (sum over the tile's queries), and
+the Top-k keys are chosen among the tile's candidates (positions < tile_start). Scores are
+computed one block of tiles at a time, so memory is bounded by ``block_bytes``, never L x L.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .tiles import RequestTiles
+
+NEG_INF = float("-inf")
+DEFAULT_BLOCK_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One anchor's choice for one request. ``dense`` means every candidate was chosen."""
+
+    dense: bool
+    idx: Optional[torch.Tensor] = None  # [Hkv, nt, kmax] int64 key positions (0 where ~valid)
+    valid: Optional[torch.Tensor] = None  # [Hkv, nt, kmax] bool
+
+    def for_heads(self, head_map: torch.Tensor) -> "Selection":
+        """The selection seen by a reuse layer: its KV head h reads anchor head head_map[h]."""
+        if self.dense:
+            return self
+        return Selection(False, self.idx[head_map], self.valid[head_map])
+
+
+def tile_blocks(tiles: RequestTiles, row_bytes: int, block_bytes: int) -> Iterator[tuple]:
+    """Consecutive tile ranges [a, b) whose queries' score rows fit in ``block_bytes``.
+
+    ``row_bytes`` is the cost of one query's scores over one key (all heads together).
+    """
+    nt = tiles.num_tiles
+    a = 0
+    while a < nt:
+        b = a + 1
+        while b < nt:
+            n_q = tiles.tile_q_hi[b] - tiles.tile_q_lo[a]
+            n_keys = int(tiles.q_pos[tiles.tile_q_hi[b] - 1]) + 1
+            if n_q * n_keys * row_bytes > block_bytes:
+                break
+            b += 1
+        yield a, b
+        a = b
+
+
+def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: float):
+    """Pooled probabilities of tiles [a, b): [Hkv, b-a, L] with L = last query position + 1."""
+    lo, hi = tiles.tile_q_lo[a], tiles.tile_q_hi[b - 1]
+    q_pos = tiles.q_pos[lo:hi]
+    n_keys = int(q_pos[-1]) + 1
+    hkv = k_all.shape[1]
+    qb = q[lo:hi].float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
+    kb = k_all[:n_keys].float()  # [L, Hkv, D]
+    logits = torch.einsum("nkgd,lkd->kgnl", qb, kb) * scale  # [Hkv, G, n, L]
+    causal = torch.arange(n_keys, device=q.device)[None, :] > q_pos[:, None]  # [n, L]
+    probs = logits.masked_fill_(causal, NEG_INF).softmax(-1)
+    pooled_q = probs.sum(1)  # [Hkv, n, L]
+    pooled = pooled_q.new_zeros(hkv, b - a, n_keys)
+    pooled.index_add_(1, tiles.q_tile[lo:hi] - a, pooled_q)
+    return pooled
+
+
+def select_topk(
+    q: torch.Tensor,  # [n, Hq, D] queries of one request
+    k_all: torch.Tensor,  # [S, Hkv, D] keys of the request in position order
+    tiles: RequestTiles,
+    scale: float,
+    granularity: str = "token",
+    page_tile_size: int = 16,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Selection:
+    if tiles.all_dense:
+        return Selection(dense=True)
+    hkv, hq = k_all.shape[1], q.shape[1]
+    page = page_tile_size if granularity == "page" else 1
+    k_units = (tiles.tile_k + page - 1) // page  # [nt] tokens, or key tiles in page mode
+    kmax = int(k_units.max()) * page
+    nt = tiles.num_tiles
+    idx = torch.zeros(hkv, nt, kmax, dtype=torch.int64, device=q.device)
+    valid = torch.zeros(hkv, nt, kmax, dtype=torch.bool, device=q.device)
+    for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
+        pooled = pooled_tile_probs(q, k_all, tiles, a, b, scale)  # [Hkv, nt_b, L]
+        n_keys = pooled.shape[-1]
+        starts = tiles.tile_start[a:b]
+        key_pos = torch.arange(n_keys, device=q.device)
+        candidate = key_pos[None, :] < starts[:, None]  # [nt_b, L]
+        if page == 1:
+            scores = pooled.masked_fill_(~candidate, NEG_INF)
+            kb = min(int(k_units[a:b].max()), n_keys)
+            top = scores.topk(kb, dim=-1).indices  # [Hkv, nt_b, kb]
+            rank_ok = torch.arange(kb, device=q.device)[None, :] < k_units[a:b, None]
+            idx[:, a:b, :kb] = top
+            valid[:, a:b, :kb] = rank_ok.expand(hkv, -1, -1)
+        else:
+            n_pages = math.ceil(n_keys / page)
+            padded = pooled.masked_fill_(~candidate, 0.0)
+            padded = torch.nn.functional.pad(padded, (0, n_pages * page - n_keys))
+            page_scores = padded.unflatten(-1, (n_pages, page)).sum(-1)  # [Hkv, nt_b, P]
+            page_start = torch.arange(n_pages, device=q.device) * page
+            page_candidate = page_start[None, :] < starts[:, None]
+            page_scores.masked_fill_(~page_candidate, NEG_INF)
+            kp = min(int(k_units[a:b].max()), n_pages)
+            top_pages = page_scores.topk(kp, dim=-1).indices  # [Hkv, nt_b, kp]
+            pos = (top_pages[..., None] * page + torch.arange(page, device=q.device)).flatten(-2)
+            rank_ok = torch.arange(kp, device=q.device)[None, :] < k_units[a:b, None]
+            ok = rank_ok.repeat_interleave(page, dim=-1)[None] & (pos < starts[None, :, None])
+            idx[:, a:b, : kp * page] = torch.where(ok, pos, 0)
+            valid[:, a:b, : kp * page] = ok
+    return Selection(dense=False, idx=idx, valid=valid)

@@ -1,0 +1,115 @@
+"""KascadeAttnBackend: the SGLang attention backend registered as ``--attention-backend kascade``.
+
+Per forward pass: ``init_forward_metadata`` plans requests and tiles on the host (plan.py). Per
+layer, by the profile's role:
+  * dense (layer 0 and any profile dense layer): delegated to SGLang's own dense backend
+    (FlashInfer on a GPU, torch_native on CPU); layer 0 also selects Top-k;
+  * anchor: exact Top-k from pooled post-softmax probabilities, then attention over it;
+  * reuse: attention over the last anchor's selection through the layer's head map.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+from . import sglang_adapter as sa
+from .config import BudgetConfig
+from .kernels.selection_torch import select_topk
+from .kernels.sparse_attention_torch import sparse_attention
+from .plan import ForwardPlan, plan_forward
+from .profile import AnchorProfile
+
+logger = logging.getLogger("sglang_kascade")
+
+
+class KascadeAttnBackend(AttentionBackend):
+    def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
+                 profile: AnchorProfile, budget: BudgetConfig, device):
+        super().__init__()
+        self.dense = dense
+        self.req_to_token_pool = req_to_token_pool
+        self.token_to_kv_pool = token_to_kv_pool
+        self.device = device
+        self.plan: ForwardPlan | None = None
+        self._fallback_warned: set = set()
+        self.set_profile(profile, budget)
+
+    def set_profile(self, profile: AnchorProfile, budget: BudgetConfig) -> None:
+        """Takes effect from the next forward pass (called between batches)."""
+        self.profile = profile
+        self.budget = budget
+        self.roles = [profile.role(i) for i in range(profile.num_layers)]
+        self.head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
+                          for r in profile.head_map]
+
+    # ---- per forward (host planning) ----------------------------------------------------------
+
+    def init_forward_metadata(self, forward_batch):
+        self.dense.init_forward_metadata(forward_batch)
+        if forward_batch.forward_mode.is_idle():
+            self.plan = None
+            return
+        pools, prefix, extend, seq = sa.batch_view(forward_batch)
+        self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
+                                 seq, forward_batch.forward_mode.is_decode(), self.budget)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return self.dense.get_cuda_graph_seq_len_fill_value()
+
+    def support_triton(self):
+        return self.dense.support_triton()
+
+    # ---- per layer ------------------------------------------------------------------------------
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, decode=False, **kwargs)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return self._forward(q, k, v, layer, forward_batch, save_kv_cache, decode=True, **kwargs)
+
+    def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
+        layer_id = layer.layer_id
+        role = self.roles[layer_id]
+        why_dense = sa.layer_needs_dense_fallback(layer)
+        if why_dense:
+            self._warn_fallback(layer_id, why_dense)
+            return self._dense(q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs)
+        if save_kv_cache and k is not None:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v)
+        if role == "dense":
+            return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
+
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q3 = q.reshape(-1, hq, d)
+        k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)  # [slots, Hkv, D]
+        v_buf = self.token_to_kv_pool.get_value_buffer(layer_id)
+        plan = self.plan
+        out = None if role == "dense_anchor" else q.new_empty(q3.shape[0], hq, layer.v_head_dim)
+        for r, req in enumerate(plan.requests):
+            q_r = q3[req.q_lo:req.q_hi]
+            k_r = k_buf[req.slots]  # [S, Hkv, D]
+            if role in ("dense_anchor", "anchor"):
+                plan.selections[r] = select_topk(
+                    q_r, k_r, req.tiles, layer.scaling, self.budget.granularity,
+                    self.budget.page_tile_size)
+                sel = plan.selections[r]
+            else:
+                sel = plan.selections[r].for_heads(self.head_maps[layer_id])
+            if out is not None:
+                out[req.q_lo:req.q_hi] = sparse_attention(
+                    q_r, k_r, v_buf[req.slots], req.tiles, sel, layer.scaling)
+        if role == "dense_anchor":
+            return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
+        return out.reshape(q3.shape[0], hq * layer.v_head_dim)
+
+    def _dense(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
+        fn = self.dense.forward_decode if decode else self.dense.forward_extend
+        return fn(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+
+    def _warn_fallback(self, layer_id: int, why: str) -> None:
+        if layer_id not in self._fallback_warned:
+            self._fallback_warned.add(layer_id)
+            logger.warning("kascade: layer %d runs dense (%s)", layer_id, why)

@@ -1,0 +1,154 @@
+"""KascadeConfig: the one frozen configuration threaded through backend, calibration and sidecar.
+
+Values come from (highest first) the stock launcher's ``--kascade-*`` flags, the ``SGLANG_KASCADE_*``
+environment variables (a fallback for the Python ``Engine`` API, which has no CLI), the anchor
+profile, and the defaults below. ``None`` in a field means "take it from the profile".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+GRANULARITIES = ("token", "page")
+
+# name -> (flag, env var, type, help). One table, so flags, env vars and docs cannot drift apart.
+OPTION_TABLE = {
+    "profile": (
+        "--kascade-profile", "SGLANG_KASCADE_PROFILE", str,
+        "Anchor profile: a JSON path or the name of a shipped profile in sglang_kascade/profiles. "
+        "Default: the shipped profile matching the model, else a derived default (with a warning).",
+    ),
+    "topk_fraction": (
+        "--kascade-topk", "SGLANG_KASCADE_TOPK", float,
+        "Top-k budget as a fraction of the visible keys, in (0, 1]. Overrides the profile.",
+    ),
+    "k_min": (
+        "--kascade-k-min", "SGLANG_KASCADE_K_MIN", int,
+        "Smallest Top-k (keys), >= 1. Overrides the profile.",
+    ),
+    "tile_size": (
+        "--kascade-tile-size", "SGLANG_KASCADE_TILE_SIZE", int,
+        "Prefill query tile T (tokens), >= 1. Overrides the profile.",
+    ),
+    "granularity": (
+        "--kascade-granularity", "SGLANG_KASCADE_GRANULARITY", str,
+        "Selection granularity: 'token' (the paper) or 'page' (Top-k key tiles of page_tile_size).",
+    ),
+    "page_tile_size": (
+        "--kascade-page-tile-size", "SGLANG_KASCADE_PAGE_TILE_SIZE", int,
+        "Keys per key tile when granularity is 'page', >= 1. Overrides the profile.",
+    ),
+    "round_to": (
+        "--kascade-round-to", "SGLANG_KASCADE_ROUND_TO", int,
+        "Round each Top-k budget up to a multiple of this (kernels), >= 1. Overrides the profile.",
+    ),
+}
+
+
+class KascadeConfigError(ValueError):
+    """A Kascade option or profile is invalid; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class KascadeOptions:
+    """What the user asked for (flags / env). ``None`` = not given."""
+
+    profile: Optional[str] = None
+    topk_fraction: Optional[float] = None
+    k_min: Optional[int] = None
+    tile_size: Optional[int] = None
+    granularity: Optional[str] = None
+    page_tile_size: Optional[int] = None
+    round_to: Optional[int] = None
+
+    def __post_init__(self):
+        check_budget_fields(
+            topk_fraction=self.topk_fraction,
+            k_min=self.k_min,
+            tile_size=self.tile_size,
+            granularity=self.granularity,
+            page_tile_size=self.page_tile_size,
+            round_to=self.round_to,
+            where="option",
+        )
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "KascadeOptions":
+        values = {}
+        for name, (_flag, env, typ, _help) in OPTION_TABLE.items():
+            raw = environ.get(env)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = typ(raw)
+            except ValueError as e:
+                raise KascadeConfigError(f"{env}={raw!r}: expected {typ.__name__}") from e
+        return cls(**values)
+
+    def merged_over(self, fallback: "KascadeOptions") -> "KascadeOptions":
+        """Fields set here win; unset fields come from ``fallback``."""
+        return KascadeOptions(
+            **{
+                f.name: getattr(self, f.name) if getattr(self, f.name) is not None
+                else getattr(fallback, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
+                        granularity=None, page_tile_size=None, round_to=None) -> None:
+    """Range checks shared by options and profiles. ``None`` values are skipped."""
+
+    def bad(field, value, why):
+        raise KascadeConfigError(f"{where} {field}={value!r}: {why}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if topk_fraction is not None:
+        if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, (int, float)):
+            bad("topk_fraction", topk_fraction, "must be a number")
+        if not (0.0 < float(topk_fraction) <= 1.0) or math.isnan(float(topk_fraction)):
+            bad("topk_fraction", topk_fraction, "must be in (0, 1]")
+    for field, value in (("k_min", k_min), ("tile_size", tile_size),
+                         ("page_tile_size", page_tile_size), ("round_to", round_to)):
+        if value is None:
+            continue
+        if not is_int(value):
+            bad(field, value, "must be an integer")
+        if value < 1:
+            bad(field, value, "must be >= 1")
+    if granularity is not None and granularity not in GRANULARITIES:
+        bad("granularity", granularity, f"must be one of {GRANULARITIES}")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The resolved selection budget: profile values with option overrides applied."""
+
+    topk_fraction: float = 0.10
+    k_min: int = 128
+    tile_size: int = 32
+    granularity: str = "token"
+    page_tile_size: int = 16
+    round_to: int = 1
+
+    def __post_init__(self):
+        check_budget_fields(where="budget", **dataclasses.asdict(self))
+
+    def k_for(self, visible: int) -> int:
+        """Top-k for a query (tile) that can choose among ``visible`` keys.
+
+        k = clamp(ceil(fraction * visible), k_min, visible), rounded up to ``round_to`` and
+        clamped to ``visible`` again. ``visible <= k_min`` gives k == visible: dense.
+        """
+        if visible <= 0:
+            return 0
+        k = max(math.ceil(self.topk_fraction * visible - 1e-9), self.k_min)
+        k = -(-k // self.round_to) * self.round_to
+        return min(k, visible)

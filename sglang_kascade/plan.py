@@ -1,0 +1,44 @@
+"""Per-forward planning on the host: which queries, keys and tiles belong to each request.
+
+Built once per forward pass in ``init_forward_metadata`` and read by every layer. Holds the
+per-request selections of the most recent anchor layer (they live for this forward only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import BudgetConfig
+from .kernels.selection_torch import Selection
+from .kernels.tiles import RequestTiles, decode_tiles, extend_tiles
+
+
+@dataclass
+class RequestPlan:
+    q_lo: int  # rows [q_lo, q_hi) of this request in the batch's q tensor
+    q_hi: int
+    slots: torch.Tensor  # [S] int64 KV-pool slots of positions 0..S-1 (from req_to_token)
+    tiles: RequestTiles
+
+
+@dataclass
+class ForwardPlan:
+    requests: list
+    selections: list = field(default_factory=list)  # [num requests] Selection of the last anchor
+
+
+def plan_forward(req_to_token, pools, prefix_lens, extend_lens, seq_lens, is_decode: bool,
+                 budget: BudgetConfig) -> ForwardPlan:
+    device = req_to_token.device
+    plans, q_lo = [], 0
+    for pool, prefix, extend, seq in zip(pools, prefix_lens, extend_lens, seq_lens):
+        if is_decode:
+            tiles = decode_tiles(seq, budget.k_for, device)
+        else:
+            tiles = extend_tiles(prefix, extend, budget.tile_size, budget.k_for, device)
+        slots = req_to_token[pool, :seq].to(torch.int64)
+        plans.append(RequestPlan(q_lo, q_lo + extend, slots, tiles))
+        q_lo += extend
+    return ForwardPlan(plans, [Selection(dense=True)] * len(plans))

@@ -1,0 +1,43 @@
+"""Entry point of the ``sglang.srt.plugins`` group: registers ``--attention-backend kascade``.
+
+SGLang calls ``register()`` in every process (launcher, each scheduler), before argument parsing
+in the launcher. It only registers names and hooks; nothing heavy runs until the backend is built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import sglang_adapter as sa
+
+logger = logging.getLogger("sglang_kascade")
+
+
+def register() -> None:
+    sa.check_sglang_version()
+    sa.register_backend(create_backend)
+    sa.register_hooks()
+
+
+def create_backend(model_runner):
+    """Factory called by SGLang's ModelRunner: resolve options + profile, then build."""
+    from .backend import KascadeAttnBackend
+    from .resolve import resolve_profile
+
+    sa.check_supported(model_runner)
+    options = sa.kascade_options(model_runner.server_args)
+    fingerprint = sa.model_fingerprint(model_runner)
+    profile, budget = resolve_profile(options, fingerprint,
+                                      str(getattr(model_runner.model_config, "model_path", "")))
+    logger.info(
+        "kascade: profile %s; anchors %s; dense %s; budget %s",
+        profile.name, list(profile.anchor_layers), list(profile.dense_layers), budget,
+    )
+    return KascadeAttnBackend(
+        dense=sa.make_dense_backend(model_runner),
+        req_to_token_pool=model_runner.req_to_token_pool,
+        token_to_kv_pool=model_runner.token_to_kv_pool,
+        profile=profile,
+        budget=budget,
+        device=model_runner.device,
+    )

@@ -1,0 +1,232 @@
+"""Every SGLang internal that sglang-kascade touches, in one place.
+
+Tested with SGLang 0.5.21 (CPU machines, torch 2.13) and written against 0.5.17 (GPU hosts,
+torch 2.11). Each function says which SGLang object it reads or patches and why. Nothing else in
+the package imports from ``sglang`` except ``backend.py`` (the AttentionBackend base class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import OPTION_TABLE, KascadeConfigError, KascadeOptions
+from .profile import ModelFingerprint
+
+logger = logging.getLogger("sglang_kascade")
+
+BACKEND_NAME = "kascade"
+SUPPORTED_SGLANG = ((0, 5, 17), (0, 5, 21))  # inclusive range that was tested
+_OPTIONS_ATTR = "_kascade_options"  # bookkeeping attribute on ServerArgs (survives pickling)
+
+
+def sglang_version() -> tuple:
+    try:
+        raw = version("sglang")
+    except PackageNotFoundError:
+        return ()
+    parts = []
+    for p in raw.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_sglang_version() -> None:
+    v = sglang_version()
+    lo, hi = SUPPORTED_SGLANG
+    if v and not lo <= v <= hi:
+        logger.warning(
+            "sglang-kascade was tested with SGLang %s..%s; this is %s. It may still work.",
+            ".".join(map(str, lo)), ".".join(map(str, hi)), ".".join(map(str, v)),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: backend choice, backend factory, command-line flags.
+# --------------------------------------------------------------------------------------------
+
+
+def register_backend(factory) -> None:
+    """Add ``kascade`` to --attention-backend choices and map it to ``factory(model_runner)``."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import add_attention_backend_choices
+
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    ATTENTION_BACKENDS[BACKEND_NAME] = factory
+
+
+def add_kascade_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Kascade sparse attention (sglang-kascade)")
+    for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
+        if any(flag in a.option_strings for a in parser._actions):
+            continue
+        group.add_argument(flag, dest=f"kascade_{name}", type=typ, default=None,
+                           help=f"{help_text} (env fallback: {env})")
+
+
+def options_from_namespace(args: argparse.Namespace) -> KascadeOptions:
+    values = {n: getattr(args, f"kascade_{n}", None) for n in OPTION_TABLE}
+    return KascadeOptions(**{k: v for k, v in values.items() if v is not None})
+
+
+def _after_add_cli_args(result, parser, *args, **kwargs):
+    add_kascade_flags(parser)
+    return result
+
+
+def _after_from_cli_args(server_args, cls, args, *rest, **kwargs):
+    # Validate flags in the launcher process, so a bad value fails before any model loads.
+    options = options_from_namespace(args)
+    if getattr(args, "attention_backend", None) == BACKEND_NAME and options.profile:
+        from .profile import load_profile
+
+        load_profile(options.profile)  # raises KascadeConfigError naming the bad field
+    # Bookkeeping attributes (leading underscore, not a field) travel with ServerArgs when it is
+    # pickled into the scheduler processes (0.5.21: ServerArgs.__reduce__ keeps __dict__).
+    setattr(server_args, _OPTIONS_ATTR, options)
+    return server_args
+
+
+def _around_support_triton(original, backend, *args, **kwargs):
+    # Reason: support_triton(name) is True for every backend but torch_native/intel_amx, which
+    # routes `kascade` on a CPU through Triton-only allocation kernels. Answer for the dense
+    # backend kascade delegates to instead.
+    if backend == BACKEND_NAME:
+        backend = dense_backend_name()
+    return original(backend, *args, **kwargs)
+
+
+def _after_attention_compat(result, server_args, *args, **kwargs):
+    # Reason (0.5.21): SGLang turns CUDA graphs off only for torch_native/flex; the PyTorch
+    # kascade path syncs with the host (per-request loops), so it cannot be captured yet.
+    try:
+        from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
+        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+    except ImportError:
+        return result
+    if resolved_view(server_args).attention_backend != BACKEND_NAME:
+        return result
+    logger.warning("kascade: CUDA graphs are disabled (the PyTorch kascade path is not capturable)")
+    for phase in (Phase.DECODE, Phase.PREFILL):
+        graphs = resolving_view(server_args).cuda_graph_config
+        declare_resolution(server_args, "sglang_kascade",
+                           cuda_graph_config=with_phase(graphs, phase, backend=Backend.DISABLED))
+    return result
+
+
+def register_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args",
+                          _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args",
+                          _after_from_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.utils.common.support_triton",
+                          _around_support_triton, HookType.AROUND)
+    try:
+        import sglang.srt.arg_groups.attention_hook  # noqa: F401  (0.5.21 layout)
+
+        HookRegistry.register(
+            "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility",
+            _after_attention_compat, HookType.AFTER)
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# What the backend reads from a ModelRunner / ForwardBatch.
+# --------------------------------------------------------------------------------------------
+
+
+def dense_backend_name() -> str:
+    """SGLang backend that runs kascade's dense layers: FlashInfer on a GPU, torch_native on CPU."""
+    import torch
+
+    return "flashinfer" if torch.cuda.is_available() else "torch_native"
+
+
+def make_dense_backend(model_runner):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    return ATTENTION_BACKENDS[dense_backend_name()](model_runner)
+
+
+def resolved_args(server_args):
+    try:
+        from sglang.srt.arg_groups.overrides import resolved_view
+
+        return resolved_view(server_args)
+    except (ImportError, Exception):  # 0.5.17: plain dataclass, fields are final
+        return server_args
+
+
+def kascade_options(server_args) -> KascadeOptions:
+    """Flags given to the launcher, over SGLANG_KASCADE_* environment variables."""
+    flags = getattr(server_args, _OPTIONS_ATTR, None) or KascadeOptions()
+    return flags.merged_over(KascadeOptions.from_env())
+
+
+def model_fingerprint(model_runner) -> ModelFingerprint:
+    mc = model_runner.model_config
+    archs = getattr(mc.hf_config, "architectures", None) or ["unknown"]
+    return ModelFingerprint(
+        architecture=archs[0],
+        num_layers=mc.num_hidden_layers,
+        num_q_heads=mc.num_attention_heads,
+        num_kv_heads=mc.get_total_num_kv_heads(),
+        head_dim=mc.head_dim,
+    )
+
+
+def check_supported(model_runner) -> None:
+    """Configurations the method does not cover fail here, at start-up, with the reason."""
+    args = resolved_args(model_runner.server_args)
+    mc = model_runner.model_config
+
+    def refuse(why):
+        raise KascadeConfigError(f"--attention-backend kascade: {why}")
+
+    if getattr(model_runner, "use_mla_backend", False):
+        refuse("MLA models are not supported (Kascade selects over per-KV-head keys)")
+    if getattr(args, "speculative_algorithm", None):
+        refuse("speculative decoding is not supported yet (verify batches need tree masks)")
+    if getattr(args, "enable_mixed_chunk", False):
+        refuse("--enable-mixed-chunk is not supported yet (mixed prefill+decode batches)")
+    if getattr(args, "tp_size", 1) != 1 or getattr(args, "dcp_size", 1) != 1:
+        refuse("tensor/context parallelism is not supported yet (head maps cross ranks)")
+    if getattr(mc, "is_hybrid_swa", False) or getattr(model_runner, "is_hybrid_swa", False):
+        refuse("hybrid sliding-window models are not supported (separate SWA KV pool)")
+    if getattr(mc, "is_encoder_decoder", False):
+        refuse("encoder-decoder models are not supported")
+    if getattr(mc, "head_dim", 0) != getattr(mc, "v_head_dim", getattr(mc, "head_dim", 0)):
+        refuse("models whose key and value head dims differ are not supported")
+
+
+def layer_needs_dense_fallback(layer) -> str:
+    """Why a layer must run densely (sliding window, cross-attention, encoder-only), or ''."""
+    if getattr(layer, "is_cross_attention", False):
+        return "cross-attention"
+    attn_type = getattr(layer, "attn_type", None)
+    if attn_type is not None and getattr(attn_type, "name", "") == "ENCODER_ONLY":
+        return "encoder-only attention"
+    window = getattr(layer, "sliding_window_size", None)
+    if window is not None and window > -1:
+        return "sliding-window attention"
+    return ""
+
+
+def batch_view(forward_batch):
+    """(req_pool_indices, prefix_lens, extend_lens, seq_lens) as host lists for planning."""
+    fb = forward_batch
+    seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+    pools = fb.req_pool_indices.tolist()
+    if fb.forward_mode.is_decode():
+        return pools, [s - 1 for s in seq_lens], [1] * len(seq_lens), seq_lens
+    prefix = list(fb.extend_prefix_lens_cpu)
+    extend = list(fb.extend_seq_lens_cpu)
+    return pools, prefix, extend, seq_lens
