@@ -82,27 +82,29 @@ class KascadeAttnBackend(AttentionBackend):
         if role == "dense":
             return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
 
-        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(-1, hq, d)
         k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)  # [slots, Hkv, D]
         v_buf = self.token_to_kv_pool.get_value_buffer(layer_id)
         plan = self.plan
-        out = None if role == "dense_anchor" else q.new_empty(q3.shape[0], hq, layer.v_head_dim)
+        selects = role in ("dense_anchor", "anchor")
+        sels = []
         for r, req in enumerate(plan.requests):
-            q_r = q3[req.q_lo:req.q_hi]
-            k_r = k_buf[req.slots]  # [S, Hkv, D]
-            if role in ("dense_anchor", "anchor"):
+            if selects:
                 plan.selections[r] = select_topk(
-                    q_r, k_r, req.tiles, layer.scaling, self.budget.granularity,
-                    self.budget.page_tile_size)
-                sel = plan.selections[r]
+                    q3[req.q_lo:req.q_hi], k_buf[req.slots], req.tiles, layer.scaling,
+                    self.budget.granularity, self.budget.page_tile_size)
+                sels.append(plan.selections[r])
             else:
-                sel = plan.selections[r].for_heads(self.head_maps[layer_id])
-            if out is not None:
-                out[req.q_lo:req.q_hi] = sparse_attention(
-                    q_r, k_r, v_buf[req.slots], req.tiles, sel, layer.scaling)
-        if role == "dense_anchor":
+                sels.append(plan.selections[r].for_heads(self.head_maps[layer_id]))
+        if role == "dense_anchor" or all(sel.dense for sel in sels):
+            # Layer 0, or nothing to skip (short contexts, fraction 1.0): SGLang's dense kernel.
             return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
+        out = q.new_empty(q3.shape[0], hq, layer.v_head_dim)
+        for req, sel in zip(plan.requests, sels):
+            out[req.q_lo:req.q_hi] = sparse_attention(
+                q3[req.q_lo:req.q_hi], k_buf[req.slots], v_buf[req.slots], req.tiles, sel,
+                layer.scaling)
         return out.reshape(q3.shape[0], hq * layer.v_head_dim)
 
     def _dense(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):

@@ -113,7 +113,8 @@ def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size
     if topk_fraction is not None:
         if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, (int, float)):
             bad("topk_fraction", topk_fraction, "must be a number")
-        if not (0.0 < float(topk_fraction) <= 1.0) or math.isnan(float(topk_fraction)):
+        # No float() here: a huge JSON integer would raise OverflowError. NaN fails the test.
+        if not (0 < topk_fraction <= 1):
             bad("topk_fraction", topk_fraction, "must be in (0, 1]")
     for field, value in (("k_min", k_min), ("tile_size", tile_size),
                          ("page_tile_size", page_tile_size), ("round_to", round_to)):
@@ -139,6 +140,9 @@ class BudgetConfig:
     round_to: int = 1
 
     def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value is None:  # check_budget_fields treats None as "unset"; a budget is complete
+                raise KascadeConfigError(f"budget {name}=None: must be set")
         check_budget_fields(where="budget", **dataclasses.asdict(self))
 
     def k_for(self, visible: int) -> int:

@@ -114,3 +114,52 @@ def install_pth() -> Path:
 
 if __name__ == "__main__":
     print(f"installed {install_pth()}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Paged KV allocation (--page-size > 1) on CPU. Applied by the plugin in every SGLang process.
+# ------------------------------------------------------------------------------------------------
+
+
+class _GridLaunch:
+    """Stands in for a Triton kernel object: ``kernel[grid](*args)`` calls ``fn(*args)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn
+
+
+def _alloc_extend_torch(prefix_lens, seq_lens, last_loc, free_pages, out_indices, _bs_pow2,
+                        page_size):
+    from sglang.srt.mem_cache.allocator.paged import alloc_extend_naive
+
+    alloc_extend_naive(prefix_lens, seq_lens, last_loc, free_pages, out_indices, page_size,
+                       out_indices.device)
+
+
+def _alloc_decode_torch(seq_lens, last_loc, free_pages, out_indices, _bs_pow2, page_size):
+    import torch
+
+    # The new token opens a page when it is the first of one; such requests take free pages in
+    # batch order, the others continue after their last slot.
+    needs_page = (seq_lens - 1) % page_size == 0
+    page_rank = torch.cumsum(needs_page.to(torch.int64), 0) - 1
+    new_slot = free_pages[page_rank.clamp(min=0)] * page_size
+    out_indices.copy_(torch.where(needs_page, new_slot, last_loc + 1))
+
+
+def patch_sglang_paged_allocation() -> None:
+    # Reason: with --page-size > 1 SGLang 0.5.21 allocates slots with Triton kernels
+    # (mem_cache/allocator/paged.py alloc_extend_kernel/alloc_decode_kernel) and finds the last
+    # slot with get_last_loc_triton for every backend but torch_native/ascend; Triton has no CPU
+    # driver. SGLang ships torch equivalents (alloc_extend_naive, get_last_loc_torch): use them.
+    if not _torch_is_cpu_build():
+        return
+    from sglang.srt.mem_cache import allocation
+    from sglang.srt.mem_cache.allocator import paged
+
+    paged.alloc_extend_kernel = _GridLaunch(_alloc_extend_torch)
+    paged.alloc_decode_kernel = _GridLaunch(_alloc_decode_torch)
+    allocation.get_last_loc_triton = allocation.get_last_loc_torch

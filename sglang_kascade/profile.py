@@ -23,6 +23,7 @@ REQUIRED = ("schema_version", "model", "dense_layers", "anchor_layers", "head_ma
             "topk_fraction", "k_min", "tile_size", "granularity", "provenance")
 OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "name": None}
 FINGERPRINT_FIELDS = ("architecture", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+BUDGET_FIELDS = ("topk_fraction", "k_min", "tile_size", "granularity", "page_tile_size", "round_to")
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,9 @@ def profile_from_dict(data: Any) -> AnchorProfile:
     unknown = sorted(set(data) - known)
     if unknown:
         _fail(unknown[0], "unknown field")
-    if data["schema_version"] != SCHEMA_VERSION:
-        _fail("schema_version", f"{data['schema_version']!r} is not supported (expected {SCHEMA_VERSION})")
+    version = data["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version != SCHEMA_VERSION:
+        _fail("schema_version", f"{version!r} is not supported (expected {SCHEMA_VERSION})")
 
     model = data["model"]
     if not isinstance(model, dict):
@@ -164,6 +166,9 @@ def profile_from_dict(data: Any) -> AnchorProfile:
             _fail(f"head_map[{i}]", "must be the identity for dense and anchor layers")
 
     merged = {**OPTIONAL_DEFAULTS, **data}
+    for name in BUDGET_FIELDS:
+        if merged[name] is None:  # check_budget_fields skips None (it means "unset" for options)
+            _fail(name, "must not be null")
     check_budget_fields(
         where="profile",
         topk_fraction=merged["topk_fraction"],
@@ -201,7 +206,9 @@ def profile_from_json_text(text: str) -> AnchorProfile:
         raise KascadeConfigError(f"profile is larger than {MAX_PROFILE_BYTES} bytes")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError, or an integer literal over Python's digit limit;
+        # RecursionError: pathologically deep nesting.
         raise KascadeConfigError(f"profile is not valid JSON: {e}") from e
     return profile_from_dict(data)
 
@@ -225,7 +232,9 @@ def load_profile(spec: str) -> AnchorProfile:
             )
         path = shipped
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise KascadeConfigError(f"{path}: profile is not UTF-8 text: {e}") from e
     except OSError as e:
         raise KascadeConfigError(f"profile {spec!r}: cannot read: {e}") from e
     try:

