@@ -54,18 +54,25 @@ def tile_blocks(tiles: RequestTiles, row_bytes: int, block_bytes: int) -> Iterat
         a = b
 
 
-def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: float):
-    """Pooled probabilities of tiles [a, b): [Hkv, b-a, L] with L = last query position + 1."""
+def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: float,
+                      k_t=None):
+    """Pooled probabilities of tiles [a, b): [Hkv, b-a, L] with L = last query position + 1.
+
+    ``k_t`` optionally passes ``k_all`` already as float32 [Hkv, D, S] (reused across blocks).
+    """
     lo, hi = tiles.tile_q_lo[a], tiles.tile_q_hi[b - 1]
     q_pos = tiles.q_pos[lo:hi]
-    n_keys = int(q_pos[-1]) + 1
+    n, n_keys = hi - lo, int(q_pos[-1]) + 1
     hkv = k_all.shape[1]
-    qb = q[lo:hi].float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
-    kb = k_all[:n_keys].float()  # [L, Hkv, D]
-    logits = torch.einsum("nkgd,lkd->kgnl", qb, kb) * scale  # [Hkv, G, n, L]
+    if k_t is None:
+        k_t = k_all.float().permute(1, 2, 0)  # [Hkv, D, S]
+    # [Hkv, G*n, D]: a group's query heads stacked as rows, so one bmm per KV head.
+    qb = (q[lo:hi].float() * scale).unflatten(1, (hkv, -1)).permute(1, 2, 0, 3).flatten(1, 2)
+    logits = torch.bmm(qb, k_t[:, :, :n_keys])  # [Hkv, G*n, L]
     causal = torch.arange(n_keys, device=q.device)[None, :] > q_pos[:, None]  # [n, L]
-    probs = logits.masked_fill_(causal, NEG_INF).softmax(-1)
-    pooled_q = probs.sum(1)  # [Hkv, n, L]
+    logits = logits.unflatten(1, (-1, n)).masked_fill_(causal, NEG_INF)  # [Hkv, G, n, L]
+    pooled_q = torch.softmax(logits, dim=-1).sum(1)  # [Hkv, n, L]
+    del logits
     pooled = pooled_q.new_zeros(hkv, b - a, n_keys)
     pooled.index_add_(1, tiles.q_tile[lo:hi] - a, pooled_q)
     return pooled
@@ -89,8 +96,9 @@ def select_topk(
     nt = tiles.num_tiles
     idx = torch.zeros(hkv, nt, kmax, dtype=torch.int64, device=q.device)
     valid = torch.zeros(hkv, nt, kmax, dtype=torch.bool, device=q.device)
+    k_t = k_all.float().permute(1, 2, 0)  # [Hkv, D, S]
     for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
-        pooled = pooled_tile_probs(q, k_all, tiles, a, b, scale)  # [Hkv, nt_b, L]
+        pooled = pooled_tile_probs(q, k_all, tiles, a, b, scale, k_t)  # [Hkv, nt_b, L]
         n_keys = pooled.shape[-1]
         starts = tiles.tile_start[a:b]
         key_pos = torch.arange(n_keys, device=q.device)

@@ -14,22 +14,20 @@ from .tiles import RequestTiles
 
 
 def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=DEFAULT_BLOCK_BYTES):
-    """q [n, Hq, D] at positions q_pos [n]; keys/values [S, Hkv, D]. Returns [n, Hq, D]."""
-    n, hq, d = q.shape
-    hkv = k_all.shape[1]
-    out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
+    """q [n, Hq, D] at positions q_pos [n]; keys/values [S, Hkv, D]. Returns [n, Hq, Dv]."""
+    n, hq, _ = q.shape
     s = int(q_pos[-1]) + 1
+    kh = k_all[:s].float().transpose(0, 1)[None]  # [1, Hkv, S, D]
+    vh = v_all[:s].float().transpose(0, 1)[None]
+    out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
     step = max(1, block_bytes // max(1, 8 * hq * s))
     for lo in range(0, n, step):
         hi = min(n, lo + step)
-        pos = q_pos[lo:hi]
-        n_keys = int(pos[-1]) + 1
-        qb = q[lo:hi].float().unflatten(1, (hkv, -1))  # [nb, Hkv, G, D]
-        logits = torch.einsum("nkgd,lkd->kgnl", qb, k_all[:n_keys].float()) * scale
-        causal = torch.arange(n_keys, device=q.device)[None, :] > pos[:, None]
-        probs = logits.masked_fill_(causal, NEG_INF).softmax(-1)  # [Hkv, G, nb, L]
-        o = torch.einsum("kgnl,lkd->nkgd", probs, v_all[:n_keys].float())
-        out[lo:hi] = o.flatten(1, 2).to(q.dtype)
+        qb = q[lo:hi].float().transpose(0, 1)[None]  # [1, Hq, nb, D]
+        causal_ok = torch.arange(s, device=q.device)[None, :] <= q_pos[lo:hi, None]  # [nb, S]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qb, kh, vh, attn_mask=causal_ok, scale=scale, enable_gqa=True)
+        out[lo:hi] = o[0].transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -46,38 +44,39 @@ def sparse_attention(
         return dense_causal_attention(q, k_all, v_all, tiles.q_pos, scale, block_bytes)
     n, hq, _ = q.shape
     hkv = k_all.shape[1]
-    kh = k_all.transpose(0, 1)  # [Hkv, S, D]
-    vh = v_all.transpose(0, 1)
+    kh = k_all.float().transpose(0, 1)  # [Hkv, S, D]
+    vh = v_all.float().transpose(0, 1)
+    q_kv = q.float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
     heads = torch.arange(hkv, device=q.device)[:, None, None]
     out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
-    kmax = sel.idx.shape[-1]
     for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
+        nt = b - a
         lo_q = torch.tensor(tiles.tile_q_lo[a:b], device=q.device)
         hi_q = torch.tensor(tiles.tile_q_hi[a:b], device=q.device)
         tm = int((hi_q - lo_q).max())
-        q_idx = lo_q[:, None] + torch.arange(tm, device=q.device)  # [nt_b, Tm]
+        q_idx = lo_q[:, None] + torch.arange(tm, device=q.device)  # [nt, Tm]
         q_ok = q_idx < hi_q[:, None]
         q_idx = torch.where(q_ok, q_idx, lo_q[:, None])
-        qt = q[q_idx].float().unflatten(2, (hkv, -1))  # [nt_b, Tm, Hkv, G, D]
-        pos = tiles.q_pos[q_idx]  # [nt_b, Tm]
+        pos = tiles.q_pos[q_idx]  # [nt, Tm]
         starts = tiles.tile_start[a:b]
 
-        k_sel = kh[heads, sel.idx[:, a:b]].float()  # [Hkv, nt_b, kmax, D]
-        v_sel = vh[heads, sel.idx[:, a:b]].float()
-        s_sel = torch.einsum("tqkgd,ktjd->kgtqj", qt, k_sel) * scale  # [Hkv,G,nt_b,Tm,kmax]
-        s_sel.masked_fill_(~sel.valid[:, None, a:b, None, :], NEG_INF)
-
+        # Keys of each tile: its selection, then its diagonal block [start, start + Ld).
         n_diag = max(0, int((pos - starts[:, None]).max()) + 1)
-        diag_pos = starts[:, None] + torch.arange(n_diag, device=q.device)  # [nt_b, Ld]
-        diag_ok = diag_pos[:, None, :] <= pos[:, :, None]  # [nt_b, Tm, Ld]
-        diag_pos = diag_pos.clamp(max=k_all.shape[0] - 1)
-        k_diag = kh[:, diag_pos].float()  # [Hkv, nt_b, Ld, D]
-        v_diag = vh[:, diag_pos].float()
-        s_diag = torch.einsum("tqkgd,ktjd->kgtqj", qt, k_diag) * scale
-        s_diag.masked_fill_(~diag_ok[None, None], NEG_INF)
-
-        probs = torch.cat([s_sel, s_diag], dim=-1).softmax(-1)
-        o = torch.einsum("kgtqj,ktjd->tqkgd", probs[..., :kmax], v_sel)
-        o += torch.einsum("kgtqj,ktjd->tqkgd", probs[..., kmax:], v_diag)
-        out[q_idx[q_ok]] = o.flatten(2, 3)[q_ok].to(q.dtype)
+        diag_pos = starts[:, None] + torch.arange(n_diag, device=q.device)  # [nt, Ld]
+        key_pos = torch.cat([sel.idx[:, a:b], diag_pos.expand(hkv, -1, -1)], dim=-1)
+        key_pos = key_pos.clamp(max=k_all.shape[0] - 1)  # [Hkv, nt, K+Ld]
+        allowed = torch.cat([  # [Hkv, nt, Tm, K+Ld]
+            sel.valid[:, a:b, None, :].expand(-1, -1, tm, -1),
+            (diag_pos[:, None, :] <= pos[:, :, None]).expand(hkv, -1, -1, -1),
+        ], dim=-1)
+        keys = kh[heads, key_pos].flatten(0, 1)  # [Hkv*nt, K+Ld, D]
+        vals = vh[heads, key_pos].flatten(0, 1)
+        # Queries: [Hkv*nt, G*Tm, D], the group's heads stacked as rows.
+        qt = q_kv[q_idx].permute(2, 0, 3, 1, 4).flatten(0, 1).flatten(1, 2)
+        mask = allowed.unsqueeze(2).expand(-1, -1, hq // hkv, -1, -1).flatten(0, 1).flatten(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qt, keys, vals, attn_mask=mask, scale=scale)  # [Hkv*nt, G*Tm, Dv]
+        o = o.unflatten(0, (hkv, nt)).unflatten(2, (hq // hkv, tm))  # [Hkv, nt, G, Tm, Dv]
+        o = o.permute(1, 3, 0, 2, 4).flatten(2, 3)  # [nt, Tm, Hq, Dv]
+        out[q_idx[q_ok]] = o[q_ok].to(q.dtype)
     return out

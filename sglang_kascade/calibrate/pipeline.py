@@ -1,0 +1,113 @@
+"""Statistics -> similarity / importance -> DP for each anchor count -> head map -> profile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+from ..config import BudgetConfig
+from ..kernels.selection_torch import DEFAULT_BLOCK_BYTES
+from ..profile import AnchorProfile, ModelFingerprint, profile_from_dict
+from .dp import AnchorChoice, choose_all, layer_weights
+from .headmap import head_map
+from .stats import StatsCollector, collecting, run_sample
+
+
+@dataclass
+class CalibrationResult:
+    fingerprint: ModelFingerprint
+    budget: BudgetConfig
+    sim: torch.Tensor  # [n, n, Hkv, Hkv] (l1, l2, h2, h1)
+    importance: torch.Tensor  # [n]
+    topk_recall: torch.Tensor  # [n]
+    choices: dict  # {K: AnchorChoice}
+    chosen: AnchorChoice
+    head_map: list
+    sizes: dict = field(default_factory=dict)
+
+    @property
+    def max_score(self) -> float:
+        return float(self.importance.sum())
+
+
+def collect_statistics(model, fp: ModelFingerprint, windows, budget: BudgetConfig,
+                       device="cpu", block_bytes: int = DEFAULT_BLOCK_BYTES,
+                       progress: Optional[Callable] = None) -> StatsCollector:
+    """Run every window through the model; ``progress(sample_index, layer)`` after each layer."""
+    collector = StatsCollector(fp.num_layers, fp.num_q_heads, fp.num_kv_heads, budget,
+                               device=device, block_bytes=block_bytes)
+    with collecting(model, collector):
+        for s, ids in enumerate(windows):
+            if progress is not None:
+                collector.on_layer_done = lambda layer, s=s: progress(s, layer)
+            run_sample(model, collector, ids)
+    return collector
+
+
+def pick_count(choices: dict, choose: Union[int, str], max_score: float,
+               tolerance: float) -> int:
+    """``choose`` an int K, or 'auto': the smallest K whose normalised score is within
+    ``tolerance`` of the best normalised score among the counts tried."""
+    if choose != "auto":
+        return int(choose)
+    norm = {k: c.score / max_score if max_score > 0 else 1.0 for k, c in choices.items()}
+    top = max(norm.values())
+    return min(k for k, v in norm.items() if v >= top - tolerance)
+
+
+def analyse(collector: StatsCollector, fp: ModelFingerprint, budget: BudgetConfig, counts,
+            choose: Union[int, str] = 5, tolerance: float = 0.01) -> CalibrationResult:
+    sim = collector.similarity()
+    imp = collector.importance()
+    W = layer_weights(sim, imp)
+    counts = set(counts) | ({int(choose)} if choose != "auto" else set())
+    if choose != "auto" and not 1 <= int(choose) <= fp.num_layers:
+        raise ValueError(f"--choose {choose}: the model has {fp.num_layers} layers")
+    choices = choose_all(W, counts)
+    if not choices:
+        raise ValueError(f"no anchor count in {sorted(counts)} fits {fp.num_layers} layers")
+    k = pick_count(choices, choose, float(imp.sum()), tolerance)
+    chosen = choices[k]
+    rows = head_map(sim, chosen.anchors, dense_layers=(0,))
+    return CalibrationResult(
+        fingerprint=fp, budget=budget, sim=sim, importance=imp,
+        topk_recall=collector.topk_recall(), choices=choices, chosen=chosen, head_map=rows,
+        sizes={"num_samples": collector.sim.num_samples,
+               "tiles": collector.num_tiles, "sparse_tiles": collector.num_sparse_tiles},
+    )
+
+
+def build_profile(result: CalibrationResult, name: Optional[str],
+                  provenance: dict) -> AnchorProfile:
+    """The profile dict, validated by profile_from_dict."""
+    b = result.budget
+    max_score = result.max_score
+    prov = dict(provenance)
+    prov["dp"] = {
+        str(k): {"anchors": list(c.anchors), "score": round(c.score, 6),
+                 "normalized_score": round(c.score / max_score, 6) if max_score > 0 else None}
+        for k, c in sorted(result.choices.items())
+    }
+    prov["chosen_num_anchors"] = result.chosen.num_anchors
+    prov["max_score"] = round(max_score, 6)
+    prov["importance"] = [round(float(x), 6) for x in result.importance]
+    prov["topk_recall"] = [round(float(x), 6) for x in result.topk_recall]
+    prov.setdefault("sizes", {}).update(result.sizes)
+    data = {
+        "schema_version": 1,
+        "name": name,
+        "model": result.fingerprint.to_json(),
+        "dense_layers": [0],
+        "anchor_layers": list(result.chosen.anchors),
+        "head_map": result.head_map,
+        "topk_fraction": b.topk_fraction,
+        "k_min": b.k_min,
+        "tile_size": b.tile_size,
+        "granularity": b.granularity,
+        "page_tile_size": b.page_tile_size,
+        "round_to": b.round_to,
+        "provenance": prov,
+    }
+    return profile_from_dict(data)
