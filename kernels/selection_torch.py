@@ -25,7 +25,7 @@ class Selection:
     """One anchor's choice for one request. ``dense`` means every candidate was chosen."""
 
     dense: bool
-    idx: Optional[torch.Tensor] = None  # [Hkv, nt, kmax] int64 key positions (0 where ~valid)
+    idx: Optional[torch.Tensor] = None  # [Hkv, nt, kmax] int64 key positions (unspecified where ~valid)
     valid: Optional[torch.Tensor] = None  # [Hkv, nt, kmax] bool
 
     def for_heads(self, head_map: torch.Tensor) -> "Selection":

@@ -31,11 +31,11 @@ def embedded_model_path() -> str:
     return str(ensure_converted())
 
 
-def server_command(port: int, backend: str, extra=()) -> list:
+def server_command(port: int, backend: str, extra=(), model_path=None, device="cpu") -> list:
     return [
         sys.executable, "-m", "sglang.launch_server",
-        "--model-path", embedded_model_path(),
-        "--device", "cpu",
+        "--model-path", model_path or embedded_model_path(),
+        "--device", device,
         "--attention-backend", backend,
         "--max-total-tokens", str(MAX_TOTAL_TOKENS),
         "--host", "127.0.0.1", "--port", str(port),
@@ -46,16 +46,20 @@ def server_command(port: int, backend: str, extra=()) -> list:
 
 def server_env() -> dict:
     env = dict(os.environ)
-    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    import torch
+
+    if not torch.cuda.is_available():
+        env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU engine (no vllm/CUDA imports)
     return env
 
 
 @contextmanager
-def running_server(backend: str = "kascade", extra=()):
+def running_server(backend: str = "kascade", extra=(), model_path=None, device="cpu"):
     """Yield the base URL of a ready server; the process group is killed afterwards."""
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen(server_command(port, backend, extra), env=server_env(), stdout=log,
+    cmd = server_command(port, backend, extra, model_path, device)
+    proc = subprocess.Popen(cmd, env=server_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
