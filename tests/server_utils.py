@@ -111,6 +111,19 @@ def run_server_expecting_failure(backend: str, extra=(), timeout=STARTUP_TIMEOUT
     return (None if started else proc.returncode), out
 
 
+def flush_cache(url: str, timeout_s: float = 60.0) -> None:
+    """Empty the radix cache. SGLang answers 400 while the scheduler still has work in flight
+    (e.g. just after a response was sent), so retry until it is idle."""
+    deadline = time.time() + timeout_s
+    while True:
+        r = requests.post(url + "/flush_cache", timeout=60)
+        if r.status_code == 200:
+            return
+        if time.time() > deadline:
+            r.raise_for_status()
+        time.sleep(0.5)
+
+
 def tail(path: str, n: int = 60) -> str:
     return "".join(Path(path).read_text(errors="replace").splitlines(True)[-n:])
 

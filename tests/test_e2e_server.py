@@ -11,8 +11,8 @@ import concurrent.futures as cf
 import pytest
 import requests
 
-from server_utils import (embedded_model_path, generate, generated_text, passkey_prompt,
-                          running_server)
+from server_utils import (embedded_model_path, flush_cache, generate, generated_text,
+                          passkey_prompt, running_server)
 
 pytestmark = pytest.mark.server
 
@@ -64,7 +64,7 @@ def test_cached_prefix_matches_cold(kascade_url, tokenizer):
     warm = generate(kascade_url, input_ids=shared + q2, max_new_tokens=16)
     assert warm["meta_info"]["cached_tokens"] >= len(shared)
 
-    requests.post(kascade_url + "/flush_cache", timeout=60).raise_for_status()
+    flush_cache(kascade_url)
     cold = generate(kascade_url, input_ids=shared + q2, max_new_tokens=16)
     assert cold["meta_info"]["cached_tokens"] == 0
     assert warm["output_ids"] == cold["output_ids"]
