@@ -27,14 +27,15 @@ logger = logging.getLogger("sglang_kascade")
 
 class KascadeAttnBackend(AttentionBackend):
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
-                 profile: AnchorProfile, budget: BudgetConfig, device):
+                 profile: AnchorProfile, budget: BudgetConfig, device,
+                 dense_fallback: dict | None = None):
         super().__init__()
         self.dense = dense
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
         self.device = device
         self.plan: ForwardPlan | None = None
-        self._fallback_warned: set = set()
+        self._fallback_warned: set = set(dense_fallback or ())  # already warned at start-up
         self.set_profile(profile, budget)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig) -> None:

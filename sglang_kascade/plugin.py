@@ -32,6 +32,10 @@ def create_backend(model_runner):
     fingerprint = sa.model_fingerprint(model_runner)
     profile, budget = resolve_profile(options, fingerprint,
                                       str(getattr(model_runner.model_config, "model_path", "")))
+    fallback = sa.dense_fallback_layers(model_runner)
+    if fallback:
+        logger.warning("kascade: these layers run dense: %s",
+                       ", ".join(f"{i} ({why})" for i, why in sorted(fallback.items())))
     logger.info(
         "kascade: profile %s; anchors %s; dense %s; budget %s",
         profile.name, list(profile.anchor_layers), list(profile.dense_layers), budget,
@@ -43,4 +47,5 @@ def create_backend(model_runner):
         profile=profile,
         budget=budget,
         device=model_runner.device,
+        dense_fallback=fallback,
     )

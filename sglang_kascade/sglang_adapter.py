@@ -230,6 +230,20 @@ def layer_needs_dense_fallback(layer) -> str:
     return ""
 
 
+def dense_fallback_layers(model_runner) -> dict:
+    """{layer_id: reason} for the loaded model's attention layers that must run dense."""
+    model = getattr(model_runner, "model", None)
+    found = {}
+    if model is None:
+        return found
+    for module in model.modules():
+        if hasattr(module, "layer_id") and hasattr(module, "tp_k_head_num"):  # RadixAttention
+            why = layer_needs_dense_fallback(module)
+            if why:
+                found[module.layer_id] = why
+    return found
+
+
 def batch_view(forward_batch):
     """(req_pool_indices, prefix_lens, extend_lens, seq_lens) as host lists for planning."""
     fb = forward_batch
