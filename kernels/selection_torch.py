@@ -4,6 +4,9 @@ For each query: exact post-softmax probabilities over its whole causal row. They
 KV head (sum over the GQA group's query heads) and per tile (sum over the tile's queries), and
 the Top-k keys are chosen among the tile's candidates (positions < tile_start). Scores are
 computed one block of tiles at a time, so memory is bounded by ``block_bytes``, never L x L.
+
+``pool_all_heads`` (the ``kascade_pooled`` policy) also sums the pooled probabilities over the KV
+heads: one selection per tile, shared by every KV head.
 """
 
 from __future__ import annotations
@@ -86,10 +89,12 @@ def select_topk(
     granularity: str = "token",
     page_tile_size: int = 16,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    pool_all_heads: bool = False,
 ) -> Selection:
     if tiles.all_dense:
         return Selection(dense=True)
-    hkv, hq = k_all.shape[1], q.shape[1]
+    hkv_all, hq = k_all.shape[1], q.shape[1]
+    hkv = 1 if pool_all_heads else hkv_all  # heads with their own selection
     page = page_tile_size if granularity == "page" else 1
     k_units = (tiles.tile_k + page - 1) // page  # [nt] tokens, or key tiles in page mode
     kmax = int(k_units.max()) * page
@@ -99,6 +104,8 @@ def select_topk(
     k_t = k_all.float().permute(1, 2, 0)  # [Hkv, D, S]
     for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
         pooled = pooled_tile_probs(q, k_all, tiles, a, b, scale, k_t)  # [Hkv, nt_b, L]
+        if pool_all_heads:
+            pooled = pooled.sum(0, keepdim=True)  # [1, nt_b, L]
         n_keys = pooled.shape[-1]
         starts = tiles.tile_start[a:b]
         key_pos = torch.arange(n_keys, device=q.device)
@@ -125,4 +132,6 @@ def select_topk(
             ok = rank_ok.repeat_interleave(page, dim=-1)[None] & (pos < starts[None, :, None])
             idx[:, a:b, : kp * page] = torch.where(ok, pos, 0)
             valid[:, a:b, : kp * page] = ok
+    if pool_all_heads:  # one selection, seen by every KV head
+        idx, valid = idx.expand(hkv_all, -1, -1), valid.expand(hkv_all, -1, -1)
     return Selection(dense=False, idx=idx, valid=valid)

@@ -3,9 +3,15 @@
 Per forward pass: ``init_forward_metadata`` plans requests and tiles on the host (plan.py). Per
 layer, by the profile's role:
   * dense (layer 0 and any profile dense layer): delegated to SGLang's own dense backend
-    (FlashInfer on a GPU, torch_native on CPU); layer 0 also selects Top-k;
-  * anchor: exact Top-k from pooled post-softmax probabilities, then attention over it;
+    (FlashInfer on a GPU, torch_native on CPU); layer 0 also selects for the reuse layers
+    after it;
+  * anchor: selects (exact Top-k from pooled post-softmax probabilities under the default
+    policy), then attends over its selection;
   * reuse: attention over the last anchor's selection through the layer's head map.
+
+The selection policy (``--kascade-policy``) is a profile transformation (resolve.py: e.g. every
+layer an anchor) and the selection function anchors call (``SELECTORS`` below); the rest of the
+backend is shared, so policies are compared at equal budget on the same code.
 """
 
 from __future__ import annotations
@@ -16,19 +22,47 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import sglang_adapter as sa
-from .config import BudgetConfig
+from .config import BudgetConfig, PolicyConfig
+from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
+from .kernels.streaming_torch import select_streaming
 from .plan import ForwardPlan, plan_forward
 from .profile import AnchorProfile
+from .resolve import apply_policy
 
 logger = logging.getLogger("sglang_kascade")
+
+
+def _topk(q, k_all, tiles, scale, budget, policy):
+    return select_topk(q, k_all, tiles, scale, budget.granularity, budget.page_tile_size,
+                       pool_all_heads=policy.name == "kascade_pooled")
+
+
+def _quest(q, k_all, tiles, scale, budget, policy):
+    return select_quest(q, k_all, tiles, scale, budget.page_tile_size)
+
+
+def _streaming(q, k_all, tiles, scale, budget, policy):
+    return select_streaming(tiles, k_all.shape[1], policy.sink_tokens)
+
+
+# policy -> selection of an anchor layer: (q [n, Hq, D], k_all [S, Hkv, D], tiles, scale, budget,
+# policy) -> Selection, all at the budget k of each tile (BudgetConfig.k_for).
+SELECTORS = {
+    "kascade": _topk,
+    "kascade_identity": _topk,
+    "kascade_pooled": _topk,
+    "oracle": _topk,
+    "quest": _quest,  # pages of page_tile_size keys, whatever the granularity
+    "streaming": _streaming,
+}
 
 
 class KascadeAttnBackend(AttentionBackend):
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
                  profile: AnchorProfile, budget: BudgetConfig, device,
-                 dense_fallback: dict | None = None):
+                 dense_fallback: dict | None = None, policy: PolicyConfig = PolicyConfig()):
         super().__init__()
         self.dense = dense
         self.req_to_token_pool = req_to_token_pool
@@ -36,13 +70,23 @@ class KascadeAttnBackend(AttentionBackend):
         self.device = device
         self.plan: ForwardPlan | None = None
         self._fallback_warned: set = set(dense_fallback or ())  # already warned at start-up
-        self.set_profile(profile, budget)
+        self.set_profile(profile, budget, policy)
 
-    def set_profile(self, profile: AnchorProfile, budget: BudgetConfig) -> None:
-        """Takes effect from the next forward pass (called between batches)."""
+    def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
+                    policy: PolicyConfig | None = None) -> None:
+        """Takes effect from the next forward pass (called between batches). ``policy=None``
+        keeps the current policy (the default policy on the first call)."""
+        if policy is None:
+            policy = getattr(self, "policy", PolicyConfig())
+        profile = apply_policy(profile, policy.name)
         self.profile = profile
         self.budget = budget
+        self.policy = policy
         self.roles = [profile.role(i) for i in range(profile.num_layers)]
+        # A dense anchor selects only if a reuse layer reads it (layer 0 under "oracle" does not).
+        read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
+        self.selects = [role == "anchor" or (role == "dense_anchor" and i in read)
+                        for i, role in enumerate(self.roles)]
         self.head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
                           for r in profile.head_map]
 
@@ -88,15 +132,14 @@ class KascadeAttnBackend(AttentionBackend):
         k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)  # [slots, Hkv, D]
         v_buf = self.token_to_kv_pool.get_value_buffer(layer_id)
         plan = self.plan
-        selects = role in ("dense_anchor", "anchor")
+        select = SELECTORS[self.policy.name]
         sels = []
         for r, req in enumerate(plan.requests):
-            if selects:
-                plan.selections[r] = select_topk(
-                    q3[req.q_lo:req.q_hi], k_buf[req.slots], req.tiles, layer.scaling,
-                    self.budget.granularity, self.budget.page_tile_size)
+            if self.selects[layer_id]:
+                plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_buf[req.slots], req.tiles,
+                                            layer.scaling, self.budget, self.policy)
                 sels.append(plan.selections[r])
-            else:
+            elif role == "reuse":
                 sels.append(plan.selections[r].for_heads(self.head_maps[layer_id]))
         if role == "dense_anchor" or all(sel.dense for sel in sels):
             # Layer 0, or nothing to skip (short contexts, fraction 1.0): SGLang's dense kernel.

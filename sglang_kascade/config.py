@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 GRANULARITIES = ("token", "page")
+# Selection policies of the backend (docs/profiles.md). All select at the same budget k
+# (BudgetConfig.k_for) per tile / decode step, so comparisons share every other line of code.
+POLICIES = ("kascade", "kascade_identity", "kascade_pooled", "oracle", "quest", "streaming")
+DEFAULT_POLICY = "kascade"
+DEFAULT_SINK_TOKENS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024)
 
 # name -> (flag, env var, type, help). One table, so flags, env vars and docs cannot drift apart.
 OPTION_TABLE = {
@@ -46,6 +51,15 @@ OPTION_TABLE = {
         "--kascade-round-to", "SGLANG_KASCADE_ROUND_TO", int,
         "Round each Top-k budget up to a multiple of this (kernels), >= 1. Overrides the profile.",
     ),
+    "policy": (
+        "--kascade-policy", "SGLANG_KASCADE_POLICY", str,
+        f"Selection policy, one of {', '.join(POLICIES)} (default {DEFAULT_POLICY}); every "
+        "policy selects the same number of keys per tile.",
+    ),
+    "sink_tokens": (
+        "--kascade-sink-tokens", "SGLANG_KASCADE_SINK_TOKENS", int,
+        f"Sink tokens of the 'streaming' policy, >= 0 (default {DEFAULT_SINK_TOKENS}).",
+    ),
 }
 
 
@@ -64,8 +78,11 @@ class KascadeOptions:
     granularity: Optional[str] = None
     page_tile_size: Optional[int] = None
     round_to: Optional[int] = None
+    policy: Optional[str] = None
+    sink_tokens: Optional[int] = None
 
     def __post_init__(self):
+        check_policy_fields(policy=self.policy, sink_tokens=self.sink_tokens, where="option")
         check_budget_fields(
             topk_fraction=self.topk_fraction,
             k_min=self.k_min,
@@ -98,6 +115,15 @@ class KascadeOptions:
                 for f in dataclasses.fields(self)
             }
         )
+
+
+def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
+    """Range checks of the policy options. ``None`` values are skipped."""
+    if policy is not None and policy not in POLICIES:
+        raise KascadeConfigError(f"{where} policy={policy!r}: must be one of {POLICIES}")
+    if sink_tokens is not None and (not isinstance(sink_tokens, int)
+                                    or isinstance(sink_tokens, bool) or sink_tokens < 0):
+        raise KascadeConfigError(f"{where} sink_tokens={sink_tokens!r}: must be an integer >= 0")
 
 
 def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
@@ -156,3 +182,17 @@ class BudgetConfig:
         k = max(math.ceil(self.topk_fraction * visible - 1e-9), self.k_min)
         k = -(-k // self.round_to) * self.round_to
         return min(k, visible)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The resolved selection policy (``--kascade-policy``) and its parameters."""
+
+    name: str = DEFAULT_POLICY
+    sink_tokens: int = DEFAULT_SINK_TOKENS  # used by "streaming" only
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value is None:
+                raise KascadeConfigError(f"policy {name}=None: must be set")
+        check_policy_fields(where="PolicyConfig", policy=self.name, sink_tokens=self.sink_tokens)

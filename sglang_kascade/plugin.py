@@ -25,20 +25,21 @@ def register() -> None:
 def create_backend(model_runner):
     """Factory called by SGLang's ModelRunner: resolve options + profile, then build."""
     from .backend import KascadeAttnBackend
-    from .resolve import resolve_profile
+    from .resolve import resolve_policy, resolve_profile
 
     sa.check_supported(model_runner)
     options = sa.kascade_options(model_runner.server_args)
     fingerprint = sa.model_fingerprint(model_runner)
     profile, budget = resolve_profile(options, fingerprint,
                                       str(getattr(model_runner.model_config, "model_path", "")))
+    policy = resolve_policy(options)
     fallback = sa.dense_fallback_layers(model_runner)
     if fallback:
         logger.warning("kascade: these layers run dense: %s",
                        ", ".join(f"{i} ({why})" for i, why in sorted(fallback.items())))
     logger.info(
-        "kascade: profile %s; anchors %s; dense %s; budget %s",
-        profile.name, list(profile.anchor_layers), list(profile.dense_layers), budget,
+        "kascade: profile %s; anchors %s; dense %s; budget %s; %s",
+        profile.name, list(profile.anchor_layers), list(profile.dense_layers), budget, policy,
     )
     return KascadeAttnBackend(
         dense=sa.make_dense_backend(model_runner),
@@ -48,4 +49,5 @@ def create_backend(model_runner):
         budget=budget,
         device=model_runner.device,
         dense_fallback=fallback,
+        policy=policy,
     )

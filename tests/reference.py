@@ -116,8 +116,12 @@ def causal_probs(q, k, q_pos, scale) -> torch.Tensor:
     return logits64(q, k, scale).masked_fill(~mask, float("-inf")).softmax(-1)
 
 
-def pooled_scores(q, k, tiles: OracleTiles, scale) -> torch.Tensor:
-    """S[kvh, t, j] = sum over the group's query heads and the tile's queries of P. [Hkv, nt, S]."""
+def pooled_scores(q, k, tiles: OracleTiles, scale, pool_all_heads=False) -> torch.Tensor:
+    """S[kvh, t, j] = sum over the group's query heads and the tile's queries of P. [Hkv, nt, S].
+
+    ``pool_all_heads`` (policy kascade_pooled): the sum runs over ALL query heads, and every KV
+    head gets that same row.
+    """
     hkv = k.shape[1]
     hq = q.shape[1]
     g = hq // hkv
@@ -125,7 +129,8 @@ def pooled_scores(q, k, tiles: OracleTiles, scale) -> torch.Tensor:
     out = torch.zeros(hkv, tiles.nt, k.shape[0], dtype=torch.float64)
     for h in range(hq):
         for i, t in enumerate(tiles.q_tile):
-            out[h // g, t] += P[h, i]
+            for kvh in (range(hkv) if pool_all_heads else [h // g]):
+                out[kvh, t] += P[h, i]
     return out
 
 
@@ -147,15 +152,15 @@ def page_scores(scores_row, cand_row, page: int):
     return eligible, score
 
 
-def select(q, k, tiles: OracleTiles, scale, granularity="token", page=16):
+def select(q, k, tiles: OracleTiles, scale, granularity="token", page=16, pool_all_heads=False):
     """The oracle selection: (sel [Hkv, nt, S] bool, pooled scores [Hkv, nt, S] float64).
 
     token: Top-k candidates by pooled score. page: Top-ceil(k/P) key tiles (among those holding at
     least one candidate) by the summed pooled score of their candidates; all candidates of the
     chosen key tiles are selected. Ties are broken by lower position (any tie order is a valid
-    Top-k; tests check validity, not a tie order).
+    Top-k; tests check validity, not a tie order). ``pool_all_heads``: see ``pooled_scores``.
     """
-    scores = pooled_scores(q, k, tiles, scale)
+    scores = pooled_scores(q, k, tiles, scale, pool_all_heads)
     hkv, nt, S = scores.shape
     cand = candidate_mask(tiles, S)
     sel = torch.zeros(hkv, nt, S, dtype=torch.bool)
@@ -175,6 +180,98 @@ def select(q, k, tiles: OracleTiles, scale, granularity="token", page=16):
                         if cand[t, j]:
                             sel[h, t, j] = True
     return sel, scores
+
+
+# ------------------------------------------------------------------------------------------------
+# Baseline policies: Quest and StreamingLLM (same budget k per tile as Kascade)
+# ------------------------------------------------------------------------------------------------
+
+
+def quest_page_scores(q, k, tiles: OracleTiles, scale, page: int) -> torch.Tensor:
+    """Quest scores [Hkv, nt, pages] float64; NaN where the page holds no candidate of the tile.
+
+    Page p holds positions p*page .. p*page+page-1. Its summary for tile t is the elementwise min
+    and max over its CANDIDATE keys (positions < start[t]). A query's upper bound on the page is
+    sum_d max(q_d * min_d, q_d * max_d) * scale; the page's score for (KV head, tile) is the sum of
+    those upper bounds over the group's query heads and the tile's queries, each computed
+    separately here (no algebra).
+    """
+    hkv, S = k.shape[1], k.shape[0]
+    g = q.shape[1] // hkv
+    n_pages = math.ceil(S / page)
+    out = torch.full((hkv, tiles.nt, n_pages), float("nan"), dtype=torch.float64)
+    for h in range(hkv):
+        for t in range(tiles.nt):
+            s = tiles.starts[t]
+            rows = [i for i, tt in enumerate(tiles.q_tile) if tt == t]
+            queries = q[rows, h * g:(h + 1) * g].double().reshape(-1, q.shape[2])  # [m, D]
+            for p in range(n_pages):
+                keys = [j for j in range(p * page, min(S, (p + 1) * page)) if j < s]
+                if not keys:
+                    continue
+                kk = k[keys, h].double()  # [m, D]
+                lo, hi = kk.min(0).values, kk.max(0).values
+                bounds = torch.maximum(queries * lo, queries * hi).sum(1) * scale  # per query
+                out[h, t, p] = bounds.sum()
+    return out
+
+
+def quest_select(q, k, tiles: OracleTiles, scale, page: int):
+    """Quest's choice: (sel [Hkv, nt, S] bool, page scores). The Top ceil(k/page) pages holding a
+    candidate, by score (ties: lower page); every candidate key of a chosen page is selected."""
+    scores = quest_page_scores(q, k, tiles, scale, page)
+    hkv, nt, n_pages = scores.shape
+    S = k.shape[0]
+    sel = torch.zeros(hkv, nt, S, dtype=torch.bool)
+    for h in range(hkv):
+        for t in range(nt):
+            eligible = [p for p in range(n_pages) if not math.isnan(scores[h, t, p].item())]
+            chosen = sorted(eligible, key=lambda p: (-scores[h, t, p].item(), p))
+            for p in chosen[: math.ceil(tiles.ks[t] / page)]:
+                for j in range(p * page, min(S, (p + 1) * page)):
+                    if j < tiles.starts[t]:
+                        sel[h, t, j] = True
+    return sel, scores
+
+
+def quest_violations(mask, scores, tiles: OracleTiles, page: int, rel=1e-6):
+    """Why ``mask`` [Hkv, nt, S] is not a valid Quest choice under float64 page ``scores``."""
+    hkv, nt, S = mask.shape
+    cand = candidate_mask(tiles, S)
+    bad = []
+    for h in range(hkv):
+        for t in range(nt):
+            m, where = mask[h, t], f"kvh={h} tile={t} start={tiles.starts[t]} k={tiles.ks[t]}"
+            if bool((m & ~cand[t]).any()):
+                bad.append(f"{where}: non-candidate selected")
+                continue
+            eligible = [p for p in range(scores.shape[2]) if not math.isnan(scores[h, t, p].item())]
+            chosen = [p for p in eligible if bool(m[p * page:(p + 1) * page].any())]
+            for p in chosen:
+                if not torch.equal(m[p * page:(p + 1) * page], cand[t, p * page:(p + 1) * page]):
+                    bad.append(f"{where}: page {p} partially selected")
+            if len(chosen) != math.ceil(tiles.ks[t] / page):
+                bad.append(f"{where}: {len(chosen)} pages chosen")
+                continue
+            rest = [p for p in eligible if p not in chosen]
+            if chosen and rest:
+                got = min(scores[h, t, p].item() for p in chosen)
+                best_rest = max(scores[h, t, p].item() for p in rest)
+                top = max(abs(scores[h, t, p].item()) for p in eligible)
+                if got < best_rest - rel * top:
+                    bad.append(f"{where}: min chosen {got} < max unchosen {best_rest}")
+    return bad
+
+
+def streaming_select(tiles: OracleTiles, hkv: int, S: int, sink: int) -> torch.Tensor:
+    """StreamingLLM's choice [Hkv, nt, S]: for a tile with start s and budget k, the first
+    min(sink, k) positions and the most recent k - min(sink, k) candidates (s - that .. s-1)."""
+    sel = torch.zeros(hkv, tiles.nt, S, dtype=torch.bool)
+    for t, (s, kk) in enumerate(zip(tiles.starts, tiles.ks)):
+        n_sink = min(sink, kk)
+        for j in list(range(n_sink)) + list(range(s - (kk - n_sink), s)):
+            sel[:, t, j] = True
+    return sel
 
 
 def attend_mask(sel, tiles: OracleTiles, hq: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 import reference as ref
 from sglang_kascade.backend import KascadeAttnBackend
+from sglang_kascade.config import PolicyConfig
 from sglang_kascade.profile import profile_from_dict
 
 # Tiny tensors: OpenMP threads only add synchronisation cost (10-40x slower on 2 busy cores).
@@ -288,9 +289,10 @@ class BackendRun:
     kv: FakeKVPool
     dense: FakeDenseBackend
     dense_layers_per_forward: list  # sets of layer ids delegated, one per backend forward
+    backend: KascadeAttnBackend
 
 
-def run_backend(scn: Scenario, batched: bool) -> BackendRun:
+def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfig()) -> BackendRun:
     m = scn.model
     profile = profile_from_dict(scn.profile_dict)
     r2t = FakeReqToTokenPool(8, MAX_CTX)
@@ -302,7 +304,8 @@ def run_backend(scn: Scenario, batched: bool) -> BackendRun:
         for lid, (k, v) in enumerate(layers):
             kv.k[lid][sl], kv.v[lid][sl] = k, v
     dense = FakeDenseBackend(r2t, kv)
-    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"))
+    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"),
+                            policy=policy)
     layers = [FakeLayer(i, m.hq, m.hkv, m.hkv, m.d, m.d, m.scale) for i in range(NUM_LAYERS)]
     outputs, selections, delegated = {}, {}, []
     for f, fwd in enumerate(FORWARDS):
@@ -332,11 +335,11 @@ def run_backend(scn: Scenario, batched: bool) -> BackendRun:
                 for i, st in enumerate(group):
                     outputs[f, st.name, layer.layer_id] = out[lo:lo + st.n].clone()
                     lo += st.n
-                    if layer.layer_id in profile.anchor_layers:
+                    if layer.layer_id in be.profile.anchor_layers:  # after the policy
                         selections[f, st.name, layer.layer_id] = be.plan.selections[i]
             delegated.append({c[0] for c in dense.calls[n_calls:]})
             assert all(c[1] == fwd.decode for c in dense.calls[n_calls:])
-    return BackendRun(outputs, selections, kv, dense, delegated)
+    return BackendRun(outputs, selections, kv, dense, delegated, be)
 
 
 # ------------------------------------------------------------------------------------------------

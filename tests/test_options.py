@@ -14,7 +14,7 @@ import pytest
 
 from sglang_kascade import profile as profile_mod
 from sglang_kascade.config import (GRANULARITIES, OPTION_TABLE, BudgetConfig, KascadeConfigError,
-                                   KascadeOptions)
+                                   KascadeOptions, PolicyConfig)
 from sglang_kascade.profile import ModelFingerprint, derived_default_profile, profile_from_dict
 from sglang_kascade.resolve import resolve_profile
 from sglang_kascade.sglang_adapter import (_OPTIONS_ATTR, add_kascade_flags, kascade_options,
@@ -75,7 +75,9 @@ def test_option_table_covers_every_option_and_budget_field():
     option_fields = [f.name for f in dataclasses.fields(KascadeOptions)]
     assert list(OPTION_TABLE) == option_fields
     budget_fields = {f.name for f in dataclasses.fields(BudgetConfig)}
-    assert budget_fields == set(option_fields) - {"profile"}
+    policy_fields = {f.name for f in dataclasses.fields(PolicyConfig)}
+    assert policy_fields == {"name", "sink_tokens"}
+    assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"}
     for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
         assert flag.startswith("--kascade-") and env.startswith("SGLANG_KASCADE_")
         assert typ in (str, int, float) and help_text
