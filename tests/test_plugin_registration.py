@@ -40,10 +40,12 @@ def test_flags_parse_and_travel_with_server_args(loaded):
     args = prepare_server_args([
         "--model-path", "unused", "--attention-backend", "kascade",
         "--kascade-topk", "0.2", "--kascade-k-min", "64", "--kascade-granularity", "page",
+        "--kascade-policy", "quest",
     ])
     assert args.attention_backend == "kascade"
     opts = kascade_options(pickle.loads(pickle.dumps(args)))  # as a scheduler process sees it
-    assert opts == KascadeOptions(topk_fraction=0.2, k_min=64, granularity="page")
+    assert opts == KascadeOptions(topk_fraction=0.2, k_min=64, granularity="page",
+                                  policy="quest")
 
 
 def test_out_of_range_flag_is_refused(loaded):
