@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection_torch import DEFAULT_BLOCK_BYTES, NEG_INF, Selection, tile_blocks
+from .selection_torch import DEFAULT_BLOCK_BYTES, Selection, tile_blocks
 from .tiles import RequestTiles
 
 

@@ -5,93 +5,30 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import requests
 
+from sglang_kascade.eval import launch
+from sglang_kascade.eval.launch import embedded_model_path, free_port, server_command  # noqa: F401
+
 STARTUP_TIMEOUT_S = 420
-MAX_TOTAL_TOKENS = 24000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def embedded_model_path() -> str:
-    from sglang_kascade.embedded_model import ensure_converted
-
-    return str(ensure_converted())
-
-
-def server_command(port: int, backend: str, extra=(), model_path=None, device="cpu") -> list:
-    return [
-        sys.executable, "-m", "sglang.launch_server",
-        "--model-path", model_path or embedded_model_path(),
-        "--device", device,
-        "--attention-backend", backend,
-        "--max-total-tokens", str(MAX_TOTAL_TOKENS),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--random-seed", "0",
-        *extra,
-    ]
-
-
-def server_env() -> dict:
-    env = dict(os.environ)
-    import torch
-
-    if not torch.cuda.is_available():
-        env["SGLANG_USE_CPU_ENGINE"] = "1"  # SGLang's CPU engine (no vllm/CUDA imports)
-    return env
 
 
 @contextmanager
 def running_server(backend: str = "kascade", extra=(), model_path=None, device="cpu"):
     """Yield the base URL of a ready server; the process group is killed afterwards."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    cmd = server_command(port, backend, extra, model_path, device)
-    proc = subprocess.Popen(cmd, env=server_env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log.name)}")
-            try:
-                if requests.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{tail(log.name)}")
-            time.sleep(2)
-        yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
+    with launch.running_server(backend, extra, model_path, device,
+                               startup_timeout_s=STARTUP_TIMEOUT_S) as server:
+        yield server.url
 
 
 def run_server_expecting_failure(backend: str, extra=(), timeout=STARTUP_TIMEOUT_S):
     """Start a server that must refuse to start; return (returncode, combined output)."""
     port = free_port()
-    proc = subprocess.Popen(server_command(port, backend, extra), env=server_env(),
+    proc = subprocess.Popen(server_command(port, backend, extra), env=launch.server_env("cpu"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -122,10 +59,6 @@ def flush_cache(url: str, timeout_s: float = 60.0) -> None:
         if time.time() > deadline:
             r.raise_for_status()
         time.sleep(0.5)
-
-
-def tail(path: str, n: int = 60) -> str:
-    return "".join(Path(path).read_text(errors="replace").splitlines(True)[-n:])
 
 
 def generate(url, *, text=None, input_ids=None, max_new_tokens=16):
