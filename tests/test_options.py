@@ -12,7 +12,6 @@ import types
 
 import pytest
 
-from sglang_kascade import profile as profile_mod
 from sglang_kascade.config import (GRANULARITIES, OPTION_TABLE, BudgetConfig, KascadeConfigError,
                                    KascadeOptions, PolicyConfig)
 from sglang_kascade.profile import ModelFingerprint, derived_default_profile, profile_from_dict
@@ -56,14 +55,6 @@ def clean_env(monkeypatch):
     """No SGLANG_KASCADE_* variable from the outer environment leaks into a test."""
     for env in ENV.values():
         monkeypatch.delenv(env, raising=False)
-
-
-@pytest.fixture
-def shipped_dir(tmp_path, monkeypatch):
-    d = tmp_path / "shipped"
-    d.mkdir()
-    monkeypatch.setattr(profile_mod, "shipped_profiles_dir", lambda: d)
-    return d
 
 
 # ------------------------------------------------------------------------------------------

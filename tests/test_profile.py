@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from sglang_kascade import profile as profile_mod
 from sglang_kascade.config import BudgetConfig, KascadeConfigError
 from sglang_kascade.profile import (FINGERPRINT_FIELDS, MAX_PROFILE_BYTES, OPTIONAL_DEFAULTS,
                                     REQUIRED, SCHEMA_VERSION, AnchorProfile, ModelFingerprint,
@@ -478,15 +477,6 @@ def test_check_model_names_the_differing_field(field):
 # ------------------------------------------------------------------------------------------
 # load_profile / shipped profiles
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shipped_dir(tmp_path, monkeypatch):
-    """An isolated shipped-profiles directory (the real one may gain profiles)."""
-    d = tmp_path / "shipped"
-    d.mkdir()
-    monkeypatch.setattr(profile_mod, "shipped_profiles_dir", lambda: d)
-    return d
 
 
 def write_profile(path, data):
