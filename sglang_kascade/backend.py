@@ -133,10 +133,11 @@ class KascadeAttnBackend(AttentionBackend):
         v_buf = self.token_to_kv_pool.get_value_buffer(layer_id)
         plan = self.plan
         select = SELECTORS[self.policy.name]
-        sels = []
+        sels, keys = [], {}  # keys: request -> [S, Hkv, D] gathered once, for select + attend
         for r, req in enumerate(plan.requests):
             if self.selects[layer_id]:
-                plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_buf[req.slots], req.tiles,
+                keys[r] = k_buf[req.slots]
+                plan.selections[r] = select(q3[req.q_lo:req.q_hi], keys[r], req.tiles,
                                             layer.scaling, self.budget, self.policy)
                 sels.append(plan.selections[r])
             elif role == "reuse":
@@ -145,10 +146,10 @@ class KascadeAttnBackend(AttentionBackend):
             # Layer 0, or nothing to skip (short contexts, fraction 1.0): SGLang's dense kernel.
             return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
         out = q.new_empty(q3.shape[0], hq, layer.v_head_dim)
-        for req, sel in zip(plan.requests, sels):
+        for r, (req, sel) in enumerate(zip(plan.requests, sels)):
+            k_r = keys[r] if r in keys else k_buf[req.slots]
             out[req.q_lo:req.q_hi] = sparse_attention(
-                q3[req.q_lo:req.q_hi], k_buf[req.slots], v_buf[req.slots], req.tiles, sel,
-                layer.scaling)
+                q3[req.q_lo:req.q_hi], k_r, v_buf[req.slots], req.tiles, sel, layer.scaling)
         return out.reshape(q3.shape[0], hq * layer.v_head_dim)
 
     def _dense(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
