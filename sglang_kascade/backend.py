@@ -22,14 +22,15 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import sglang_adapter as sa
-from .config import BudgetConfig, PolicyConfig
+from .backend_stats import BackendStats
+from .config import BudgetConfig, KascadeOptions, PolicyConfig
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
 from .kernels.streaming_torch import select_streaming
 from .plan import ForwardPlan, plan_forward
 from .profile import AnchorProfile
-from .resolve import apply_policy
+from .resolve import apply_policy, resolve_budget
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -62,7 +63,8 @@ SELECTORS = {
 class KascadeAttnBackend(AttentionBackend):
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
                  profile: AnchorProfile, budget: BudgetConfig, device,
-                 dense_fallback: dict | None = None, policy: PolicyConfig = PolicyConfig()):
+                 dense_fallback: dict | None = None, policy: PolicyConfig = PolicyConfig(),
+                 options: KascadeOptions = KascadeOptions(), control=None):
         super().__init__()
         self.dense = dense
         self.req_to_token_pool = req_to_token_pool
@@ -70,6 +72,9 @@ class KascadeAttnBackend(AttentionBackend):
         self.device = device
         self.plan: ForwardPlan | None = None
         self._fallback_warned: set = set(dense_fallback or ())  # already warned at start-up
+        self.options = options  # flags / env: laid over every profile, also a hot-swapped one
+        self.control = control  # control.SchedulerChannel of the admin sidecar, or None
+        self.stats = BackendStats()
         self.set_profile(profile, budget, policy)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
@@ -93,13 +98,46 @@ class KascadeAttnBackend(AttentionBackend):
     # ---- per forward (host planning) ----------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch):
+        self._at_batch_boundary()
         self.dense.init_forward_metadata(forward_batch)
         if forward_batch.forward_mode.is_idle():
             self.plan = None
             return
         pools, prefix, extend, seq = sa.batch_view(forward_batch)
+        is_decode = forward_batch.forward_mode.is_decode()
         self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
-                                 seq, forward_batch.forward_mode.is_decode(), self.budget)
+                                 seq, is_decode, self.budget)
+        self._count(is_decode, seq)
+
+    def _at_batch_boundary(self) -> None:
+        """Apply a profile the sidecar staged: all layers of this forward pass use it."""
+        if self.control is None:
+            return
+        staged = self.control.take_staged()
+        if staged is not None:
+            self.set_profile(staged.profile, resolve_budget(staged.profile, self.options))
+            self.stats.swaps_applied += 1
+            self.control.report_applied(staged.generation)
+            logger.info("kascade: profile %s active (generation %d)", staged.profile.name,
+                        staged.generation)
+
+    def _count(self, is_decode: bool, seq_lens: list) -> None:
+        # Keys selected by each request's last query (tile): host arithmetic, no device reads.
+        if is_decode:
+            visible = list(seq_lens)
+        else:
+            t = self.budget.tile_size
+            visible = [((s - 1) // t) * t for s in seq_lens]  # last tile's selectable keys
+        self.stats.record_forward(is_decode, [self.budget.k_for(v) for v in visible], visible)
+        if self.control is not None:
+            self.control.maybe_write_stats(self.stats.snapshot({"roles": self.role_counts()}))
+
+    def role_counts(self) -> dict:
+        counts = {"dense": 0, "dense_anchor": 0, "anchor": 0, "reuse": 0}
+        for role in self.roles:
+            counts[role] += 1
+        counts["dense_fallback_layers"] = len(self._fallback_warned)
+        return counts
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.dense.get_cuda_graph_seq_len_fill_value()

@@ -60,7 +60,22 @@ OPTION_TABLE = {
         "--kascade-sink-tokens", "SGLANG_KASCADE_SINK_TOKENS", int,
         f"Sink tokens of the 'streaming' policy, >= 0 (default {DEFAULT_SINK_TOKENS}).",
     ),
+    "control_dir": (
+        "--kascade-control-dir", "SGLANG_KASCADE_CONTROL_DIR", str,
+        "Control directory shared with the admin sidecar for profile hot-swap; 'off' disables "
+        "hot-swap. Default: $TMPDIR/sglang-kascade-<uid>/<server port>.",
+    ),
+    "admin_port": (
+        "--kascade-admin-port", "SGLANG_KASCADE_ADMIN_PORT", int,
+        "Also start the admin sidecar on this loopback port (token from "
+        "--kascade-admin-token-file or SGLANG_KASCADE_ADMIN_TOKEN).",
+    ),
+    "admin_token_file": (
+        "--kascade-admin-token-file", "SGLANG_KASCADE_ADMIN_TOKEN_FILE", str,
+        "File holding the admin sidecar's bearer token (for --kascade-admin-port).",
+    ),
 }
+CONTROL_OFF = "off"  # --kascade-control-dir value that disables hot-swap
 
 
 class KascadeConfigError(ValueError):
@@ -80,9 +95,18 @@ class KascadeOptions:
     round_to: Optional[int] = None
     policy: Optional[str] = None
     sink_tokens: Optional[int] = None
+    control_dir: Optional[str] = None
+    admin_port: Optional[int] = None
+    admin_token_file: Optional[str] = None
 
     def __post_init__(self):
         check_policy_fields(policy=self.policy, sink_tokens=self.sink_tokens, where="option")
+        port = self.admin_port
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                                 or not 1 <= port <= 65535):
+            raise KascadeConfigError(f"option admin_port={port!r}: must be a port in 1..65535")
+        if self.control_dir is not None and not self.control_dir.strip():
+            raise KascadeConfigError("option control_dir='': give a directory or 'off'")
         check_budget_fields(
             topk_fraction=self.topk_fraction,
             k_min=self.k_min,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from . import sglang_adapter as sa
+from .config import KascadeConfigError
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -42,6 +43,8 @@ def create_backend(model_runner):
         profile.name, list(profile.anchor_layers), list(profile.dense_layers), budget, policy,
     )
     return KascadeAttnBackend(
+        options=options,
+        control=open_control_channel(options, sa.server_port(model_runner), fingerprint, profile),
         dense=sa.make_dense_backend(model_runner),
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool=model_runner.token_to_kv_pool,
@@ -51,3 +54,35 @@ def create_backend(model_runner):
         dense_fallback=fallback,
         policy=policy,
     )
+
+
+def open_control_channel(options, port: int, fingerprint, profile):
+    """The hot-swap channel of this scheduler process (control.py), or None if turned off.
+
+    On by default, so a sidecar can be attached to a running server later; its cost is one
+    ``stat`` call every 50 ms in a daemon thread.
+    """
+    from pathlib import Path
+
+    from .config import CONTROL_OFF
+    from .control import SchedulerChannel, default_control_dir
+    from .profile import profile_from_dict
+
+    if options.control_dir == CONTROL_OFF:
+        return None
+    root = Path(options.control_dir) if options.control_dir else default_control_dir(port)
+
+    def validate(data):
+        p = profile_from_dict(data)
+        p.check_model(fingerprint)
+        return p
+
+    try:
+        channel = SchedulerChannel(root, fingerprint.to_json(), validate, profile.to_json())
+    except OSError as e:
+        if options.control_dir:  # asked for explicitly: fail loudly
+            raise KascadeConfigError(f"--kascade-control-dir {root}: {e}") from e
+        logger.warning("kascade: profile hot-swap is off (control dir %s: %s)", root, e)
+        return None
+    logger.info("kascade: control dir %s (profile hot-swap)", root)
+    return channel.start()

@@ -32,13 +32,17 @@ def resolve_profile(options: KascadeOptions, fp: ModelFingerprint,
                 "`python -m sglang_kascade.calibrate` and pass --kascade-profile.",
                 fp.architecture, fp.num_layers, list(profile.anchor_layers),
             )
+    return profile, resolve_budget(profile, options)
+
+
+def resolve_budget(profile: AnchorProfile, options: KascadeOptions) -> BudgetConfig:
+    """The profile's budget with the flags / environment laid over it (also on a hot swap)."""
     overrides = {
         f.name: getattr(options, f.name)
         for f in dataclasses.fields(BudgetConfig)
         if getattr(options, f.name, None) is not None
     }
-    budget = dataclasses.replace(profile.budget, **overrides)
-    return profile, budget
+    return dataclasses.replace(profile.budget, **overrides)
 
 
 def resolve_policy(options: KascadeOptions) -> PolicyConfig:

@@ -87,6 +87,11 @@ def _after_from_cli_args(server_args, cls, args, *rest, **kwargs):
     # Bookkeeping attributes (leading underscore, not a field) travel with ServerArgs when it is
     # pickled into the scheduler processes (0.5.21: ServerArgs.__reduce__ keeps __dict__).
     setattr(server_args, _OPTIONS_ATTR, options)
+    merged = options.merged_over(KascadeOptions.from_env())
+    if getattr(args, "attention_backend", None) == BACKEND_NAME and merged.admin_port:
+        from .sidecar_launch import start_sidecar
+
+        start_sidecar(merged, getattr(args, "host", "127.0.0.1"), int(getattr(args, "port", 30000)))
     return server_args
 
 
@@ -164,6 +169,11 @@ def make_dense_backend(model_runner):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
     return ATTENTION_BACKENDS[dense_backend_name()](model_runner)
+
+
+def server_port(model_runner) -> int:
+    """The HTTP port of this server (names the default control directory of the sidecar)."""
+    return int(getattr(model_runner.server_args, "port", 30000))
 
 
 def resolved_args(server_args):

@@ -292,7 +292,10 @@ class BackendRun:
     backend: KascadeAttnBackend
 
 
-def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfig()) -> BackendRun:
+def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfig(),
+                control=None, hook=None) -> BackendRun:
+    """``hook(forward, layer_id, backend)`` runs before each layer (layer_id None: before the
+    forward's init_forward_metadata); ``control`` is a hot-swap channel (test_hot_swap_*)."""
     m = scn.model
     profile = profile_from_dict(scn.profile_dict)
     r2t = FakeReqToTokenPool(8, MAX_CTX)
@@ -305,7 +308,7 @@ def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfi
             kv.k[lid][sl], kv.v[lid][sl] = k, v
     dense = FakeDenseBackend(r2t, kv)
     be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"),
-                            policy=policy)
+                            policy=policy, control=control)
     layers = [FakeLayer(i, m.hq, m.hkv, m.hkv, m.d, m.d, m.scale) for i in range(NUM_LAYERS)]
     outputs, selections, delegated = {}, {}, []
     for f, fwd in enumerate(FORWARDS):
@@ -322,9 +325,13 @@ def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfi
                 out_cache_loc=torch.cat([scn.slots[st.name][st.prefix:st.prefix + st.n]
                                          for st in group]),
             )
+            if hook:
+                hook(f, None, be)
             be.init_forward_metadata(fb)
             n_calls = len(dense.calls)
             for layer in layers:
+                if hook:
+                    hook(f, layer.layer_id, be)
                 q = torch.cat([scn.data[f, st.name, layer.layer_id][0] for st in group])
                 k = torch.cat([scn.data[f, st.name, layer.layer_id][1] for st in group])
                 v = torch.cat([scn.data[f, st.name, layer.layer_id][2] for st in group])

@@ -68,7 +68,8 @@ def test_option_table_covers_every_option_and_budget_field():
     budget_fields = {f.name for f in dataclasses.fields(BudgetConfig)}
     policy_fields = {f.name for f in dataclasses.fields(PolicyConfig)}
     assert policy_fields == {"name", "sink_tokens"}
-    assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"}
+    operations = {"control_dir", "admin_port", "admin_token_file"}  # hot-swap sidecar
+    assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"} - operations
     for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
         assert flag.startswith("--kascade-") and env.startswith("SGLANG_KASCADE_")
         assert typ in (str, int, float) and help_text
@@ -104,6 +105,8 @@ BAD_OPTIONS = [
     ("page_tile_size", 0), ("page_tile_size", -16),
     ("round_to", 0), ("round_to", -128),
     ("granularity", "tile"), ("granularity", "TOKEN"), ("granularity", ""),
+    ("admin_port", 0), ("admin_port", 65536), ("admin_port", -1), ("admin_port", True),
+    ("control_dir", ""), ("control_dir", "  "),
 ]
 
 

@@ -1,0 +1,55 @@
+"""Counters one scheduler's backend keeps for the sidecar's Prometheus /metrics.
+
+Everything is counted on the host from numbers the planner already has (sequence lengths and
+budgets), so counting never reads a device tensor. The snapshot is plain JSON (control.py writes
+it to ``stats/<pid>.json``; server/metrics.py sums the live schedulers' snapshots).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+# Upper bounds of the selection-size histogram (keys selected per request per forward pass).
+SELECTION_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+@dataclass
+class BackendStats:
+    forwards: dict = field(default_factory=lambda: {"decode": 0, "extend": 0})
+    sparse_forwards: int = 0  # forward passes where at least one request attended sparsely
+    dense_fallback_forwards: int = 0  # every request short enough that k >= visible keys: dense
+    swaps_applied: int = 0
+    selection_buckets: list = field(default_factory=lambda: [0] * (len(SELECTION_BUCKETS) + 1))
+    selection_sum: int = 0
+    selection_count: int = 0
+    visible_sum: int = 0  # keys each request could have attended to (for the mean density)
+
+    def record_forward(self, is_decode: bool, ks: list, visible: list) -> None:
+        """``ks[i]`` keys selected of ``visible[i]`` candidates for request i (its last tile)."""
+        self.forwards["decode" if is_decode else "extend"] += 1
+        if all(k >= v for k, v in zip(ks, visible)):
+            self.dense_fallback_forwards += 1
+        else:
+            self.sparse_forwards += 1
+        for k, v in zip(ks, visible):
+            self.selection_buckets[bisect.bisect_left(SELECTION_BUCKETS, k)] += 1
+            self.selection_sum += k
+            self.selection_count += 1
+            self.visible_sum += v
+
+    def snapshot(self, extra: dict) -> dict:
+        return {
+            "forwards": dict(self.forwards),
+            "sparse_forwards": self.sparse_forwards,
+            "dense_fallback_forwards": self.dense_fallback_forwards,
+            "swaps_applied": self.swaps_applied,
+            "selection": {
+                "buckets": list(SELECTION_BUCKETS),
+                "counts": list(self.selection_buckets),
+                "sum": self.selection_sum,
+                "count": self.selection_count,
+                "visible_sum": self.visible_sum,
+            },
+            **extra,
+        }

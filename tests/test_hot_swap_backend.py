@@ -1,0 +1,198 @@
+"""Profile hot-swap inside one scheduler process: the control channel and the backend.
+
+The channel (sglang_kascade/control.py) is driven by hand (``poll_once`` instead of its thread)
+so the moment a profile is staged is exact. The backend runs the fake scenario of
+test_backend_vs_reference.py; its q/k/v inputs do not depend on the profile, so a run that swaps
+from profile A to B must give, forward for forward, A's outputs before the swap and B's after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sglang_kascade.config import KascadeConfigError, KascadeOptions
+from sglang_kascade.control import (ControlPaths, SchedulerChannel, read_json,
+                                    write_json_atomic)
+from sglang_kascade.profile import ModelFingerprint, profile_from_dict
+from test_backend_vs_reference import CASES, HEAD_MAPS, build, make_profile_dict, run_backend
+
+SWAP_FORWARD = 2  # staged in the middle of forward 2 (between layers 2 and 3)
+
+
+def validator(profile_dict):
+    fp = ModelFingerprint(**profile_dict["model"])
+
+    def validate(data):
+        p = profile_from_dict(data)
+        p.check_model(fp)
+        return p
+
+    return validate
+
+
+def channel_for(tmp_path, profile_dict, pid=None):
+    return SchedulerChannel(tmp_path, profile_dict["model"], validator(profile_dict),
+                            profile_dict, pid=pid)
+
+
+def request(tmp_path, generation, profile):
+    write_json_atomic(ControlPaths(tmp_path).request,
+                      {"generation": generation, "profile": profile, "requested_at": 0})
+
+
+def profile_b(pd):
+    hkv = pd["model"]["num_kv_heads"]
+    b = make_profile_dict(hkv, [0], [0, 3], HEAD_MAPS[hkv], pd["granularity"],
+                          pd["page_tile_size"])
+    b["model"] = dict(pd["model"])
+    b["name"] = "b"
+    b["topk_fraction"] = 0.5
+    return b
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["token", "page-slotpage16"])
+def test_swap_takes_effect_at_the_next_forward_for_every_layer(tmp_path, case):
+    scn_a = build(case)
+    pd_b = profile_b(scn_a.profile_dict)
+    scn_b = dataclasses.replace(scn_a, profile_dict=pd_b)
+    channel = channel_for(tmp_path, scn_a.profile_dict)
+
+    def hook(f, layer_id, be):
+        if f == SWAP_FORWARD and layer_id == 3:
+            request(tmp_path, 1, pd_b)
+            channel.poll_once()  # staged now, mid-forward: this forward must stay on A
+
+    swapped = run_backend(scn_a, batched=True, control=channel, hook=hook)
+    only_a = run_backend(scn_a, batched=True)
+    only_b = run_backend(scn_b, batched=True)
+    differs_after = False
+    for key, out in swapped.outputs.items():
+        expected = (only_a if key[0] <= SWAP_FORWARD else only_b).outputs[key]
+        assert torch.equal(out, expected), key
+        if key[0] > SWAP_FORWARD:
+            differs_after |= not torch.equal(only_a.outputs[key], only_b.outputs[key])
+    assert differs_after, "profiles A and B give the same outputs: the test would prove nothing"
+    be = swapped.backend
+    assert be.profile.anchor_layers == (0, 3) and be.budget.topk_fraction == 0.5
+    assert be.stats.swaps_applied == 1
+    state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
+    assert state["applied_generation"] == 1 and state["current"]["name"] == "b"
+    assert state["staged_generation"] is None
+
+
+def test_flags_still_override_a_swapped_profile(tmp_path):
+    scn_a = build(CASES[0])
+    pd_b = profile_b(scn_a.profile_dict)
+    channel = channel_for(tmp_path, scn_a.profile_dict)
+    run = run_backend(scn_a, batched=True)
+    be = run.backend
+    be.control, be.options = channel, KascadeOptions(topk_fraction=0.125, k_min=2)
+    request(tmp_path, 1, pd_b)
+    channel.poll_once()
+    be._at_batch_boundary()
+    assert be.profile.anchor_layers == (0, 3)
+    assert (be.budget.topk_fraction, be.budget.k_min) == (0.125, 2)
+    assert be.budget.tile_size == pd_b["tile_size"]
+
+
+BAD_REQUESTS = {
+    "not an object": [1, 2],
+    "missing field": {k: v for k, v in build(CASES[0]).profile_dict.items() if k != "head_map"},
+    "other model": {**build(CASES[0]).profile_dict,
+                    "model": {**build(CASES[0]).profile_dict["model"], "num_layers": 7}},
+    "fraction > 1": {**build(CASES[0]).profile_dict, "topk_fraction": 1.5},
+}
+
+
+@pytest.mark.parametrize("why", list(BAD_REQUESTS))
+def test_a_bad_request_is_refused_and_nothing_changes(tmp_path, why):
+    pd = build(CASES[0]).profile_dict
+    channel = channel_for(tmp_path, pd)
+    request(tmp_path, 1, BAD_REQUESTS[why])
+    channel.poll_once()
+    assert channel.take_staged() is None
+    state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
+    assert state["rejected"]["generation"] == 1 and state["rejected"]["error"]
+    assert state["current"] == pd and state["current_generation"] == 0
+
+
+def test_old_generations_and_garbage_are_ignored(tmp_path):
+    pd = build(CASES[0]).profile_dict
+    request(tmp_path, 5, pd)  # left over from an earlier server: start-up profile wins
+    channel = channel_for(tmp_path, pd)
+    channel.poll_once()
+    assert channel.take_staged() is None and channel.state["current_generation"] == 5
+    request(tmp_path, 4, profile_b(pd))  # older than what this scheduler has
+    channel.poll_once()
+    assert channel.take_staged() is None
+    ControlPaths(tmp_path).request.write_text("{not json")
+    channel.poll_once()
+    assert channel.take_staged() is None
+    request(tmp_path, 6, profile_b(pd))
+    channel.poll_once()
+    staged = channel.take_staged()
+    assert staged.generation == 6 and staged.profile.anchor_layers == (0, 3)
+    assert channel.take_staged() is None  # handed over once
+
+
+def test_watcher_thread_stages_without_help(tmp_path):
+    pd = build(CASES[0]).profile_dict
+    channel = channel_for(tmp_path, pd).start()
+    try:
+        request(tmp_path, 1, profile_b(pd))
+        for _ in range(200):
+            staged = channel.take_staged()
+            if staged:
+                break
+            time.sleep(0.01)
+        assert staged is not None and staged.generation == 1
+    finally:
+        channel.stop()
+    assert not ControlPaths(tmp_path).scheduler_file(os.getpid()).exists()
+
+
+def test_dead_schedulers_are_not_listed_and_are_cleaned_up(tmp_path):
+    pd = build(CASES[0]).profile_dict
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    paths = ControlPaths(tmp_path)
+    write_json_atomic(paths.scheduler_file(int(dead)), {"pid": int(dead)})
+    write_json_atomic(paths.stats_file(int(dead)), {})
+    assert paths.live_schedulers() == {}
+    channel_for(tmp_path, pd)  # a new scheduler removes the stale files
+    assert not paths.scheduler_file(int(dead)).exists()
+    assert list(paths.live_schedulers()) == [os.getpid()]
+    assert oct(tmp_path.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_stats_count_sparse_and_dense_forwards(tmp_path):
+    scn = build(CASES[0])
+    channel = channel_for(tmp_path, scn.profile_dict)
+    run = run_backend(scn, batched=True, control=channel)
+    be = run.backend
+    channel.maybe_write_stats(be.stats.snapshot({"roles": be.role_counts()}), force=True)
+    snap = read_json(ControlPaths(tmp_path).stats_file(os.getpid()))
+    assert snap["forwards"]["extend"] == 3 and snap["forwards"]["decode"] == 3
+    assert snap["sparse_forwards"] + snap["dense_fallback_forwards"] == 6
+    assert snap["sparse_forwards"] >= 1
+    sel = snap["selection"]
+    assert sel["count"] == sum(sel["counts"]) == 2 + 4 + 4 + 4 + 2 + 3  # requests per forward
+    assert 0 < sel["sum"] < sel["visible_sum"]
+    assert snap["roles"] == {"dense": 0, "dense_anchor": 1, "anchor": 2, "reuse": 3,
+                             "dense_fallback_layers": 0}
+
+
+def test_validator_refuses_other_model():
+    pd = build(CASES[0]).profile_dict
+    other = {**pd, "model": {**pd["model"], "num_kv_heads": 4},
+             "head_map": [[0, 1, 2, 3]] * len(pd["head_map"])}
+    with pytest.raises(KascadeConfigError, match="num_kv_heads"):
+        validator(pd)(json.loads(json.dumps(other)))
