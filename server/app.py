@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from sglang_kascade import __version__
+from sglang_kascade.profile import PROFILE_JSON_SCHEMA
 
 from . import metrics
 from .auth import require_token
@@ -155,9 +156,7 @@ def create_app(settings: SidecarSettings, sidecar: Optional[Sidecar] = None) -> 
               responses={200: {"model": UploadResult, "description": "identical profile exists"},
                          **_errors(400, 409, 413, 415, 422, 503)},
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": {"type": "object",
-                                                  "description": "an anchor profile "
-                                                                 "(docs/profiles.md)"}}}}})
+                  "application/json": {"schema": PROFILE_JSON_SCHEMA}}}})
     async def upload_profile(request: Request, replace: bool = False):
         raw = await _read_capped(request, settings.max_upload_bytes)
         data = _parse_profile_body(raw, request.headers.get("content-type", ""))

@@ -93,6 +93,39 @@ class AnchorProfile:
                 )
 
 
+# The profile document as JSON Schema (the sidecar's OpenAPI shows it). It states types and
+# ranges; what JSON Schema cannot say (layers in range of num_layers, sorted unique lists,
+# head-map shape, a match with the served model) only profile_from_dict checks.
+_INT_LIST = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+PROFILE_JSON_SCHEMA = {
+    "type": "object",
+    "title": "AnchorProfile",
+    "required": list(REQUIRED),
+    "additionalProperties": False,
+    "properties": {
+        "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
+        "name": {"type": ["string", "null"], "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+        "model": {
+            "type": "object", "required": list(FINGERPRINT_FIELDS), "additionalProperties": True,
+            "properties": {"architecture": {"type": "string", "minLength": 1},
+                           **{f: {"type": "integer", "minimum": 1}
+                              for f in FINGERPRINT_FIELDS[1:]}},
+        },
+        "dense_layers": {**_INT_LIST, "description": "sorted, unique, must contain 0"},
+        "anchor_layers": {**_INT_LIST, "description": "sorted, unique, must contain 0"},
+        "head_map": {"type": "array", "items": _INT_LIST,
+                     "description": "num_layers rows of num_kv_heads anchor-head indices"},
+        "topk_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "k_min": {"type": "integer", "minimum": 1},
+        "tile_size": {"type": "integer", "minimum": 1},
+        "granularity": {"type": "string", "enum": ["token", "page"]},
+        "page_tile_size": {"type": "integer", "minimum": 1},
+        "round_to": {"type": "integer", "minimum": 1},
+        "provenance": {"type": "object"},
+    },
+}
+
+
 def _fail(field_name: str, why: str):
     raise KascadeConfigError(f"profile field {field_name!r}: {why}")
 
