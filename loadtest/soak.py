@@ -1,0 +1,289 @@
+"""Soak: mixed load for a long time while the admin sidecar swaps the anchor profile.
+
+    python -m loadtest.soak --duration 600 --swap-every 30 --users 3 --report docs/results/soak-cpu
+
+Starts a kascade CPU server (``--kascade-profile smollm2-135m-instruct``) and the admin sidecar
+(``python -m sglang_kascade.server --server-url ... --port ... --token-file ...``), or uses
+``--url``/``--admin-url``/``--token-file`` of running ones. Registers a second profile for the
+same model (the derived-default anchors, renamed), then runs locust (all three user classes)
+for ``--duration`` seconds and activates the two profiles in turn every ``--swap-every`` seconds.
+``--no-swap`` runs the same load without a sidecar. Writes REPORT.md, REPORT.json, REPORT.png
+(timeline with swap markers) and, under ``--out``, locust's CSVs, HTML report and records.
+Exit status 1 if any request or swap failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import requests
+
+from .prompts import build_prompts, save_prompts
+from .run import SERVER_FLAGS, flush_cache, run_locust, warm_up
+from .summary import percentile, read_records, timeline
+
+PROFILE_A = "smollm2-135m-instruct"
+PROFILE_B = "smollm2-135m-instruct-derived-anchors"
+
+
+def second_profile(base: str = PROFILE_A, name: str = PROFILE_B) -> dict:
+    """Same model fingerprint as ``base``, different anchors: the derived-default layout."""
+    from sglang_kascade.profile import derived_default_profile, load_profile
+
+    fp = load_profile(base).model
+    data = derived_default_profile(fp).to_json()
+    data["name"] = name
+    data["provenance"] = {"source": "loadtest.soak: derived-default anchors for the model of "
+                                    f"shipped profile {base!r} (uncalibrated, for swap tests)"}
+    return data
+
+
+class Admin:
+    """The sidecar's HTTP API (bearer token)."""
+
+    def __init__(self, url: str, token: str):
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str):
+        return requests.get(self.url + path, headers=self.headers, timeout=60)
+
+    def post(self, path: str, body=None):
+        return requests.post(self.url + path, json=body, headers=self.headers, timeout=300)
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"admin sidecar at {self.url} not ready in {timeout_s:.0f}s")
+            time.sleep(1)
+
+    def ensure_profile(self, profile: dict) -> int:
+        names = [p["name"] for p in self.get("/v1/profiles").json()["profiles"]]
+        if profile["name"] in names:
+            return 200
+        r = self.post("/v1/profiles", profile)
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"POST /v1/profiles: HTTP {r.status_code}: {r.text[:500]}")
+        return r.status_code
+
+
+@contextmanager
+def sidecar_process(server_url: str, port: int, token_file: Path, log_path: Path):
+    """``python -m sglang_kascade.server`` in its own process group, stopped afterwards."""
+    from sglang_kascade.eval import launch
+
+    cmd = [sys.executable, "-m", "sglang_kascade.server", "--server-url", server_url,
+           "--port", str(port), "--token-file", str(token_file)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            launch.stop(proc)
+
+
+def swap_loop(admin: Admin, names: list, every_s: float, t0: float, stop: threading.Event,
+              swaps: list) -> None:
+    """Activate names[1], names[0], names[1], ... every ``every_s`` seconds until ``stop``."""
+    i = 1
+    while not stop.wait(max(0.0, t0 + i * every_s - time.time())):
+        name = names[i % len(names)]
+        t = time.time()
+        entry = {"t_s": t - t0, "profile": name}
+        try:
+            r = admin.post(f"/v1/profiles/{name}/activate")
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            entry.update(status=r.status_code, generation=body.get("generation"),
+                         ok=r.status_code == 200 and body.get("active") == name)
+            if not entry["ok"]:
+                entry["error"] = r.text[:300]
+        except requests.RequestException as e:
+            entry.update(status=None, ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        entry["elapsed_ms"] = (time.time() - t) * 1000.0
+        swaps.append(entry)
+        i += 1
+
+
+def report_md(rep: dict, png_name: str) -> str:
+    a, cfg, sw = rep["summary"]["all"], rep["config"], rep["swaps"]
+    ok_swaps = [s for s in sw if s["ok"]]
+    lines = [
+        f"# Soak: {cfg['duration_s']} s of mixed load, profile swap every {cfg['swap_every_s']} s",
+        "",
+        f"Generated by `{rep['command']}` on {rep['date']} ({rep['device']}).",
+        "",
+        f"- server: `{rep['server']}`",
+        f"- load: {cfg['users']} users (mix {cfg['mix']}), max_tokens {cfg['max_tokens']}, "
+        f"think time {cfg['think_s']} s",
+        f"- swaps: {len(sw)} attempted, {len(ok_swaps)} succeeded"
+        + (f" (activate call p50 {percentile([s['elapsed_ms'] for s in ok_swaps], 50):.0f} ms, "
+           f"max {max(s['elapsed_ms'] for s in ok_swaps):.0f} ms)" if ok_swaps else "")
+        + (f"; profiles alternated: {', '.join(cfg['profiles'])}" if sw else " (--no-swap)"),
+        f"- requests: {a['requests']}, **failed: {a['failures']}**"
+        + (f" ({a['errors']})" if a["errors"] else ""),
+        "",
+        "| class | requests | failed | TTFT p50 / p90 (ms) | ITL p50 / p90 (ms) | decode tok/s | "
+        "output tok/s | cache hit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, fmt="{:.0f}"):
+        return "-" if x is None else fmt.format(x)
+
+    for cls, s in list(rep["summary"]["classes"].items()) + [("all", a)]:
+        lines.append(
+            f"| {cls} | {s['requests']} | {s['failures']} | {f(s['ttft_ms']['p50'])} / "
+            f"{f(s['ttft_ms']['p90'])} | {f(s['itl_ms']['p50'])} / {f(s['itl_ms']['p90'])} | "
+            f"{f(s['decode_tokens_per_s']['mean'], '{:.1f}')} | "
+            f"{f(s['output_tokens_per_s'], '{:.2f}')} | {f(s['cache_hit_rate'], '{:.2f}')} |")
+    server = rep["summary"].get("server", {}).get("cache_hit_rate")
+    lines += ["", f"Server-wide radix-cache hit rate (/metrics): {f(server, '{:.2f}')}.", "",
+              f"![timeline]({png_name})", "",
+              "Timeline: requests binned by start time; vertical lines mark swaps "
+              "(red: a failed swap). Metrics are defined in docs/loadtest.md."]
+    if rep.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in rep["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=600)
+    ap.add_argument("--swap-every", type=float, default=30.0)
+    ap.add_argument("--no-swap", action="store_true", help="the same load, no sidecar")
+    ap.add_argument("--users", type=int, default=3)
+    ap.add_argument("--spawn-rate", type=float, default=1.0)
+    ap.add_argument("--mix", default="chat=1,agent=1,rag=1")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--think", default="0.5,2.0")
+    ap.add_argument("--rag-doc-tokens", type=int, default=800)
+    ap.add_argument("--stop-timeout", type=int, default=120)
+    ap.add_argument("--url", help="a running kascade server (else one is started on the CPU)")
+    ap.add_argument("--admin-url", help="a running sidecar (else one is started)")
+    ap.add_argument("--token-file", help="the sidecar's bearer token (with --admin-url)")
+    ap.add_argument("--profiles", default=f"{PROFILE_A},{PROFILE_B}",
+                    help="the two profiles to alternate; the second is registered if missing "
+                         f"(when it is {PROFILE_B})")
+    ap.add_argument("--server-arg", action="append", default=[])
+    ap.add_argument("--bin", type=float, default=10.0, help="timeline bin, seconds")
+    ap.add_argument("--out", default="soak-out", help="locust files, logs, records")
+    ap.add_argument("--report", default="soak-report", help="REPORT.{md,json,png}")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Path(args.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    names = args.profiles.split(",")
+    prompts_path = save_prompts(build_prompts(0, rag_doc_tokens=args.rag_doc_tokens),
+                                out / "prompts.json")
+
+    with ExitStack() as stack:
+        url = args.url
+        if not url:
+            from sglang_kascade.eval import launch
+
+            print("[soak] starting kascade server", flush=True)
+            server = stack.enter_context(launch.running_server(
+                "kascade", [*SERVER_FLAGS, "--kascade-profile", names[0], *args.server_arg],
+                log_path=out / "server.log"))
+            url = server.url
+        admin = None
+        if not args.no_swap:
+            if args.admin_url:
+                token = Path(args.token_file).read_text().strip()
+                admin_url = args.admin_url
+            else:
+                from sglang_kascade.eval.launch import free_port
+
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                token = secrets.token_urlsafe(24)
+                (tmp / "token").write_text(token)
+                (tmp / "token").chmod(0o600)
+                admin_url = stack.enter_context(sidecar_process(
+                    url, free_port(), tmp / "token", out / "sidecar.log"))
+            admin = Admin(admin_url, token)
+            admin.wait_ready()
+            if names[1] == PROFILE_B:
+                admin.ensure_profile(second_profile(names[0], PROFILE_B))
+            r = admin.post(f"/v1/profiles/{names[0]}/activate")
+            if r.status_code != 200:
+                raise RuntimeError(f"activating {names[0]}: HTTP {r.status_code}: {r.text[:300]}")
+        warm_up(url)
+        flush_cache(url)
+
+        swaps, stop = [], threading.Event()
+        t0 = time.time()
+        swapper = None
+        if admin:
+            swapper = threading.Thread(target=swap_loop, daemon=True,
+                                       args=(admin, names, args.swap_every, t0, stop, swaps))
+            swapper.start()
+        print(f"[soak] {args.duration} s of load on {url}"
+              + ("" if admin else " (no swaps)"), flush=True)
+        try:
+            summary = run_locust(url, out, users=args.users, spawn_rate=args.spawn_rate,
+                                 duration_s=args.duration, mix=args.mix,
+                                 prompts_path=prompts_path, max_tokens=args.max_tokens,
+                                 think_s=args.think, stop_timeout_s=args.stop_timeout)
+        finally:
+            stop.set()
+            if swapper:
+                swapper.join(timeout=330)
+        history = None
+        if admin:
+            try:
+                history = admin.get("/v1/history").json()
+            except (requests.RequestException, ValueError) as e:
+                history = {"error": str(e)}
+
+    records = read_records(out / "records.jsonl")
+    bins = timeline(records, t0, args.bin)
+    rep = {
+        "command": "python -m loadtest.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
+        "device": "CPU" if not args.url else args.url,
+        "server": "kascade, " + " ".join([*SERVER_FLAGS, "--kascade-profile", names[0],
+                                          *args.server_arg]),
+        "config": {"duration_s": args.duration, "swap_every_s": None if args.no_swap
+                   else args.swap_every, "users": args.users, "mix": args.mix,
+                   "max_tokens": args.max_tokens, "think_s": args.think,
+                   "rag_doc_tokens": args.rag_doc_tokens, "profiles": names},
+        "summary": summary, "swaps": swaps, "timeline": bins, "sidecar_history": history,
+        "notes": args.note,
+        "zero_failed_requests": summary["all"]["failures"] == 0,
+    }
+    from .plot import timeline_png
+
+    png = timeline_png(bins, swaps, report.with_suffix(".png"),
+                       title=f"soak: {args.users} users, {args.duration} s, "
+                             + (f"swap every {args.swap_every:.0f} s" if admin else "no swaps"))
+    report.with_suffix(".json").write_text(json.dumps(rep, indent=1))
+    report.with_suffix(".md").write_text(report_md(rep, png.name))
+    a = summary["all"]
+    bad_swaps = sum(1 for s in swaps if not s["ok"])
+    print(f"[soak] {a['requests']} requests, {a['failures']} failed; {len(swaps)} swaps, "
+          f"{bad_swaps} failed; report {report.with_suffix('.md')}", flush=True)
+    return 1 if a["failures"] or bad_swaps else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
