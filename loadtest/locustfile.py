@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` from a checkout
 
 import requests  # noqa: E402  (gevent-patched by locust)
+from gevent import GreenletExit  # noqa: E402
 from locust import User, between, events, task  # noqa: E402
 
 from loadtest.prompts import build_prompts, load_prompts  # noqa: E402
@@ -92,6 +93,12 @@ class _StreamingUser(User):
             self._write(rec)
             _fire(name, "POST", rec.latency_ms, 0, e)
             return None
+        except GreenletExit:  # the run ended (--stop-timeout) while this request was in flight
+            self._write(Record(cls=self.cls, t_start=t_wall, ok=False, interrupted=True,
+                               error="interrupted: the run ended",
+                               latency_ms=(time.perf_counter() - t0) * 1000.0,
+                               messages=len(messages)))
+            raise
         rec = record_from_stream(self.cls, t_wall, t0, time.perf_counter(), res, len(messages))
         self._write(rec)
         _fire(name, "POST", rec.latency_ms, rec.completion_tokens)

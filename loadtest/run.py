@@ -95,9 +95,10 @@ def run_locust(url: str, out_dir, *, users: int, spawn_rate: float, duration_s: 
     t1 = time.time()
     after = scrape_metrics(url)
     records = read_records(records_path)
-    if records:  # the load window: first request sent to last answer received
-        window = (max(r.t_start + r.latency_ms / 1000.0 for r in records)
-                  - min(r.t_start for r in records))
+    done = [r for r in records if not r.interrupted]
+    if done:  # the load window: first request sent to last answer received
+        window = (max(r.t_start + r.latency_ms / 1000.0 for r in done)
+                  - min(r.t_start for r in done))
     else:
         window = t1 - t0
     summary = summarize(records, window)
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
             runs[label] = run_locust(url, run_dir, **load)
             runs[label]["backend"] = backend
         a = runs[label]["all"]
-        print(f"[loadtest] {label}: {a['requests']} requests, {a['failures']} failed, "
+        print(f"[loadtest] {label}: {a['requests']} requests, {a['failures']} failed "
+              f"({a['interrupted']} cut at the end), "
               f"TTFT p50 {a['ttft_ms']['p50'] or 0:.0f} ms, ITL p50 {a['itl_ms']['p50'] or 0:.0f} ms, "
               f"{a['output_tokens_per_s'] or 0:.1f} output tokens/s, cache hit "
               f"{runs[label]['server']['cache_hit_rate'] or 0:.2f}", flush=True)

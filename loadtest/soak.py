@@ -29,7 +29,7 @@ import requests
 
 from .prompts import build_prompts, save_prompts
 from .run import SERVER_FLAGS, flush_cache, run_locust, warm_up
-from .summary import percentile, read_records, timeline
+from .summary import parse_prometheus, percentile, read_records, timeline
 
 PROFILE_A = "smollm2-135m-instruct"
 PROFILE_B = "smollm2-135m-instruct-derived-anchors"
@@ -157,6 +157,13 @@ def report_md(rep: dict, png_name: str) -> str:
               f"![timeline]({png_name})", "",
               "Timeline: requests binned by start time; vertical lines mark swaps "
               "(red: a failed swap). Metrics are defined in docs/loadtest.md."]
+    m = rep.get("sidecar_metrics") or {}
+    if m:
+        lines += ["", "Sidecar counters at the end (`/metrics`): "
+                  + ", ".join(f"`{k}` {v:g}" for k, v in sorted(m.items())
+                              if k.startswith(("kascade_swaps", "kascade_forwards",
+                                               "kascade_sparse_forwards",
+                                               "kascade_dense_fallback_forwards"))) + "."]
     if rep.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in rep["notes"]]
     return "\n".join(lines) + "\n"
@@ -248,10 +255,12 @@ def main(argv=None) -> int:
             stop.set()
             if swapper:
                 swapper.join(timeout=330)
-        history = None
+        history, sidecar_metrics = None, None
         if admin:
             try:
                 history = admin.get("/v1/history").json()
+                sidecar_metrics = {k: v for k, v in parse_prometheus(admin.get("/metrics").text)
+                                   .items() if k.startswith("kascade_")}
             except (requests.RequestException, ValueError) as e:
                 history = {"error": str(e)}
 
@@ -268,6 +277,7 @@ def main(argv=None) -> int:
                    "max_tokens": args.max_tokens, "think_s": args.think,
                    "rag_doc_tokens": args.rag_doc_tokens, "profiles": names},
         "summary": summary, "swaps": swaps, "timeline": bins, "sidecar_history": history,
+        "sidecar_metrics": sidecar_metrics,
         "notes": args.note,
         "zero_failed_requests": summary["all"]["failures"] == 0,
     }

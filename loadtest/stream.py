@@ -82,6 +82,7 @@ class Record:
     completion_tokens: int = 0
     cached_tokens: int = 0   # usage.prompt_tokens_details.cached_tokens (radix-cache hit)
     messages: int = 0        # messages in the conversation sent
+    interrupted: bool = False  # cut by the end of the run (locust stopped the user): not a failure
 
     @property
     def decode_tokens_per_s(self) -> Optional[float]:

@@ -38,6 +38,8 @@ def _mean(values):
 
 
 def class_summary(records: list, duration_s: float) -> dict:
+    interrupted = [r for r in records if r.interrupted]
+    records = [r for r in records if not r.interrupted]
     ok = [r for r in records if r.ok]
     ttft = [r.ttft_ms for r in ok if r.ttft_ms is not None]
     itl = [g for r in ok for g in r.itl_ms]
@@ -55,6 +57,7 @@ def class_summary(records: list, duration_s: float) -> dict:
         "ok": len(ok),
         "failures": len(records) - len(ok),
         "errors": errors,
+        "interrupted": len(interrupted),  # in flight when the run ended: neither ok nor failed
         "ttft_ms": {"mean": _mean(ttft), "p50": percentile(ttft, 50), "p90": percentile(ttft, 90),
                     "p99": percentile(ttft, 99)},
         "itl_ms": {"mean": _mean(itl), "p50": percentile(itl, 50), "p90": percentile(itl, 90),
@@ -109,6 +112,7 @@ def server_cache_hit_rate(before: dict, after: dict):
 
 def timeline(records: list, t0: float, bin_s: float = 10.0) -> list:
     """Per time bin (by request start): requests, failures, TTFT p50, output tokens/s."""
+    records = [r for r in records if not r.interrupted]
     if not records:
         return []
     n_bins = int(max(r.t_start - t0 for r in records) // bin_s) + 1

@@ -97,10 +97,11 @@ def _rec(cls, ok=True, **kw):
 
 
 def test_summarize_per_class_and_cache_hit_rate():
-    recs = [_rec("rag"), _rec("rag", cached_tokens=100, t_start=115.0), _rec("chat", ok=False)]
+    recs = [_rec("rag"), _rec("rag", cached_tokens=100, t_start=115.0), _rec("chat", ok=False),
+            _rec("rag", ok=False, interrupted=True, error="interrupted: the run ended")]
     s = summarize(recs, duration_s=10.0)
     rag = s["classes"]["rag"]
-    assert (rag["requests"], rag["ok"], rag["failures"]) == (2, 2, 0)
+    assert (rag["requests"], rag["ok"], rag["failures"], rag["interrupted"]) == (2, 2, 0, 1)
     assert rag["cache_hit_rate"] == pytest.approx(400 / 800)
     assert rag["itl_ms"]["p50"] == pytest.approx(100.0)
     assert rag["output_tokens_per_s"] == pytest.approx(0.6)
@@ -177,3 +178,60 @@ def test_compare_png_is_written(tmp_path):
         runs[label]["server"] = {"cache_hit_rate": 0.7}
     path = compare_png(runs, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soak_second_profile_same_model_other_anchors():
+    from sglang_kascade.profile import load_profile, profile_from_dict
+
+    from loadtest.soak import PROFILE_A, PROFILE_B, second_profile
+
+    a, b = load_profile(PROFILE_A), profile_from_dict(second_profile())
+    assert b.name == PROFILE_B and b.model == a.model
+    assert b.anchor_layers != a.anchor_layers
+
+
+class _FakeAdmin:
+    def __init__(self, fail_on=()):
+        self.calls, self.fail_on = [], set(fail_on)
+
+    def post(self, path, body=None):
+        import requests
+
+        self.calls.append(path)
+        name = path.split("/")[3]
+        r = requests.Response()
+        r.status_code = 504 if len(self.calls) in self.fail_on else 200
+        r.headers["content-type"] = "application/json"
+        r._content = json.dumps({"active": name, "generation": len(self.calls)}
+                                if r.status_code == 200 else {"detail": "timeout"}).encode()
+        return r
+
+
+def test_soak_swap_loop_alternates_and_records_failures():
+    import threading
+    import time
+
+    from loadtest.soak import report_md, swap_loop
+
+    admin, swaps, stop = _FakeAdmin(fail_on={2}), [], threading.Event()
+    th = threading.Thread(target=swap_loop, args=(admin, ["a", "b"], 0.01, time.time(), stop, swaps))
+    th.start()
+    while len(swaps) < 4:
+        time.sleep(0.01)
+    stop.set()
+    th.join()
+    assert [s["profile"] for s in swaps[:4]] == ["b", "a", "b", "a"]
+    assert [s["ok"] for s in swaps[:4]] == [True, False, True, True]
+    assert swaps[1]["status"] == 504 and "timeout" in swaps[1]["error"]
+    assert swaps[2]["generation"] == 3
+
+    summary = summarize([_rec("rag"), _rec("chat")], 10.0)
+    summary["server"] = {"cache_hit_rate": 0.5}
+    rep = {"command": "python -m loadtest.soak", "date": "d", "device": "CPU", "server": "kascade",
+           "config": {"duration_s": 600, "swap_every_s": 30, "users": 3, "mix": "chat=1",
+                      "max_tokens": 8, "think_s": "0.5,2", "profiles": ["a", "b"]},
+           "summary": summary, "swaps": swaps[:4], "notes": [],
+           "sidecar_metrics": {"kascade_swaps_total": 3.0}}
+    md = report_md(rep, "x.png")
+    assert "4 attempted, 3 succeeded" in md and "**failed: 0**" in md and "![timeline](x.png)" in md
+    assert "| rag | 1 | 0 |" in md
