@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def report_md(rep: dict, png_name: str) -> str:
            f"max {max(s['elapsed_ms'] for s in ok_swaps):.0f} ms)" if ok_swaps else "")
         + (f"; profiles alternated: {', '.join(cfg['profiles'])}" if sw else " (--no-swap)"),
         f"- requests: {a['requests']}, **failed: {a['failures']}**"
-        + (f" ({a['errors']})" if a["errors"] else ""),
+        + (f" ({a['errors']})" if a["errors"] else "")
+        + f"; in flight when the run ended (cut, not counted): {a['interrupted']}",
         "",
         "| class | requests | failed | TTFT p50 / p90 (ms) | ITL p50 / p90 (ms) | decode tok/s | "
         "output tok/s | cache hit |",
@@ -238,6 +240,7 @@ def main(argv=None) -> int:
         flush_cache(url)
 
         swaps, stop = [], threading.Event()
+        load_start = os.getloadavg()
         t0 = time.time()
         swapper = None
         if admin:
@@ -264,6 +267,7 @@ def main(argv=None) -> int:
             except (requests.RequestException, ValueError) as e:
                 history = {"error": str(e)}
 
+    load_end = os.getloadavg()
     records = read_records(out / "records.jsonl")
     bins = timeline(records, t0, args.bin)
     rep = {
@@ -278,7 +282,10 @@ def main(argv=None) -> int:
                    "rag_doc_tokens": args.rag_doc_tokens, "profiles": names},
         "summary": summary, "swaps": swaps, "timeline": bins, "sidecar_history": history,
         "sidecar_metrics": sidecar_metrics,
-        "notes": args.note,
+        "notes": args.note + [
+            f"machine: {os.cpu_count()} CPUs, load average (1/5/15 min) "
+            f"{' '.join(f'{x:.1f}' for x in load_start)} at the start and "
+            f"{' '.join(f'{x:.1f}' for x in load_end)} at the end (other work shares it)"],
         "zero_failed_requests": summary["all"]["failures"] == 0,
     }
     from .plot import timeline_png

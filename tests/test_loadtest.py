@@ -235,3 +235,19 @@ def test_soak_swap_loop_alternates_and_records_failures():
     md = report_md(rep, "x.png")
     assert "4 attempted, 3 succeeded" in md and "**failed: 0**" in md and "![timeline](x.png)" in md
     assert "| rag | 1 | 0 |" in md
+
+
+def test_run_report_md_has_a_row_per_server_and_class():
+    from loadtest.run import report_md
+
+    runs = {}
+    for label in ("kascade", "torch_native"):
+        runs[label] = summarize([_rec("chat"), _rec("rag"), _rec("rag", ok=False)], 10.0)
+        runs[label]["server"] = {"cache_hit_rate": 0.25}
+    summary = {"config": {"users": 3, "mix": "chat=1,rag=1", "duration_s": 60, "max_tokens": 8,
+                          "think_s": "0.2,1.0", "rag_doc_tokens": 256},
+               "runs": runs, "command": "python -m loadtest.run --compare", "date": "d"}
+    md = report_md(summary, "r.png", ["a note"])
+    assert "| kascade | rag | 2 | 1 | 0 | 200 / 200 |" in md
+    assert "| torch_native | all | 3 | 1 |" in md
+    assert "kascade 0.25, torch_native 0.25" in md and "- a note" in md
