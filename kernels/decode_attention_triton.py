@@ -1,0 +1,141 @@
+"""Decode attention over a selection in Triton: split-K gather attention plus a reduce.
+
+Reference: ``decode_torch.decode_sparse_attention_torch``. One program per (split, KV head,
+request) walks its share of the first ``topk[b]`` selected slots of selection row ``head_map[h]``,
+gathers K/V rows straight from the token-major pool (``[slots, Hkv, D]``, 2*D contiguous bytes per
+row), and keeps an online softmax for the G query heads of the KV head at once (packed as rows of
+one tl.dot, padded to 16). ``_combine_kernel`` merges the split partials (flash-decoding).
+
+Anchor layers pass ``logits`` (the scores stage's fp32 logits, [B, Hkv, lmax, G], log2 units):
+then the kernel reads the selected logits instead of K, so an anchor reads K once (to score) and
+only the selected V. Reuse layers and dense-equivalent checks pass ``logits=None`` and read K.
+
+Why Triton: see decode_select_triton.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_plan import ATTN_BLOCK_N, DecodeBuffers, block_g
+from .decode_select_triton import LOG2E
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, topk_ptr, head_map_ptr, logits_ptr,
+    po_ptr, plse_ptr,
+    sm_scale_log2,
+    s_qb, s_qh, s_ks, s_kh, s_vs, s_vh, s_sb, s_sh,
+    s_lb, s_lh, s_ln, s_lg, s_ob, s_oh, s_os, s_eb, s_eh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, USE_LOGITS: tl.constexpr,
+):
+    sp, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_b = tl.load(topk_ptr + b)
+    hs = tl.load(head_map_ptr + h)  # selection row read by this KV head
+    per = tl.cdiv(tl.cdiv(k_b, SPLITS), BLOCK_N) * BLOCK_N
+    lo = sp * per
+    hi = tl.minimum(lo + per, k_b)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    g_ok = offs_g < G
+    if not USE_LOGITS:
+        q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
+                    mask=g_ok[:, None], other=0.0)  # [BLOCK_G, D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, DV], tl.float32)
+    sel_base = b.to(tl.int64) * s_sb + hs * s_sh
+    for r0 in range(lo, hi, BLOCK_N):
+        r = r0 + tl.arange(0, BLOCK_N)
+        ok = r < hi
+        slot = tl.load(slot_ptr + sel_base + r, mask=ok, other=0).to(tl.int64)
+        if USE_LOGITS:
+            p_idx = tl.load(pos_ptr + sel_base + r, mask=ok, other=0)
+            s = tl.load(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg
+                        + p_idx[None, :].to(tl.int64) * s_ln,
+                        mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
+        else:
+            k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
+                        mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
+            s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
+                    mask=ok[:, None], other=0.0)  # [BLOCK_N, DV]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # An empty split writes lse = -inf and o = 0, which the reduce ignores.
+    lse = m_i + tl.log2(l_i)
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    heads = h * G + offs_g
+    tl.store(po_ptr + b * s_ob + heads[:, None] * s_oh + sp * s_os + offs_dv[None, :], o,
+             mask=g_ok[:, None])
+    tl.store(plse_ptr + b * s_eb + heads * s_eh + sp, lse, mask=g_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    po_ptr, plse_ptr, out_ptr,
+    s_ob, s_oh, s_os, s_eb, s_eh, s_outb, s_outh,
+    DV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    h, b = tl.program_id(0), tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, DV)
+    s_ok = offs_s < SPLITS
+    lse = tl.load(plse_ptr + b * s_eb + h * s_eh + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - m)  # [BLOCK_S]; empty splits weigh 0
+    o = tl.load(po_ptr + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_dv[None, :],
+                mask=s_ok[:, None], other=0.0)  # [BLOCK_S, DV]
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + b * s_outb + h * s_outh + offs_dv, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_sparse_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_pool: torch.Tensor,  # [slots, Hkv, D]
+    v_pool: torch.Tensor,  # [slots, Hkv, Dv]
+    sel_slot: torch.Tensor,  # [B, Hkv_anchor, kmax] int32 pool slots (buf.sel_slot)
+    topk: torch.Tensor,  # [B] int32 valid entries of each request's rows
+    head_map: torch.Tensor,  # [Hkv] int32: KV head h reads selection row head_map[h]
+    scale: float,
+    buf: DecodeBuffers,
+    out: torch.Tensor,  # [B, Hq, Dv], written
+    sel_pos: torch.Tensor | None = None,  # [B, Hkv, kmax] int32, with logits
+    logits: torch.Tensor | None = None,  # [B, Hkv, lmax, G] fp32 (anchor layers: skip K)
+) -> torch.Tensor:
+    b_sz, hq, d = q.shape
+    hkv, dv = k_pool.shape[1], v_pool.shape[-1]
+    g = hq // hkv
+    use_logits = logits is not None
+    lg = logits if use_logits else buf.logits  # unread without USE_LOGITS
+    pos = sel_pos if use_logits else sel_slot
+    po, pe = buf.attn_o, buf.attn_lse
+    splits = buf.splits
+    _sparse_decode_kernel[(splits, hkv, b_sz)](
+        q, k_pool, v_pool, sel_slot, pos, topk, head_map, lg, po, pe,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+        v_pool.stride(0), v_pool.stride(1), sel_slot.stride(0), sel_slot.stride(1),
+        lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
+        po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
+        G=g, BLOCK_G=block_g(g), D=d, DV=dv, BLOCK_N=ATTN_BLOCK_N, SPLITS=splits,
+        USE_LOGITS=use_logits, num_warps=4, num_stages=3,
+    )
+    _combine_kernel[(hq, b_sz)](
+        po, pe, out,
+        po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
+        out.stride(0), out.stride(1),
+        DV=dv, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+    )
+    return out

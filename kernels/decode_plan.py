@@ -1,0 +1,95 @@
+"""Host-side plan of the batched decode kernels: static buffers and split heuristics.
+
+Pure Python and torch (no Triton), testable on the CPU. ``DecodeBuffers`` is allocated once for a
+capacity (max batch, max context, max Top-k) and reused by every layer and every step, so the
+decode path allocates nothing per step and replays under a CUDA graph: kernels only read
+``seq_lens``/``topk`` from device memory and size their loops from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SCORE_CHUNKS = (256, 512, 1024, 2048)  # keys per scoring program: one (m, l) partial each
+ATTN_BLOCK_N = 64  # keys per inner step of the sparse attention
+NUM_SMS_H100 = 132
+
+
+def block_g(group: int) -> int:
+    """Query heads of one KV head padded to a tl.dot row block (>= 16, power of two)."""
+    return max(16, 1 << (group - 1).bit_length())
+
+
+def score_chunk(batch: int, kv_heads: int, lmax: int, num_sms: int = NUM_SMS_H100) -> int:
+    """Largest chunk that still gives about four waves of scoring programs at the capacity."""
+    for chunk in reversed(SCORE_CHUNKS):
+        if batch * kv_heads * -(-lmax // chunk) >= 4 * num_sms:
+            return chunk
+    return SCORE_CHUNKS[0]
+
+
+def num_splits(batch: int, kv_heads: int, kmax: int, num_sms: int = NUM_SMS_H100) -> int:
+    """Split-K factor of the sparse attention: about two waves of programs, each with >= 4 steps.
+
+    A function of the capacity only (not of this step's lengths), so a captured graph keeps it.
+    """
+    want = max(1, (2 * num_sms + batch * kv_heads - 1) // (batch * kv_heads))
+    most = max(1, kmax // (4 * ATTN_BLOCK_N))
+    return max(1, min(want, most, 64))
+
+
+@dataclass
+class DecodeBuffers:
+    """Static device buffers of one decode step for a capacity (batch, lmax, kmax)."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    lmax: int  # longest context served (keys, the new one included)
+    kmax: int  # largest Top-k served
+    device: torch.device
+    splits: int = 0  # split-K factor of the attention (0: num_splits())
+    chunk: int = 0  # keys per scoring program (0: score_chunk())
+    logits: torch.Tensor = field(init=False)  # [B, Hkv, lmax, G] fp32, log2 units (G-minor:
+    # the anchor's attention reads a selected key's G logits from one 32-byte sector)
+    part_m: torch.Tensor = field(init=False)  # [B, Hkv, G, chunks] running max per score chunk
+    part_l: torch.Tensor = field(init=False)  # [B, Hkv, G, chunks] running sum per score chunk
+    pooled: torch.Tensor = field(init=False)  # [B, Hkv, lmax] fp32 pooled probabilities
+    top_val: torch.Tensor = field(init=False)  # [B, Hkv, kmax] fp32
+    top_idx: torch.Tensor = field(init=False)  # [B, Hkv, kmax] int64 positions (torch.topk out)
+    sel_pos: torch.Tensor = field(init=False)  # [B, Hkv, kmax] int32 positions
+    sel_slot: torch.Tensor = field(init=False)  # [B, Hkv, kmax] int32 pool slots
+    topk_hist: torch.Tensor = field(init=False)  # [4, B*Hkv, 256] int32 radix-select scratch
+    topk_ctr: torch.Tensor = field(init=False)  # [B*Hkv, 2] int32 compaction counters
+    attn_o: torch.Tensor = field(init=False)  # [B, Hq, splits, D] fp32 split partials
+    attn_lse: torch.Tensor = field(init=False)  # [B, Hq, splits] fp32, log2 units
+
+    def __post_init__(self):
+        b, hkv, g, dev = self.batch, self.kv_heads, self.q_heads // self.kv_heads, self.device
+        if self.kmax > self.lmax:
+            raise ValueError(f"kmax {self.kmax} > lmax {self.lmax}")
+        if not self.splits:
+            self.splits = num_splits(b, hkv, self.kmax)
+        if not self.chunk:
+            self.chunk = score_chunk(b, hkv, self.lmax)
+        chunks = (self.lmax + self.chunk - 1) // self.chunk
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.logits = torch.empty(b, hkv, self.lmax, g, **f32)
+        self.part_m = torch.empty(b, hkv, g, chunks, **f32)
+        self.part_l = torch.empty(b, hkv, g, chunks, **f32)
+        self.pooled = torch.empty(b, hkv, self.lmax, **f32)
+        self.top_val = torch.empty(b, hkv, self.kmax, **f32)
+        self.top_idx = torch.empty(b, hkv, self.kmax, dtype=torch.int64, device=dev)
+        self.sel_pos = torch.empty(b, hkv, self.kmax, dtype=torch.int32, device=dev)
+        self.sel_slot = torch.empty(b, hkv, self.kmax, dtype=torch.int32, device=dev)
+        self.topk_hist = torch.empty(4, b * hkv, 256, dtype=torch.int32, device=dev)
+        self.topk_ctr = torch.empty(b * hkv, 2, dtype=torch.int32, device=dev)
+        self.attn_o = torch.empty(b, self.q_heads, self.splits, self.head_dim, **f32)
+        self.attn_lse = torch.empty(b, self.q_heads, self.splits, **f32)
+
+    @property
+    def chunks(self) -> int:
+        return self.part_m.shape[-1]

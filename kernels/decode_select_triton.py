@@ -1,0 +1,198 @@
+"""Decode anchor selection in Triton: scores, group pooling and Top-k, with no host sync.
+
+Stages (reference: ``decode_torch.decode_select_torch``):
+  1. ``_score_kernel``  one pass over K from the token-major pool: logits of the G query heads of
+     each KV head (stored, fp32, log2 units: 16 B per key and KV head at G=4 against 256 B of K)
+     and per-chunk running max / sum of each head.
+  2. ``_pool_kernel``   per-head log-sum-exp from the chunk partials; pooled probabilities
+     ``sum_g exp2(logit_g - lse_g)``; -1 past the request's length (never chosen before a key).
+  3. ``topk_select``    (topk_triton.py) exact Top-topk[b] per (request, KV head) by radix select,
+     written as positions and pool slots (int32), once per anchor; every reuse layer then
+     gathers K/V straight from the slots. Budgets and lengths are read on the device.
+     (``topk_impl="torch"``: torch.topk, sorted, into static buffers, then ``_slots_kernel``;
+     rank < topk[b] marks the valid entries. Kept as the measured alternative.)
+
+Why Triton: the work is a memory-bound gather (rows of the pool chosen through req_to_token),
+Triton 3.6 ships on the GPU hosts with no build step, and its interpreter lets the kernels be
+developed and unit-tested on a CPU. TileLang was not measured for these kernels (see
+docs/results/kernels-h100.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_plan import DecodeBuffers, block_g
+from .topk_triton import topk_select
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _score_kernel(
+    q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, logits_ptr, pm_ptr, pl_ptr,
+    sm_scale_log2,
+    s_qb, s_qh, s_ks, s_kh, s_r2t,
+    s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    row = tl.load(req_idx_ptr + b).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
+                mask=g_ok[:, None], other=0.0)  # [BLOCK_G, D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    start = c * CHUNK
+    end = tl.minimum(start + CHUNK, seq_len)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        ok = pos < end
+        slot = tl.load(r2t_ptr + row * s_r2t + pos, mask=ok, other=0).to(tl.int64)
+        k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
+                    mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        tl.store(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
+                 s, mask=g_ok[:, None] & ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    # An empty chunk (past the request's end) leaves m = -inf, l = 0.
+    tl.store(pm_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, m_i, mask=g_ok)
+    tl.store(pl_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, l_i, mask=g_ok)
+
+
+@triton.jit
+def _pool_kernel(
+    logits_ptr, pm_ptr, pl_ptr, seq_lens_ptr, pooled_ptr,
+    n_chunks, lscan,
+    s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg, s_ob, s_oh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    # Log-sum-exp of each query head from the chunk partials: [BLOCK_G].
+    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_G], tl.float32)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        msk = g_ok[:, None] & (offs_c[None, :] < n_chunks)
+        base = b * s_pb + h * s_ph + offs_g[:, None] * s_pg + offs_c[None, :]
+        pm = tl.load(pm_ptr + base, mask=msk, other=float("-inf"))
+        pl = tl.load(pl_ptr + base, mask=msk, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(pm, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_run = l_run * tl.exp2(m_run - m_safe) + tl.sum(pl * tl.exp2(pm - m_safe[:, None]), 1)
+        m_run = m_new
+    lse = tl.where(g_ok, m_run + tl.log2(l_run), float("inf"))  # padded heads add exp2(-inf) = 0
+    pos = j * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = pos < seq_len
+    lg = tl.load(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
+                 mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
+    pooled = tl.sum(tl.exp2(lg - lse[:, None]), 0)  # [BLOCK_P]
+    pooled = tl.where(ok, pooled, -1.0)
+    tl.store(pooled_ptr + b * s_ob + h * s_oh + pos, pooled, mask=pos < lscan)
+
+
+@triton.jit
+def _slots_kernel(
+    top_idx_ptr, r2t_ptr, req_idx_ptr, pos_ptr, slot_ptr, kmax,
+    s_tb, s_th, s_r2t,
+    BLOCK: tl.constexpr,
+):
+    j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row = tl.load(req_idx_ptr + b).to(tl.int64)
+    r = j * BLOCK + tl.arange(0, BLOCK)
+    ok = r < kmax
+    base = b * s_tb + h * s_th + r
+    p = tl.load(top_idx_ptr + base, mask=ok, other=0)
+    slot = tl.load(r2t_ptr + row * s_r2t + p, mask=ok, other=0)
+    tl.store(pos_ptr + base, p.to(tl.int32), mask=ok)
+    tl.store(slot_ptr + base, slot.to(tl.int32), mask=ok)
+
+
+def decode_select(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_pool: torch.Tensor,  # [slots, Hkv, D]
+    req_to_token: torch.Tensor,  # [R, C] int32
+    req_idx: torch.Tensor,  # [B] int
+    seq_lens: torch.Tensor,  # [B] int32
+    topk: torch.Tensor,  # [B] int32 budgets, 1 <= topk[b] <= min(seq_lens[b], buf.kmax)
+    scale: float,
+    buf: DecodeBuffers,
+    lscan: int | None = None,
+) -> None:
+    """Fill buf.logits / part_m / part_l / pooled / sel_pos / sel_slot for this step: entries
+    [0, topk[b]) of each (request, KV head) row of sel_pos / sel_slot are its Top-k.
+
+    ``lscan`` (host int, kmax <= lscan <= buf.lmax): positions scanned by Top-k; the graph path
+    keeps the capacity ``buf.lmax``, eager callers may pass the batch's longest context.
+    """
+    for stage in select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf,
+                               lscan).values():
+        stage()
+
+
+def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, lscan=None,
+                  topk_impl="triton"):
+    """The stages of ``decode_select`` as closures, in order (benchmarks time each).
+
+    ``topk_impl="torch"`` swaps the radix select for torch.topk (sorted) + ``_slots_kernel``."""
+    b_sz, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    g = hq // hkv
+    lscan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
+    n_chunks = min(buf.chunks, math.ceil(lscan / buf.chunk))
+    lg, pm, pl, kmax = buf.logits, buf.part_m, buf.part_l, buf.kmax
+
+    def score():
+        _score_kernel[(n_chunks, hkv, b_sz)](
+            q, k_pool, req_to_token, req_idx, seq_lens, lg, pm, pl,
+            scale * LOG2E,
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), req_to_token.stride(0),
+            lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
+            pm.stride(0), pm.stride(1), pm.stride(2),
+            G=g, BLOCK_G=block_g(g), D=d, BLOCK_N=128, CHUNK=buf.chunk, num_warps=4,
+            num_stages=3,
+        )
+
+    def pool():
+        block_p = 1024
+        _pool_kernel[(triton.cdiv(lscan, block_p), hkv, b_sz)](
+            lg, pm, pl, seq_lens, buf.pooled, n_chunks, lscan,
+            lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
+            pm.stride(0), pm.stride(1), pm.stride(2),
+            buf.pooled.stride(0), buf.pooled.stride(1),
+            G=g, BLOCK_G=triton.next_power_of_2(g), BLOCK_C=64, BLOCK_P=block_p, num_warps=4,
+        )
+
+    def radix_topk():
+        topk_select(buf.pooled[:b_sz], seq_lens, topk, req_to_token, req_idx, buf.topk_hist,
+                    buf.topk_ctr, buf.sel_pos[:b_sz], buf.sel_slot[:b_sz], lscan)
+
+    def torch_topk():
+        torch.topk(buf.pooled[:b_sz, :, :lscan], kmax, dim=-1, sorted=True,
+                   out=(buf.top_val[:b_sz], buf.top_idx[:b_sz]))
+
+    def slots():
+        block = 1024
+        _slots_kernel[(triton.cdiv(kmax, block), hkv, b_sz)](
+            buf.top_idx, req_to_token, req_idx, buf.sel_pos, buf.sel_slot, kmax,
+            buf.top_idx.stride(0), buf.top_idx.stride(1), req_to_token.stride(0),
+            BLOCK=block, num_warps=4,
+        )
+
+    if topk_impl == "torch":
+        return dict(score=score, pool=pool, topk=torch_topk, slots=slots)
+    return dict(score=score, pool=pool, topk=radix_topk)

@@ -1,0 +1,144 @@
+"""Exact per-row Top-k of non-negative fp32 scores by radix select, in Triton, with no host sync.
+
+Reference: ``torch.topk`` (tests compare the chosen sets). Each row r = (request, KV head) has its
+own length ``seq_lens[b]`` and budget ``topk[b]``; both are read on the device, so one launch
+sequence serves a ragged batch and replays under a CUDA graph.
+
+A non-negative float's bit pattern orders like the float, so the k-th largest score is found digit
+by digit over its 31 bits (8 + 8 + 8 + 7): pass p histograms the digit p of the scores whose higher
+digits equal the prefix chosen so far (many programs per row, one vector atomic add each), and the
+next kernel descends the histograms to the threshold. The last kernel writes every position above
+the threshold and as many positions equal to it as the budget still needs (ties), as positions and
+as pool slots, in no set order: entries [0, topk[b]) of a row are the selection.
+
+Why not torch.topk: measured on the H100 (docs/results/kernels-h100.md) it took 160 us (B=1) and
+490 us (B=16) at 128K keys and k = 13,108, a third of an anchor layer; its sorted output is not
+needed. FlashInfer's radix top-k takes one k for all rows, so ragged budgets would not fit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NBINS = 256  # 8-bit digits: Triton's histogram costs grow with the bins (2048 bins measured
+# slower than torch.topk on the H100; see docs/results/kernels-h100.md)
+SHIFTS = (23, 15, 7, 0)  # digit p covers bits [SHIFTS[p], SHIFTS[p] + WIDTHS[p])
+WIDTHS = (8, 8, 8, 7)
+NPASS = 4
+TOPK_CHUNK = 4096  # positions per histogram / compaction program
+
+
+@triton.jit
+def _descend(hist_ptr, row, n_rows, k, NPASS: tl.constexpr):
+    """Threshold prefix and remaining budget after NPASS digits: (prefix, k_rem)."""
+    bins = tl.arange(0, 256)
+    prefix = 0
+    k_rem = k
+    for p in tl.static_range(NPASS):
+        h = tl.load(hist_ptr + (p * n_rows + row) * 256 + bins)
+        count_ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys whose digit is >= d
+        d_star = tl.sum((count_ge >= k_rem).to(tl.int32), 0) - 1
+        ge_star = tl.sum(tl.where(bins == d_star, count_ge, 0), 0)
+        h_star = tl.sum(tl.where(bins == d_star, h, 0), 0)
+        k_rem = k_rem - (ge_star - h_star)
+        if p < 3:
+            prefix = (prefix << 8) | d_star
+        else:
+            prefix = (prefix << 7) | d_star
+    return prefix, k_rem
+
+
+@triton.jit
+def _hist_kernel(
+    score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, n_rows, hkv, s_sr,
+    PASS: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, HI_SHIFT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c, row = tl.program_id(0), tl.program_id(1)
+    b = row // hkv
+    n = tl.load(seq_lens_ptr + b)
+    start = c * CHUNK
+    if start < n:
+        k = tl.load(topk_ptr + b)
+        prefix, k_rem = _descend(hist_ptr, row, n_rows, k, PASS)
+        acc = tl.zeros([256], tl.int32)
+        for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            ok = j < n
+            key = tl.load(score_ptr + row * s_sr + j, mask=ok, other=0.0).to(tl.int32,
+                                                                              bitcast=True)
+            hit = ok & ((key >> HI_SHIFT) == prefix)
+            digit = tl.where(hit, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
+            acc += tl.histogram(digit, 256)
+            acc -= tl.where(tl.arange(0, 256) == 0, tl.sum((~hit).to(tl.int32), 0), 0)
+        tl.atomic_add(hist_ptr + (PASS * n_rows + row) * 256 + tl.arange(0, 256), acc,
+                      sem="relaxed")
+
+
+@triton.jit
+def _compact_kernel(
+    score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
+    pos_ptr, slot_ptr, n_rows, hkv, s_sr, s_pr, s_r2t,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c, row = tl.program_id(0), tl.program_id(1)
+    b = row // hkv
+    n = tl.load(seq_lens_ptr + b)
+    start = c * CHUNK
+    if start < n:
+        k = tl.load(topk_ptr + b)
+        thr, k_rem = _descend(hist_ptr, row, n_rows, k, 4)  # threshold key, ties still needed
+        n_gt_total = k - k_rem
+        req_row = tl.load(req_idx_ptr + b).to(tl.int64)
+        for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            ok = j < n
+            key = tl.load(score_ptr + row * s_sr + j, mask=ok, other=0.0).to(tl.int32,
+                                                                              bitcast=True)
+            gt = ok & (key > thr)
+            eq = ok & (key == thr)
+            gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
+            base_gt = tl.atomic_add(ctr_ptr + row * 2, tl.sum(gt_i, 0), sem="relaxed")
+            base_eq = tl.atomic_add(ctr_ptr + row * 2 + 1, tl.sum(eq_i, 0), sem="relaxed")
+            r_gt = base_gt + tl.cumsum(gt_i, 0) - 1
+            r_eq = base_eq + tl.cumsum(eq_i, 0) - 1
+            take_eq = eq & (r_eq < k_rem)
+            dst = tl.where(gt, r_gt, n_gt_total + r_eq)
+            keep = gt | take_eq
+            slot = tl.load(r2t_ptr + req_row * s_r2t + j, mask=keep, other=0)
+            tl.store(pos_ptr + row * s_pr + dst, j, mask=keep)
+            tl.store(slot_ptr + row * s_pr + dst, slot, mask=keep)
+
+
+def topk_select(
+    scores: torch.Tensor,  # [B, Hkv, lmax] fp32 >= 0 where position < seq_lens[b]
+    seq_lens: torch.Tensor,  # [B] int32
+    topk: torch.Tensor,  # [B] int32, 1 <= topk[b] <= seq_lens[b]
+    req_to_token: torch.Tensor,  # [R, C] int32
+    req_idx: torch.Tensor,  # [B] int
+    hist: torch.Tensor,  # [4, >= B*Hkv, 256] int32 scratch
+    ctr: torch.Tensor,  # [>= B*Hkv, 2] int32 scratch
+    pos: torch.Tensor,  # [B, Hkv, kmax] int32 out: positions, entries [0, topk[b]) valid
+    slot: torch.Tensor,  # [B, Hkv, kmax] int32 out: pool slots of those positions
+    lscan: int,  # host bound on seq_lens (grid size)
+) -> None:
+    b_sz, hkv, _ = scores.shape
+    rows = b_sz * hkv
+    assert scores.stride(1) * hkv == scores.stride(0) and pos.stride(1) * hkv == pos.stride(0)
+    n_rows = hist.shape[1]
+    hist.zero_()
+    ctr.zero_()
+    grid = (triton.cdiv(lscan, TOPK_CHUNK), rows)
+    for p in range(NPASS):
+        _hist_kernel[grid](
+            scores, seq_lens, topk, hist, n_rows, hkv, scores.stride(1),
+            PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
+            CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4,
+        )
+    _compact_kernel[grid](
+        scores, seq_lens, topk, hist, ctr, req_to_token, req_idx, pos, slot,
+        n_rows, hkv, scores.stride(1), pos.stride(1), req_to_token.stride(0),
+        CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4,
+    )

@@ -1,0 +1,165 @@
+"""Triton decode kernels (kernels/decode_*_triton.py) against the PyTorch reference and the
+float64 oracle, on fresh random inputs: ragged batches, paged and shuffled pools (page 1/16/32/64),
+bf16/fp16, head dim 64/128, group sizes 1..8, head maps.
+
+Marker ``gpu``: runs on CUDA; without one it is skipped, unless TRITON_INTERPRET=1 (Triton's CPU
+interpreter; small cases only). Buffers and outputs are poisoned with NaN before each run.
+Bounds: pooled scores (fp32 from 16-bit inputs, fp32 accumulation) atol 1e-5 + rtol 1e-3 against
+the fp32 reference; outputs ||out - oracle|| / ||oracle|| < 1e-2 (bf16; output rounding is
+~4e-3) and < 2e-3 (fp16), the oracle in float64 on the same 16-bit inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from decode_checks import assert_valid_topk, oracle_sparse_out
+from decode_inputs import make_decode_batch, rel_err
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")]
+
+REL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# (seq_lens, topk, hkv, g, d, page): ragged, k == L (dense-equivalent), long rows crossing chunks.
+CASES = [
+    ([37, 300, 5], [8, 30, 5], 2, 4, 128, 1),
+    ([1000, 64, 2100], [100, 64, 210], 2, 8, 64, 16),
+    ([3000], [300], 4, 1, 128, 32),
+    ([129, 700], [129, 70], 1, 3, 64, 64),
+    ([5000, 1500, 2048, 1], [500, 150, 205, 1], 8, 4, 128, 16),
+]
+DTYPES = [torch.bfloat16, torch.float16]
+if INTERPRET:  # the interpreter is slow and mis-reads bf16: small fp16 cases only
+    CASES = CASES[:1] + [([60, 9], [12, 9], 1, 2, 64, 16)]
+    DTYPES = [torch.float16]
+
+
+def _run(case, dtype, seed, topk_impl="triton"):
+    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
+    from sglang_kascade.kernels.decode_plan import DecodeBuffers
+    from sglang_kascade.kernels.decode_select_triton import select_stages
+
+    seq_lens, topk, hkv, g, d, page = case
+    batch = make_decode_batch(seq_lens, topk, hkv, g, d, dtype, page, DEVICE, seed)
+    scale = d ** -0.5
+    buf = DecodeBuffers(batch=len(seq_lens) + 1, q_heads=hkv * g, kv_heads=hkv, head_dim=d,
+                        lmax=max(seq_lens) + 3, kmax=max(topk), device=torch.device(DEVICE))
+    for t in (buf.logits, buf.part_m, buf.part_l, buf.pooled, buf.attn_o, buf.attn_lse):
+        t.fill_(float("nan"))
+    buf.sel_slot.fill_(-7)
+    buf.sel_pos.fill_(-7)
+    for stage in select_stages(batch.q, batch.k_pool, batch.req_to_token, batch.req_idx,
+                               batch.seq_lens, batch.topk, scale, buf,
+                               topk_impl=topk_impl).values():
+        stage()
+    return batch, buf, scale, decode_sparse_attention
+
+
+@pytest.mark.parametrize("topk_impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[0]}-h{c[2]}g{c[3]}d{c[4]}p{c[5]}")
+def test_decode_select_and_attention(case, dtype, topk_impl):
+    from sglang_kascade.kernels.decode_torch import decode_pooled_scores_torch
+
+    seed = zlib.crc32(f"{case}{dtype}{topk_impl}".encode()) % 1000
+    batch, buf, scale, attend = _run(case, dtype, seed, topk_impl)
+    b_sz, hq, d = batch.q.shape
+    hkv = batch.k_pool.shape[1]
+    lmax = max(case[0])
+    # Stage 2 against the reference: pooled probabilities (-1 past each request's end).
+    want = decode_pooled_scores_torch(batch.q, batch.k_pool, batch.req_to_token, batch.req_idx,
+                                      batch.seq_lens, scale, lmax)
+    torch.testing.assert_close(buf.pooled[:b_sz, :, :lmax], want, atol=1e-5, rtol=1e-3)
+    # Stage 3/4: a valid Top-k under the float64 oracle, slots that match the positions.
+    kmax = buf.kmax
+    valid = torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None]
+    valid = valid.expand(b_sz, hkv, kmax)
+    pos = buf.sel_pos[:b_sz]
+    assert_valid_topk(pos, valid, batch, scale)
+    rows = batch.req_to_token[batch.req_idx.long()]  # [B, C]
+    want_slots = torch.gather(rows[:, None].expand(-1, hkv, -1), 2, pos.long().clamp(min=0))
+    assert bool((buf.sel_slot[:b_sz] == want_slots)[valid].all())
+    if topk_impl == "torch":  # the radix select writes slots itself; torch's path looks them up
+        return
+    oracle = oracle_sparse_out(batch, pos, valid, scale)
+    gen = torch.Generator().manual_seed(3)
+    head_map = torch.randint(0, hkv, (hkv,), generator=gen).to(torch.int32).to(DEVICE)
+    ident = torch.arange(hkv, dtype=torch.int32, device=DEVICE)
+    for use_logits in (True, False):  # anchor (stored logits, V only) and reuse (K and V)
+        out = torch.full_like(batch.q, float("nan"))
+        buf.attn_o.fill_(float("nan"))
+        attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:b_sz], batch.topk, ident,
+               scale, buf, out, sel_pos=pos if use_logits else None,
+               logits=buf.logits if use_logits else None)
+        assert not out.isnan().any()
+        assert rel_err(out.cpu(), oracle) < REL[dtype], f"use_logits={use_logits}"
+    # Reuse through a head map: KV head h attends at the positions chosen for head head_map[h].
+    out = torch.full_like(batch.q, float("nan"))
+    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:b_sz], batch.topk, head_map,
+           scale, buf, out)
+    assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale, head_map)) < REL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_everything_selected_is_dense_attention(dtype):
+    """topk == seq_len: the sparse path must equal dense decode attention (oracle, float64)."""
+    import reference as ref
+
+    from decode_checks import request_kv
+
+    seq_lens = [700, 33, 1500] if not INTERPRET else [70, 9]
+    case = (seq_lens, seq_lens, 2, 4, 128, 16)
+    batch, buf, scale, attend = _run(case, dtype, seed=11)
+    out = torch.full_like(batch.q, float("nan"))
+    ident = torch.arange(2, dtype=torch.int32, device=DEVICE)
+    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:len(seq_lens)], batch.topk, ident,
+           scale, buf, out, sel_pos=buf.sel_pos[:len(seq_lens)], logits=buf.logits)
+    for b, n in enumerate(seq_lens):
+        k, v = request_kv(batch, b)
+        want = ref.dense_attention(batch.q[b:b + 1].cpu(), k, v, [n - 1], scale)
+        assert rel_err(out[b:b + 1].cpu(), want) < REL[dtype]
+
+
+@pytest.mark.parametrize("n,k", [(5000, 500), (3000, 3000), (9000, 1), (20000, 2001)])
+def test_radix_topk_with_ties_matches_torch_topk(n, k):
+    """Scores with many exact ties (and zeros): the chosen set holds every score above the k-th
+    largest and exactly enough of the ties, like torch.topk; ragged rows; slots looked up."""
+    from sglang_kascade.kernels.topk_triton import topk_select
+
+    if INTERPRET:
+        n, k = min(n, 300), min(k, 300)
+    gen = torch.Generator().manual_seed(n + k)
+    lens = [n, max(1, n // 3), k]
+    budgets = [k, min(k, lens[1]), k]
+    hkv, lmax = 2, n + 7
+    scores = torch.full((3, hkv, lmax), float("nan"))
+    for b, m in enumerate(lens):
+        vals = torch.randint(0, 50, (hkv, m), generator=gen).float() / 7  # ties, and 0.0
+        scores[b, :, :m] = vals
+    r2t = torch.randperm(3 * lmax, generator=gen).to(torch.int32).view(3, lmax)
+    req_idx = torch.tensor([2, 0, 1], dtype=torch.int32)
+    dev = DEVICE
+    pos = torch.full((3, hkv, k), -7, dtype=torch.int32, device=dev)
+    slot = torch.full_like(pos, -7)
+    hist = torch.empty(4, 3 * hkv, 256, dtype=torch.int32, device=dev)
+    ctr = torch.empty(3 * hkv, 2, dtype=torch.int32, device=dev)
+    topk_select(scores.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev),
+                torch.tensor(budgets, dtype=torch.int32, device=dev), r2t.to(dev),
+                req_idx.to(dev), hist, ctr, pos, slot, lmax)
+    pos, slot = pos.cpu().long(), slot.cpu()
+    for b, (m, kb) in enumerate(zip(lens, budgets)):
+        for h in range(hkv):
+            row = scores[b, h, :m]
+            got = pos[b, h, :kb]
+            assert got.unique().numel() == kb and int(got.min()) >= 0 and int(got.max()) < m
+            kth = row.topk(kb).values[-1]
+            assert bool((row[got] >= kth).all())
+            assert int((row > kth).sum()) == int((row[got] > kth).sum())
+            assert bool((slot[b, h, :kb] == r2t[int(req_idx[b]), got]).all())
