@@ -89,13 +89,13 @@ def timeline_png(bins: list, swaps: list, path, title: str = "") -> Path:
     a1.set_yscale("log")
     a1.legend(fontsize=8)
     a2.plot(t, [b["output_tokens_per_s"] for b in bins], marker=".", color="tab:green")
-    a2.set_ylabel("output tokens/s")
+    a2.set_ylabel("output tokens/s\n(all users)")
     a3.bar(t, [b["requests"] for b in bins], width=(t[1] - t[0]) * 0.8 if len(t) > 1 else 5,
            align="edge", label="requests", color="tab:gray")
     a3.bar(t, [b["failures"] for b in bins], width=(t[1] - t[0]) * 0.8 if len(t) > 1 else 5,
            align="edge", label="failed", color="tab:red")
     a3.set_ylabel("requests / bin")
-    a3.set_xlabel("seconds since start (by request start)")
+    a3.set_xlabel("seconds since start (latency, requests: by request start; tokens/s: by arrival)")
     a3.legend(fontsize=8)
     for ax in (a1, a2, a3):
         ax.grid(alpha=0.3)

@@ -30,7 +30,8 @@ import requests
 
 from .prompts import build_prompts, save_prompts
 from .run import SERVER_FLAGS, flush_cache, run_locust, warm_up
-from .summary import parse_prometheus, percentile, read_records, timeline
+from .stream import Record
+from .summary import in_flight_at, parse_prometheus, percentile, read_records, timeline
 
 PROFILE_A = "smollm2-135m-instruct"
 PROFILE_B = "smollm2-135m-instruct-derived-anchors"
@@ -136,6 +137,8 @@ def report_md(rep: dict, png_name: str) -> str:
         + (f" (activate call p50 {percentile([s['elapsed_ms'] for s in ok_swaps], 50):.0f} ms, "
            f"max {max(s['elapsed_ms'] for s in ok_swaps):.0f} ms)" if ok_swaps else "")
         + (f"; profiles alternated: {', '.join(cfg['profiles'])}" if sw else " (--no-swap)"),
+        f"- requests in flight across at least one swap: {rep.get('across_swaps', '-')} "
+        f"of {a['requests']}",
         f"- requests: {a['requests']}, **failed: {a['failures']}**"
         + (f" ({a['errors']})" if a["errors"] else "")
         + f"; in flight when the run ended (cut, not counted): {a['interrupted']}",
@@ -195,7 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="soak-out", help="locust files, logs, records")
     ap.add_argument("--report", default="soak-report", help="REPORT.{md,json,png}")
     ap.add_argument("--note", action="append", default=[], help="a line for the report")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="only rewrite REPORT.md/.png from REPORT.json")
     args = ap.parse_args(argv)
+    if args.rebuild:
+        rebuild(Path(args.report))
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +277,6 @@ def main(argv=None) -> int:
 
     load_end = os.getloadavg()
     records = read_records(out / "records.jsonl")
-    bins = timeline(records, t0, args.bin)
     rep = {
         "command": "python -m loadtest.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
@@ -279,8 +286,9 @@ def main(argv=None) -> int:
         "config": {"duration_s": args.duration, "swap_every_s": None if args.no_swap
                    else args.swap_every, "users": args.users, "mix": args.mix,
                    "max_tokens": args.max_tokens, "think_s": args.think,
-                   "rag_doc_tokens": args.rag_doc_tokens, "profiles": names},
-        "summary": summary, "swaps": swaps, "timeline": bins, "sidecar_history": history,
+                   "rag_doc_tokens": args.rag_doc_tokens, "profiles": names,
+                   "bin_s": args.bin},
+        "t0": t0, "summary": summary, "swaps": swaps, "sidecar_history": history,
         "sidecar_metrics": sidecar_metrics,
         "notes": args.note + [
             f"machine: {os.cpu_count()} CPUs, load average (1/5/15 min) "
@@ -288,18 +296,35 @@ def main(argv=None) -> int:
             f"{' '.join(f'{x:.1f}' for x in load_end)} at the end (other work shares it)"],
         "zero_failed_requests": summary["all"]["failures"] == 0,
     }
-    from .plot import timeline_png
-
-    png = timeline_png(bins, swaps, report.with_suffix(".png"),
-                       title=f"soak: {args.users} users, {args.duration} s, "
-                             + (f"swap every {args.swap_every:.0f} s" if admin else "no swaps"))
-    report.with_suffix(".json").write_text(json.dumps(rep, indent=1))
-    report.with_suffix(".md").write_text(report_md(rep, png.name))
+    write_report(rep, records, report)
     a = summary["all"]
     bad_swaps = sum(1 for s in swaps if not s["ok"])
     print(f"[soak] {a['requests']} requests, {a['failures']} failed; {len(swaps)} swaps, "
           f"{bad_swaps} failed; report {report.with_suffix('.md')}", flush=True)
     return 1 if a["failures"] or bad_swaps else 0
+
+
+def write_report(rep: dict, records: list, report: Path) -> None:
+    """REPORT.json (with every request record), REPORT.png (timeline), REPORT.md."""
+    from .plot import timeline_png
+
+    t0, cfg = rep["t0"], rep["config"]
+    rep["records"] = [r.to_json() for r in records]
+    rep["timeline"] = timeline(records, t0, cfg.get("bin_s", 10.0))
+    rep["across_swaps"] = len({id(r) for s in rep["swaps"]
+                               for r in in_flight_at(records, t0 + s["t_s"])})
+    png = timeline_png(rep["timeline"], rep["swaps"], report.with_suffix(".png"),
+                       title=f"soak: {cfg['users']} users, {cfg['duration_s']} s, "
+                             + (f"swap every {cfg['swap_every_s']:.0f} s"
+                                if cfg["swap_every_s"] else "no swaps"))
+    report.with_suffix(".json").write_text(json.dumps(rep, indent=1))
+    report.with_suffix(".md").write_text(report_md(rep, png.name))
+
+
+def rebuild(report: Path) -> None:
+    """Rewrite REPORT.md/.png from REPORT.json (its records and swaps), e.g. after a plot change."""
+    rep = json.loads(report.with_suffix(".json").read_text())
+    write_report(rep, [Record(**r) for r in rep["records"]], report)
 
 
 if __name__ == "__main__":

@@ -110,15 +110,33 @@ def server_cache_hit_rate(before: dict, after: dict):
             "cache_hit_rate": cached / prompt if prompt > 0 else None}
 
 
+def token_times(r: Record) -> list:
+    """Wall-clock time of each streamed content chunk of a successful request."""
+    if not r.ok or r.ttft_ms is None:
+        return []
+    t = r.t_start + r.ttft_ms / 1000.0
+    out = [t]
+    for gap in r.itl_ms:
+        t += gap / 1000.0
+        out.append(t)
+    return out
+
+
 def timeline(records: list, t0: float, bin_s: float = 10.0) -> list:
-    """Per time bin (by request start): requests, failures, TTFT p50, output tokens/s."""
+    """Per time bin: requests, failures, TTFT and ITL p50 of the requests that started in it,
+    and output tokens/s of the content chunks streamed in it (one chunk ~ one token)."""
     records = [r for r in records if not r.interrupted]
     if not records:
         return []
-    n_bins = int(max(r.t_start - t0 for r in records) // bin_s) + 1
+    emitted = [t for r in records for t in token_times(r)]
+    end = max([r.t_start for r in records] + emitted)
+    n_bins = int((end - t0) // bin_s) + 1
     bins = [[] for _ in range(n_bins)]
+    tokens = [0] * n_bins
     for r in records:
         bins[max(0, int((r.t_start - t0) // bin_s))].append(r)
+    for t in emitted:
+        tokens[max(0, int((t - t0) // bin_s))] += 1
     out = []
     for i, rs in enumerate(bins):
         ok = [r for r in rs if r.ok]
@@ -128,6 +146,12 @@ def timeline(records: list, t0: float, bin_s: float = 10.0) -> list:
             "failures": len(rs) - len(ok),
             "ttft_p50_ms": percentile([r.ttft_ms for r in ok if r.ttft_ms is not None], 50),
             "itl_p50_ms": percentile([g for r in ok for g in r.itl_ms], 50),
-            "output_tokens_per_s": sum(r.completion_tokens for r in ok) / bin_s,
+            "output_tokens_per_s": tokens[i] / bin_s,
         })
     return out
+
+
+def in_flight_at(records: list, t: float) -> list:
+    """Requests (successful or failed, not cut) sent before and finished after wall time ``t``."""
+    return [r for r in records if not r.interrupted
+            and r.t_start <= t <= r.t_start + r.latency_ms / 1000.0]

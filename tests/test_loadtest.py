@@ -12,8 +12,8 @@ import pytest
 from loadtest.config import parse_mix
 from loadtest.prompts import build_prompts, load_prompts, save_prompts
 from loadtest.stream import Record, StreamError, parse_sse, record_from_stream
-from loadtest.summary import (parse_prometheus, percentile, server_cache_hit_rate, summarize,
-                              timeline)
+from loadtest.summary import (in_flight_at, parse_prometheus, percentile, server_cache_hit_rate,
+                              summarize, timeline)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,10 @@ def test_summarize_per_class_and_cache_hit_rate():
     bins = timeline(recs, t0=100.0, bin_s=10.0)
     assert [b["requests"] for b in bins] == [2, 1]
     assert [b["failures"] for b in bins] == [1, 0]
+    # chunks at t_start + 0.2, + 0.25, + 0.4 s: three per successful request, in its bin
+    assert [b["output_tokens_per_s"] for b in bins] == pytest.approx([0.3, 0.3])
+    assert in_flight_at(recs, 100.5) == [recs[0], recs[2]]
+    assert in_flight_at(recs, 101.5) == []
 
 
 def test_prometheus_counters_and_server_hit_rate():
@@ -251,3 +255,25 @@ def test_run_report_md_has_a_row_per_server_and_class():
     assert "| kascade | rag | 2 | 1 | 0 | 200 / 200 |" in md
     assert "| torch_native | all | 3 | 1 |" in md
     assert "kascade 0.25, torch_native 0.25" in md and "- a note" in md
+
+
+def test_soak_report_rebuilds_from_its_json(tmp_path):
+    from loadtest.soak import rebuild, write_report
+
+    recs = [_rec("chat", t_start=1000.0), _rec("rag", t_start=1012.0, latency_ms=9000.0)]
+    summary = summarize(recs, 20.0)
+    summary["server"] = {"cache_hit_rate": 0.5}
+    rep = {"command": "c", "date": "d", "device": "CPU", "server": "kascade", "t0": 1000.0,
+           "config": {"duration_s": 20, "swap_every_s": 5, "users": 2, "mix": "chat=1,rag=1",
+                      "max_tokens": 8, "think_s": "0,1", "profiles": ["a", "b"], "bin_s": 5.0},
+           "summary": summary, "notes": [], "sidecar_metrics": None,
+           "swaps": [{"t_s": 5.0, "profile": "b", "ok": True, "elapsed_ms": 40.0},
+                     {"t_s": 15.0, "profile": "a", "ok": True, "elapsed_ms": 60.0}]}
+    report = tmp_path / "soak"
+    write_report(rep, recs, report)
+    first = (tmp_path / "soak.md").read_text()
+    assert "in flight across at least one swap: 1 of 2" in first  # the rag request spans 15 s
+    (tmp_path / "soak.md").unlink()
+    rebuild(report)
+    assert (tmp_path / "soak.md").read_text() == first
+    assert (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
