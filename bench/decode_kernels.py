@@ -8,7 +8,9 @@ replay):
 
   dense     FlashInfer BatchDecodeWithPagedKVCacheWrapper (the faster of its tensor-core and
             CUDA-core paths at each point)
-  layer0    dense + decode_select (layer 0 is dense and selects for layer 1)
+  layer0    decode_dense_select: dense attention and the selection for layer 1 in one pass over
+            K and V (layer 0 is dense and selects); layer0_fi_select = FlashInfer dense followed
+            by decode_select, for comparison
   anchor    decode_select + sparse attention over its selection (stored logits, V only)
   reuse     sparse attention over an anchor's selection through a head map (K and V)
   kascade   per-layer average (layer0 + 4 anchor + 27 reuse) / 32; speedup = dense / kascade
@@ -27,6 +29,7 @@ import torch
 import triton
 
 from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
+from sglang_kascade.kernels.decode_dense_triton import decode_dense_select
 from sglang_kascade.kernels.decode_plan import DecodeBuffers
 from sglang_kascade.kernels.decode_select_triton import decode_select, select_stages
 
@@ -135,7 +138,9 @@ def bench_point(batch: int, L: int, dtype, fraction: float, k_min: int,
     t_stage["attn_anchor"] = graph_time(anchor_attn)
     t_stage["attn_reuse"] = graph_time(reuse_attn)
     t_select = graph_time(select)
-    t_layer0 = graph_time(lambda: (dense_fn(), select()))
+    t_layer0_fi = graph_time(lambda: (dense_fn(), select()))
+    t_layer0 = graph_time(lambda: decode_dense_select(q, k_pool, v_pool, req_to_token, req_idx,
+                                                      seq_lens, topk, scale, buf, out))
     t_anchor = graph_time(lambda: (select(), anchor_attn()))
     t_reuse = t_stage["attn_reuse"]
     n_reuse = N_LAYERS - 1 - N_ANCHORS
@@ -153,7 +158,8 @@ def bench_point(batch: int, L: int, dtype, fraction: float, k_min: int,
         batch=batch, context=L, topk=k, dtype=str(dtype).replace("torch.", ""),
         splits=buf.splits, dense_flashinfer_tensor_cores=dense_tc,
         dense_baseline="flashinfer" if flashinfer else "triton_gather_all",
-        ms=dict(dense=dense_t, triton_gather_all=t_triton_dense, layer0=t_layer0, anchor=t_anchor, reuse=t_reuse, select=t_select,
+        ms=dict(dense=dense_t, triton_gather_all=t_triton_dense, layer0=t_layer0,
+                layer0_fi_select=t_layer0_fi, anchor=t_anchor, reuse=t_reuse, select=t_select,
                 kascade_avg=avg, **{f"stage_{n}": v for n, v in t_stage.items()}),
         speedup=dense_t / avg,
         reuse_speedup=dense_t / t_reuse,
@@ -184,7 +190,7 @@ def main():
             rows.append(r)
             m = r["ms"]
             print(f"B={b:3d} L={L:7d} k={r['topk']:6d} dense {m['dense']*1e3:8.1f}us "
-                  f"layer0 {m['layer0']*1e3:8.1f} anchor {m['anchor']*1e3:8.1f} "
+                  f"layer0 {m['layer0']*1e3:8.1f} (fi+sel {m['layer0_fi_select']*1e3:8.1f}) anchor {m['anchor']*1e3:8.1f} "
                   f"reuse {m['reuse']*1e3:7.1f} gather-all {m['triton_gather_all']*1e3:8.1f} avg {m['kascade_avg']*1e3:7.1f} "
                   f"speedup {r['speedup']:.2f}x | score {m['stage_score']*1e3:.1f} "
                   f"pool {m['stage_pool']*1e3:.1f} topk {m['stage_topk']*1e3:.1f} "

@@ -84,21 +84,43 @@ def _sparse_decode_kernel(
 
 @triton.jit
 def _combine_kernel(
-    po_ptr, plse_ptr, out_ptr,
+    po_ptr, plse_ptr, out_ptr, n_splits,
     s_ob, s_oh, s_os, s_eb, s_eh, s_outb, s_outh,
-    DV: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     h, b = tl.program_id(0), tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, DV)
-    s_ok = offs_s < SPLITS
-    lse = tl.load(plse_ptr + b * s_eb + h * s_eh + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - m)  # [BLOCK_S]; empty splits weigh 0
-    o = tl.load(po_ptr + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_dv[None, :],
-                mask=s_ok[:, None], other=0.0)  # [BLOCK_S, DV]
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + b * s_outb + h * s_outh + offs_dv, out.to(out_ptr.dtype.element_ty))
+    m = tl.full([], float("-inf"), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(plse_ptr + b * s_eb + h * s_eh + offs_s, mask=offs_s < n_splits,
+                      other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse, 0))
+    acc = tl.zeros([DV], tl.float32)
+    den = tl.zeros([], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < n_splits
+        lse = tl.load(plse_ptr + b * s_eb + h * s_eh + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.exp2(lse - m)  # [BLOCK_S]; empty splits weigh 0
+        o = tl.load(po_ptr + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_dv[None, :],
+                    mask=s_ok[:, None] & (w[:, None] > 0), other=0.0)  # [BLOCK_S, DV]
+        acc += tl.sum(o * w[:, None], 0)
+        den += tl.sum(w, 0)
+    tl.store(out_ptr + b * s_outb + h * s_outh + offs_dv, (acc / den).to(out_ptr.dtype.element_ty))
+
+
+def combine_splits(po, pe, n_splits: int, out):
+    """out[b, h] = the log-sum-exp-weighted merge of n_splits partials (po [B, Hq, S, Dv] fp32
+    normalised outputs, pe [B, Hq, S] log2-domain lse; -inf marks an empty split)."""
+    b_sz, hq = out.shape[0], out.shape[1]
+    _combine_kernel[(hq, b_sz)](
+        po, pe, out, n_splits,
+        po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
+        out.stride(0), out.stride(1),
+        DV=out.shape[-1], BLOCK_S=min(32, triton.next_power_of_2(n_splits)), num_warps=4,
+    )
+    return out
 
 
 def decode_sparse_attention(
@@ -132,10 +154,5 @@ def decode_sparse_attention(
         G=g, BLOCK_G=block_g(g), D=d, DV=dv, BLOCK_N=ATTN_BLOCK_N, SPLITS=splits,
         USE_LOGITS=use_logits, num_warps=4, num_stages=3,
     )
-    _combine_kernel[(hq, b_sz)](
-        po, pe, out,
-        po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
-        out.stride(0), out.stride(1),
-        DV=dv, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
-    )
+    combine_splits(po, pe, splits, out)
     return out

@@ -31,7 +31,10 @@ def score_chunk(batch: int, kv_heads: int, lmax: int, num_sms: int = NUM_SMS_H10
 
 
 def num_splits(batch: int, kv_heads: int, kmax: int, num_sms: int = NUM_SMS_H100) -> int:
-    """Split-K factor of the sparse attention: about two waves of programs, each with >= 4 steps.
+    """Split-K factor of the sparse attention: about two waves of programs, each >= 4 steps.
+
+    Four waves and >= 2 steps was measured too (H100, docs/results/kernels-h100.md): 8% slower
+    reuse layers at batch 16, 128K, and no gain at batch 1, 128K.
 
     A function of the capacity only (not of this step's lengths), so a captured graph keeps it.
     """
@@ -64,6 +67,8 @@ class DecodeBuffers:
     sel_slot: torch.Tensor = field(init=False)  # [B, Hkv, kmax] int32 pool slots
     topk_hist: torch.Tensor = field(init=False)  # [4, B*Hkv, 256] int32 radix-select scratch
     topk_ctr: torch.Tensor = field(init=False)  # [B*Hkv, 2] int32 compaction counters
+    dense_o: torch.Tensor = field(init=False)  # [B, Hq, chunks, D] fp32 layer-0 split partials
+    dense_lse: torch.Tensor = field(init=False)  # [B, Hq, chunks] fp32, log2 units
     attn_o: torch.Tensor = field(init=False)  # [B, Hq, splits, D] fp32 split partials
     attn_lse: torch.Tensor = field(init=False)  # [B, Hq, splits] fp32, log2 units
 
@@ -87,6 +92,8 @@ class DecodeBuffers:
         self.sel_slot = torch.empty(b, hkv, self.kmax, dtype=torch.int32, device=dev)
         self.topk_hist = torch.empty(4, b * hkv, 256, dtype=torch.int32, device=dev)
         self.topk_ctr = torch.empty(b * hkv, 2, dtype=torch.int32, device=dev)
+        self.dense_o = torch.empty(b, self.q_heads, chunks, self.head_dim, **f32)
+        self.dense_lse = torch.empty(b, self.q_heads, chunks, **f32)
         self.attn_o = torch.empty(b, self.q_heads, self.splits, self.head_dim, **f32)
         self.attn_lse = torch.empty(b, self.q_heads, self.splits, **f32)
 

@@ -35,12 +35,16 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _score_kernel(
     q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, logits_ptr, pm_ptr, pl_ptr,
+    v_ptr, o_ptr, lse_ptr,
     sm_scale_log2,
     s_qb, s_qh, s_ks, s_kh, s_r2t,
     s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    s_vs, s_vh, s_ob, s_oh, s_oc, s_eb, s_eh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, WITH_V: tl.constexpr,
 ):
+    # WITH_V (layer 0: dense and selecting): also the chunk's attention partial over V, so one
+    # pass over K and V gives both the dense output (after the split-K reduce) and the logits.
     c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     row = tl.load(req_idx_ptr + b).to(tl.int64)
@@ -51,6 +55,8 @@ def _score_kernel(
                 mask=g_ok[:, None], other=0.0)  # [BLOCK_G, D]
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    offs_dv = tl.arange(0, DV)
+    acc = tl.zeros([BLOCK_G, DV], tl.float32)
     start = c * CHUNK
     end = tl.minimum(start + CHUNK, seq_len)
     for n0 in range(start, end, BLOCK_N):
@@ -63,12 +69,24 @@ def _score_kernel(
         s = tl.where(ok[None, :], s, float("-inf"))
         tl.store(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
                  s, mask=g_ok[:, None] & ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step holds a key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
+        if WITH_V:
+            v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
+                        mask=ok[:, None], other=0.0)  # [BLOCK_N, DV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     # An empty chunk (past the request's end) leaves m = -inf, l = 0.
     tl.store(pm_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, m_i, mask=g_ok)
     tl.store(pl_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, l_i, mask=g_ok)
+    if WITH_V:
+        heads = h * G + offs_g
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + c * s_oc + offs_dv[None, :], o,
+                 mask=g_ok[:, None])
+        tl.store(lse_ptr + b * s_eb + heads * s_eh + c, m_i + tl.log2(l_i), mask=g_ok)
 
 
 @triton.jit
@@ -103,6 +121,8 @@ def _pool_kernel(
     pooled = tl.sum(tl.exp2(lg - lse[:, None]), 0)  # [BLOCK_P]
     pooled = tl.where(ok, pooled, -1.0)
     tl.store(pooled_ptr + b * s_ob + h * s_oh + pos, pooled, mask=pos < lscan)
+    # (Adding the first radix-select histogram here was measured slower on the H100: +156 us
+    # in this kernel against -74 us saved in topk_select at B=16, 128K.)
 
 
 @triton.jit
@@ -145,10 +165,12 @@ def decode_select(
 
 
 def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, lscan=None,
-                  topk_impl="triton"):
+                  topk_impl="triton", v_pool=None):
     """The stages of ``decode_select`` as closures, in order (benchmarks time each).
 
-    ``topk_impl="torch"`` swaps the radix select for torch.topk (sorted) + ``_slots_kernel``."""
+    ``topk_impl="torch"`` swaps the radix select for torch.topk (sorted) + ``_slots_kernel``.
+    ``v_pool`` given (layer 0): the score stage also writes dense split-K partials into
+    buf.dense_o / buf.dense_lse (see decode_dense_triton.py)."""
     b_sz, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
@@ -157,14 +179,20 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
     lg, pm, pl, kmax = buf.logits, buf.part_m, buf.part_l, buf.kmax
 
     def score():
+        if v_pool is None:  # anchor: logits only (dense_* and V pointers unused)
+            vp, o, e = k_pool, buf.dense_o, buf.dense_lse
+        else:
+            vp, o, e = v_pool, buf.dense_o, buf.dense_lse
         _score_kernel[(n_chunks, hkv, b_sz)](
-            q, k_pool, req_to_token, req_idx, seq_lens, lg, pm, pl,
+            q, k_pool, req_to_token, req_idx, seq_lens, lg, pm, pl, vp, o, e,
             scale * LOG2E,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), req_to_token.stride(0),
             lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
             pm.stride(0), pm.stride(1), pm.stride(2),
-            G=g, BLOCK_G=block_g(g), D=d, BLOCK_N=128, CHUNK=buf.chunk, num_warps=4,
-            num_stages=3,
+            vp.stride(0), vp.stride(1), o.stride(0), o.stride(1), o.stride(2),
+            e.stride(0), e.stride(1),
+            G=g, BLOCK_G=block_g(g), D=d, DV=vp.shape[-1], BLOCK_N=128, CHUNK=buf.chunk,
+            WITH_V=v_pool is not None, num_warps=4 if v_pool is None else 8, num_stages=3,
         )
 
     def pool():

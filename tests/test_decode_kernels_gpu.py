@@ -163,3 +163,31 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k):
             assert bool((row[got] >= kth).all())
             assert int((row > kth).sum()) == int((row[got] > kth).sum())
             assert bool((slot[b, h, :kb] == r2t[int(req_idx[b]), got]).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer0_dense_output_and_selection_in_one_pass(dtype):
+    """decode_dense_select: dense attention (oracle, float64) and the same Top-k as decode_select
+    (valid under the float64 pooled scores), from one pass over K and V."""
+    import reference as ref
+
+    from decode_checks import request_kv
+    from sglang_kascade.kernels.decode_dense_triton import decode_dense_select
+
+    case = ([700, 33, 2500], [70, 33, 250], 2, 4, 128, 16)
+    if INTERPRET:
+        case = ([300, 9], [30, 9], 1, 2, 64, 16)
+    batch, buf, scale, _ = _run(case, dtype, seed=5)
+    for t in (buf.dense_o, buf.dense_lse, buf.pooled):
+        t.fill_(float("nan"))
+    buf.sel_pos.fill_(-7)
+    out = torch.full_like(batch.q, float("nan"))
+    decode_dense_select(batch.q, batch.k_pool, batch.v_pool, batch.req_to_token, batch.req_idx,
+                        batch.seq_lens, batch.topk, scale, buf, out)
+    for b, n in enumerate(case[0]):
+        k, v = request_kv(batch, b)
+        want = ref.dense_attention(batch.q[b:b + 1].cpu(), k, v, [n - 1], scale)
+        assert rel_err(out[b:b + 1].cpu(), want) < REL[dtype]
+    b_sz, kmax = len(case[0]), buf.kmax
+    valid = (torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None])
+    assert_valid_topk(buf.sel_pos[:b_sz], valid.expand(b_sz, case[2], kmax), batch, scale)
