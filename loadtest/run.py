@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
 
         rep = Path(args.report)
         rep.parent.mkdir(parents=True, exist_ok=True)
-        summary["command"] = "python -m loadtest.run " + " ".join(
+        summary["command"] = "python -m loadtest.run " + shlex.join(
             argv if argv is not None else sys.argv[1:])
         summary["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         summary["load_average"] = list(os.getloadavg())

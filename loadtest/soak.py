@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import secrets
 import subprocess
 import sys
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
     load_end = os.getloadavg()
     records = read_records(out / "records.jsonl")
     rep = {
-        "command": "python -m loadtest.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m loadtest.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
         "device": "CPU" if not args.url else args.url,
         "server": "kascade, " + " ".join([*SERVER_FLAGS, "--kascade-profile", names[0],
