@@ -191,3 +191,82 @@ def test_layer0_dense_output_and_selection_in_one_pass(dtype):
     b_sz, kmax = len(case[0]), buf.kmax
     valid = (torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None])
     assert_valid_topk(buf.sel_pos[:b_sz], valid.expand(b_sz, case[2], kmax), batch, scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_step_replays_under_a_cuda_graph_with_new_lengths():
+    """Capture layer 0 + anchor + reuse once; change q, seq_lens, topk and req_to_token in place
+    (static buffers, as a serving step would) and replay: outputs follow the new inputs."""
+    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
+    from sglang_kascade.kernels.decode_dense_triton import decode_dense_select
+    from sglang_kascade.kernels.decode_plan import DecodeBuffers
+    from sglang_kascade.kernels.decode_select_triton import decode_select
+    from sglang_kascade.kernels.decode_torch import decode_sparse_attention_torch
+
+    hkv, g, d = 2, 4, 128
+    first = make_decode_batch([900, 300], [90, 30], hkv, g, d, torch.bfloat16, 16, DEVICE, 1)
+    second = make_decode_batch([1200, 64], [120, 64], hkv, g, d, torch.bfloat16, 16, DEVICE, 2)
+    pool_slots = max(first.k_pool.shape[0], second.k_pool.shape[0])
+    static = {}
+    for name in ("q", "req_idx", "seq_lens", "topk"):
+        static[name] = getattr(first, name).clone()
+    k_pool = torch.zeros(pool_slots, hkv, d, dtype=torch.bfloat16, device=DEVICE)
+    v_pool = torch.zeros_like(k_pool)
+    r2t = torch.zeros(4, 1300, dtype=torch.int32, device=DEVICE)
+
+    def load(batch):
+        for name, t in static.items():
+            t.copy_(getattr(batch, name))
+        k_pool[:batch.k_pool.shape[0]].copy_(batch.k_pool)
+        v_pool[:batch.v_pool.shape[0]].copy_(batch.v_pool)
+        r2t.zero_()
+        r2t[:batch.req_to_token.shape[0], :batch.req_to_token.shape[1]].copy_(
+            batch.req_to_token.clamp(min=0))
+
+    scale = d ** -0.5
+    buf = DecodeBuffers(batch=2, q_heads=hkv * g, kv_heads=hkv, head_dim=d, lmax=1300,
+                        kmax=128, device=torch.device(DEVICE))
+    head_map = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    ident = torch.arange(hkv, dtype=torch.int32, device=DEVICE)
+    outs = [torch.empty_like(static["q"]) for _ in range(3)]
+    a = static
+
+    def step():
+        decode_dense_select(a["q"], k_pool, v_pool, r2t, a["req_idx"], a["seq_lens"], a["topk"],
+                            scale, buf, outs[0])
+        decode_select(a["q"], k_pool, r2t, a["req_idx"], a["seq_lens"], a["topk"], scale, buf)
+        decode_sparse_attention(a["q"], k_pool, v_pool, buf.sel_slot, a["topk"], ident, scale,
+                                buf, outs[1], sel_pos=buf.sel_pos, logits=buf.logits)
+        decode_sparse_attention(a["q"], k_pool, v_pool, buf.sel_slot, a["topk"], head_map, scale,
+                                buf, outs[2])
+
+    load(first)
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for batch in (second, first):
+        load(batch)
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        b_sz, kmax = 2, buf.kmax
+        valid = (torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None])
+        valid = valid.expand(b_sz, hkv, kmax)
+        pos = buf.sel_pos[:b_sz]
+        assert_valid_topk(pos, valid, batch, scale)
+        for o, hm in ((outs[1], None), (outs[2], head_map)):
+            want = decode_sparse_attention_torch(batch.q, batch.k_pool, batch.v_pool,
+                                                 batch.req_to_token, batch.req_idx, pos.long(),
+                                                 valid, scale, hm)
+            assert rel_err(o, want) < REL[torch.bfloat16]
+        import reference as ref
+
+        from decode_checks import request_kv
+        for b in range(b_sz):
+            k, v = request_kv(batch, b)
+            n = int(batch.seq_lens[b])
+            dense = ref.dense_attention(batch.q[b:b + 1].cpu(), k, v, [n - 1], scale)
+            assert rel_err(outs[0][b:b + 1].cpu(), dense) < REL[torch.bfloat16]
