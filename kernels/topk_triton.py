@@ -123,6 +123,7 @@ def topk_select(
     pos: torch.Tensor,  # [B, Hkv, kmax] int32 out: positions, entries [0, topk[b]) valid
     slot: torch.Tensor,  # [B, Hkv, kmax] int32 out: pool slots of those positions
     lscan: int,  # host bound on seq_lens (grid size)
+    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps (tuning)
 ) -> None:
     b_sz, hkv, _ = scores.shape
     rows = b_sz * hkv
@@ -130,15 +131,15 @@ def topk_select(
     n_rows = hist.shape[1]
     hist.zero_()
     ctr.zero_()
-    grid = (triton.cdiv(lscan, TOPK_CHUNK), rows)
+    cfg = dict(CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4)
+    cfg.update(launch or {})
+    grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
     for p in range(NPASS):
         _hist_kernel[grid](
             scores, seq_lens, topk, hist, n_rows, hkv, scores.stride(1),
-            PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
-            CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4,
+            PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p], **cfg,
         )
     _compact_kernel[grid](
         scores, seq_lens, topk, hist, ctr, req_to_token, req_idx, pos, slot,
-        n_rows, hkv, scores.stride(1), pos.stride(1), req_to_token.stride(0),
-        CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4,
+        n_rows, hkv, scores.stride(1), pos.stride(1), req_to_token.stride(0), **cfg,
     )

@@ -1,0 +1,72 @@
+"""Launch-parameter sweep of the radix Top-k and the prefill attention (our kernels only; no
+FlashInfer), one run, median of triton.testing.do_bench. Prints one line per configuration.
+
+Usage (GPU host): python3 -P bench/tune_kernels.py > $OUT/tune.log
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+
+from sglang_kascade.kernels.prefill_attention_triton import prefill_sparse_attention
+from sglang_kascade.kernels.prefill_plan import plan_prefill_tiles
+from sglang_kascade.kernels.topk_triton import topk_select
+
+
+def tune_topk(batch, L, hkv=8, frac=0.1):
+    dev = torch.device("cuda")
+    scores = torch.rand(batch, hkv, L, device=dev) ** 8  # skewed, like probabilities
+    seq = torch.full((batch,), L, dtype=torch.int32, device=dev)
+    k = int(frac * L)
+    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
+    r2t = torch.arange(batch * L, dtype=torch.int32, device=dev).view(batch, L)
+    req = torch.arange(batch, dtype=torch.int32, device=dev)
+    hist = torch.empty(4, batch * hkv, 256, dtype=torch.int32, device=dev)
+    ctr = torch.empty(batch * hkv, 2, dtype=torch.int32, device=dev)
+    pos = torch.empty(batch, hkv, k, dtype=torch.int32, device=dev)
+    slot = torch.empty_like(pos)
+    for chunk, block, warps in itertools.product((2048, 4096, 8192, 16384), (1024, 2048),
+                                                 (4, 8)):
+        if block > chunk:
+            continue
+        cfg = dict(CHUNK=chunk, BLOCK=block, num_warps=warps)
+        t = triton.testing.do_bench(
+            lambda: topk_select(scores, seq, topk, r2t, req, hist, ctr, pos, slot, L, cfg),
+            warmup=20, rep=100, return_mode="median")
+        print(f"topk B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
+
+
+def tune_prefill(L, hkv=8, g=4, d=128, frac=0.1, k_min=128):
+    dev = torch.device("cuda")
+    q = torch.randn(L, hkv * g, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(L, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    r2t = torch.arange(L, dtype=torch.int32, device=dev)[None]
+    req = torch.zeros(1, dtype=torch.int32, device=dev)
+    tiles = plan_prefill_tiles([0], [L], 32, dev)
+    s = tiles.tile_start.long()
+    k_t = torch.minimum(s, torch.clamp((s * frac).ceil().long(), min=k_min))
+    kmax = int(k_t.max())
+    sel = (torch.rand(tiles.num_tiles, hkv, kmax, device=dev) * s.clamp(min=1)[:, None, None]
+           ).to(torch.int32)
+    hm = torch.arange(hkv, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3)):
+        cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        try:
+            t = triton.testing.do_bench(
+                lambda: prefill_sparse_attention(q, k, v, r2t, req, tiles, 32, sel,
+                                                 k_t.to(torch.int32), hm, d ** -0.5, out, cfg),
+                warmup=20, rep=100, return_mode="median")
+            print(f"prefill L={L} {cfg} {t:.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 (out of shared memory / registers)
+            print(f"prefill L={L} {cfg} failed: {type(e).__name__}", flush=True)
+
+
+if __name__ == "__main__":
+    tune_topk(16, 131072)
+    tune_topk(1, 131072)
+    tune_prefill(32768)
