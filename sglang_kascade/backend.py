@@ -23,6 +23,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import sglang_adapter as sa
 from .backend_stats import BackendStats
+from .device_path import DevicePath
 from .config import BudgetConfig, KascadeOptions, PolicyConfig
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
@@ -75,6 +76,8 @@ class KascadeAttnBackend(AttentionBackend):
         self.options = options  # flags / env: laid over every profile, also a hot-swapped one
         self.control = control  # control.SchedulerChannel of the admin sidecar, or None
         self.stats = BackendStats()
+        self.device_path = DevicePath(device)  # batched Triton decode (CUDA); see device_path.py
+        self.device_fwd = None  # its plan of this forward, or None: the PyTorch path
         self.set_profile(profile, budget, policy)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
@@ -94,19 +97,26 @@ class KascadeAttnBackend(AttentionBackend):
                         for i, role in enumerate(self.roles)]
         self.head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
                           for r in profile.head_map]
+        self.device_path.set_profile(profile, self.roles, self.selects)
 
     # ---- per forward (host planning) ----------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch):
         self._at_batch_boundary()
         self.dense.init_forward_metadata(forward_batch)
+        self.device_fwd = None
         if forward_batch.forward_mode.is_idle():
             self.plan = None
             return
         pools, prefix, extend, seq = sa.batch_view(forward_batch)
         is_decode = forward_batch.forward_mode.is_decode()
-        self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
-                                 seq, is_decode, self.budget)
+        if self.device_path.applies(is_decode, self.policy, self.budget):
+            self.device_fwd = self.device_path.plan(pools, seq, self.budget)
+            self.plan = None  # planned on first use by a layer the device path does not take
+            self._plan_args = (pools, prefix, extend, seq, is_decode)
+        else:
+            self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
+                                     seq, is_decode, self.budget)
         self._count(is_decode, seq)
 
     def _at_batch_boundary(self) -> None:
@@ -169,6 +179,16 @@ class KascadeAttnBackend(AttentionBackend):
         q3 = q.reshape(-1, hq, d)
         k_buf = self.token_to_kv_pool.get_key_buffer(layer_id)  # [slots, Hkv, D]
         v_buf = self.token_to_kv_pool.get_value_buffer(layer_id)
+        if self.device_fwd is not None and self.device_path.layer_supported(
+                q3, k_buf, v_buf, hq, d, layer.v_head_dim):
+            out = self.device_path.forward(self.device_fwd, role, layer_id, q3, k_buf, v_buf,
+                                           self.req_to_token_pool.req_to_token, layer.scaling)
+            if out is None:  # every request dense, or nothing selected to reuse: as below
+                return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
+            return out.reshape(q3.shape[0], hq * layer.v_head_dim)
+        if self.plan is None:  # the device path planned this forward but not for this layer
+            self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args[:4],
+                                     self._plan_args[4], self.budget)
         plan = self.plan
         select = SELECTORS[self.policy.name]
         sels, keys = [], {}  # keys: request -> [S, Hkv, D] gathered once, for select + attend

@@ -1,0 +1,157 @@
+"""Batched GPU decode path of KascadeAttnBackend: the Triton decode kernels, no per-request loop.
+
+Used for a decode forward on a CUDA device under a token-granularity, per-KV-head Top-k policy
+(``kascade``, ``kascade_identity``, ``oracle``); every other case keeps the PyTorch path of
+backend.py. Semantics are the PyTorch path's: the decode query is one tile whose candidates are
+all ``seq_len`` keys, ``k = budget.k_for(seq_len)`` (``k == seq_len``: dense, here "select every
+key"), and reuse layer KV head h reads the latest anchor's head ``head_map[layer][h]``.
+
+Per forward (``plan``, from init_forward_metadata): lengths and budgets of the batch as device
+int32 tensors, the request-pool rows, and whether any request is sparse (host arithmetic only).
+Per layer (``forward``):
+  * dense_anchor that selects: ``decode_dense_select`` (dense output and the selection from one
+    pass over K and V: measured 3547 vs 4848 us for FlashInfer + a selection pass at B=16, 128K,
+    docs/results/kernels-h100.md); one that does not select: SGLang's dense backend;
+  * anchor: ``decode_select`` then the sparse attention over stored logits + selected V;
+  * reuse: the sparse attention over the latest anchor's ``sel_slot`` through the layer's head map.
+The latest selection lives in ``DecodeBuffers.sel_pos / sel_slot`` (overwritten by each selecting
+layer, as ``plan.selections`` is on the PyTorch path). Buffers are allocated once and grown (to a
+power of two) when a batch, context or budget exceeds them.
+
+When every request of the batch is dense (short contexts, fraction 1.0) the whole forward goes to
+SGLang's dense backend, as on the PyTorch path. Triton is imported only on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("kascade", "kascade_identity", "oracle")  # token-granularity per-KV-head pooled Top-k
+
+
+def _pow2(n: int, floor: int) -> int:
+    return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclass
+class DeviceForward:
+    """Host planning of one decode forward for the kernels."""
+
+    req_idx: torch.Tensor  # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int32
+    topk: torch.Tensor  # [B] int32 budgets, 1 <= topk <= seq_lens
+    batch: int
+    lmax: int  # longest context of the batch
+    kmax: int  # largest budget of the batch
+    all_dense: bool  # every request selects all its keys
+    has_selection: bool = False  # a layer of this forward selected (buf.sel_* are current)
+
+
+class DevicePath:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.enabled = True  # False: the backend keeps the PyTorch path (tests compare both)
+        self.buffers = None  # kernels.decode_plan.DecodeBuffers, grown when needed
+        self.head_maps: list = []  # per layer [Hkv] int32 on the device
+        self.selects: list = []
+        self.roles: list = []
+
+    # ---- profile (set_profile / hot swap) --------------------------------------------------------
+
+    def set_profile(self, profile, roles, selects) -> None:
+        self.roles = list(roles)
+        self.selects = list(selects)
+        if self.device.type == "cuda":
+            self.head_maps = [torch.tensor(r, dtype=torch.int32, device=self.device)
+                              for r in profile.head_map]
+        else:
+            self.head_maps = []
+
+    # ---- per forward -----------------------------------------------------------------------------
+
+    def applies(self, is_decode: bool, policy, budget) -> bool:
+        return (self.enabled and is_decode and self.device.type == "cuda"
+                and policy.name in POLICIES and budget.granularity == "token")
+
+    def plan(self, pools, seq_lens, budget) -> DeviceForward:
+        ks = [budget.k_for(s) for s in seq_lens]
+        dev = self.device
+        return DeviceForward(
+            req_idx=torch.tensor(pools, dtype=torch.int64).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            topk=torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
+            batch=len(seq_lens), lmax=max(seq_lens), kmax=max(ks),
+            all_dense=all(k >= s for k, s in zip(ks, seq_lens)))
+
+    def _buffers(self, fwd: DeviceForward, hq: int, hkv: int, d: int):
+        from .kernels.decode_plan import DecodeBuffers
+
+        buf = self.buffers
+        if (buf is None or buf.q_heads != hq or buf.kv_heads != hkv or buf.head_dim != d
+                or buf.batch < fwd.batch or buf.lmax < fwd.lmax or buf.kmax < fwd.kmax):
+            old = (0, 0, 0) if buf is None else (buf.batch, buf.lmax, buf.kmax)
+            batch = _pow2(max(fwd.batch, old[0]), 8)
+            lmax = _pow2(max(fwd.lmax, old[1]), 1024)
+            kmax = min(_pow2(max(fwd.kmax, old[2]), 256), lmax)
+            self.buffers = None  # free the old buffers first
+            buf = self.buffers = DecodeBuffers(batch, hq, hkv, d, lmax, kmax, self.device)
+        return buf
+
+    # ---- per layer -------------------------------------------------------------------------------
+
+    @staticmethod
+    def layer_supported(q, k_buf, v_buf, hq: int, d: int, dv: int) -> bool:
+        hkv = k_buf.shape[1]
+        return (q.is_cuda and d == dv and d >= 16 and (d & (d - 1)) == 0 and hq % hkv == 0
+                and k_buf.dtype == q.dtype and v_buf.dtype == q.dtype
+                and q.dtype in (torch.float16, torch.bfloat16)
+                and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1)
+
+    def forward(self, fwd: DeviceForward, role: str, layer_id: int, q3, k_buf, v_buf,
+                req_to_token, scale: float):
+        """Output [B, Hq, Dv] of one layer, or None: run SGLang's dense backend instead."""
+        if fwd.all_dense or (role == "dense_anchor" and not self.selects[layer_id]) or (
+                role == "reuse" and not fwd.has_selection):
+            return None  # caller runs the dense backend
+        from .kernels.decode_attention_triton import decode_sparse_attention
+        from .kernels.decode_dense_triton import decode_dense_select
+        from .kernels.decode_select_triton import decode_select
+
+        b, hq, d = q3.shape
+        hkv = k_buf.shape[1]
+        buf = self._buffers(fwd, hq, hkv, d)
+        if q3.stride(-1) != 1:
+            q3 = q3.contiguous()
+        out = q3.new_empty(b, hq, v_buf.shape[-1])
+        if role == "dense_anchor":
+            decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
+                                fwd.topk, scale, buf, out, lscan=fwd.lmax)
+            fwd.has_selection = True
+            return out
+        if role == "anchor":
+            decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale,
+                          buf, lscan=fwd.lmax)
+            fwd.has_selection = True
+            ident = self._identity(hkv)
+            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk, ident,
+                                           scale, buf, out, sel_pos=buf.sel_pos,
+                                           logits=buf.logits)
+        if role == "reuse":
+            if not fwd.has_selection:  # its anchor ran dense (a fallback layer): as the torch path
+                return None
+            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
+                                           self.head_maps[layer_id], scale, buf, out)
+        raise ValueError(f"role {role!r} has no device path")
+
+    def _identity(self, hkv: int) -> torch.Tensor:
+        ident = getattr(self, "_ident", None)
+        if ident is None or ident.numel() != hkv:
+            ident = self._ident = torch.arange(hkv, dtype=torch.int32, device=self.device)
+        return ident
+
+    def selection(self, fwd: DeviceForward, r: int):
+        """(pos [Hkv, k] int64, k) of request r's latest selection (tests; reads the device)."""
+        k = int(fwd.topk[r])
+        return self.buffers.sel_pos[r, :, :k].long(), k
