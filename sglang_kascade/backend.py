@@ -185,6 +185,11 @@ class KascadeAttnBackend(AttentionBackend):
                                            self.req_to_token_pool.req_to_token, layer.scaling)
             if out is None:  # every request dense, or nothing selected to reuse: as below
                 return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
+            if self.device_fwd.layers_run == 1:  # first kernel layer of this forward
+                self.stats.device_forwards += 1
+                if self.stats.device_forwards == 1:
+                    logger.info("kascade: device decode path active (Triton kernels, batch %d)",
+                                self.device_fwd.batch)
             return out.reshape(q3.shape[0], hq * layer.v_head_dim)
         if self.plan is None:  # the device path planned this forward but not for this layer
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args[:4],

@@ -20,6 +20,7 @@ class BackendStats:
     sparse_forwards: int = 0  # forward passes where at least one request attended sparsely
     dense_fallback_forwards: int = 0  # every request short enough that k >= visible keys: dense
     swaps_applied: int = 0
+    device_forwards: int = 0  # decode forwards where a layer ran on the device (Triton) path
     selection_buckets: list = field(default_factory=lambda: [0] * (len(SELECTION_BUCKETS) + 1))
     selection_sum: int = 0
     selection_count: int = 0
@@ -44,6 +45,7 @@ class BackendStats:
             "sparse_forwards": self.sparse_forwards,
             "dense_fallback_forwards": self.dense_fallback_forwards,
             "swaps_applied": self.swaps_applied,
+            "device_forwards": self.device_forwards,
             "selection": {
                 "buckets": list(SELECTION_BUCKETS),
                 "counts": list(self.selection_buckets),

@@ -47,6 +47,7 @@ class DeviceForward:
     kmax: int  # largest budget of the batch
     all_dense: bool  # every request selects all its keys
     has_selection: bool = False  # a layer of this forward selected (buf.sel_* are current)
+    layers_run: int = 0  # layers of this forward the kernels computed
 
 
 class DevicePath:
@@ -57,6 +58,7 @@ class DevicePath:
         self.head_maps: list = []  # per layer [Hkv] int32 on the device
         self.selects: list = []
         self.roles: list = []
+        self.layers_run = 0  # layers computed by the kernels, all forwards (tests, logging)
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -122,6 +124,8 @@ class DevicePath:
         b, hq, d = q3.shape
         hkv = k_buf.shape[1]
         buf = self._buffers(fwd, hq, hkv, d)
+        fwd.layers_run += 1
+        self.layers_run += 1
         if q3.stride(-1) != 1:
             q3 = q3.contiguous()
         out = q3.new_empty(b, hq, v_buf.shape[-1])

@@ -2,6 +2,7 @@
 
 Random weights (`--load-format dummy`) on a 6-layer Llama-3.1-shaped model (head dim 128, GQA 4):
 checks plumbing on the GPU stack (FlashInfer dense delegation, SGLang 0.5.17 hooks), not quality.
+The sparse server must log that its decode forwards ran on the device path (Triton kernels).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server_utils import generate, running_server
+from server_utils import STARTUP_TIMEOUT_S, generate, running_server
+from sglang_kascade.eval import launch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.server,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,6 +34,10 @@ def test_fraction_one_matches_flashinfer_and_sparse_serves():
     with running_server("flashinfer", COMMON + ["--disable-cuda-graph"], MODEL, "cuda") as url:
         flashinfer = [generate(url, input_ids=p, max_new_tokens=16)["output_ids"] for p in ps]
     assert dense_path == flashinfer
-    with running_server("kascade", COMMON + ["--kascade-k-min", "32"], MODEL, "cuda") as url:
-        sparse = [generate(url, input_ids=p, max_new_tokens=16) for p in ps]
+    with launch.running_server("kascade", COMMON + ["--kascade-k-min", "32"], MODEL, "cuda",
+                               startup_timeout_s=STARTUP_TIMEOUT_S) as server:
+        sparse = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps]
+        log = server.log.read_text(errors="replace")
     assert all(len(o["output_ids"]) == 16 for o in sparse)
+    # the sparse decode steps ran on the batched Triton path (device_path.py), not the torch loop
+    assert "kascade: device decode path active" in log, log[-3000:]

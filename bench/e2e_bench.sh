@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# End-to-end batch-1 latency, kascade vs flashinfer: SGLang's bench_one_batch on the
+# Llama-3.1-8B architecture with random weights (--load-format dummy), bf16.
+# On a GPU host prepared with ../shared/gpu-stack (PYTHONPATH=/tmp/site).
+# Usage: bench/e2e_bench.sh OUT_DIR "LENS" "BACKENDS"   e.g. $OUT "4096 32768" "flashinfer kascade"
+# Backend names: flashinfer (decode CUDA graphs on, SGLang's default), flashinfer-nograph
+# (--disable-cuda-graph: the kascade plugin turns graphs off, so this is its like-for-like
+# baseline), kascade (default derived profile: layer 0 dense, topk 0.10, k_min 128).
+# Appends one JSON line per run to OUT_DIR/e2e.jsonl (bench_one_batch's result file) and keeps
+# each run's log as OUT_DIR/<backend>-<len>.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?out dir}; lens=${2:-"4096 32768"}; backends=${3:-"flashinfer flashinfer-nograph kascade"}
+outlen=${OUTPUT_LEN:-32}
+mkdir -p "$out"
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target /tmp/site . >/dev/null
+model=bench/assets/llama-3.1-8b-config
+for len in $lens; do
+  for b in $backends; do
+    extra=()
+    case $b in
+      flashinfer) attn=flashinfer ;;
+      flashinfer-nograph) attn=flashinfer; extra+=(--disable-cuda-graph) ;;
+      kascade) attn=kascade ;;
+    esac
+    if [ "$len" -ge 65536 ]; then
+      extra+=(--mem-fraction-static 0.55 --cuda-graph-backend-prefill=disabled)
+    fi
+    cmd=(python3 -P bench/one_batch.py --model-path "$model" --load-format dummy --dtype bfloat16
+         --batch-size 1 --input-len "$len" --output-len "$outlen" --attention-backend "$attn"
+         --run-name "$b" --result-filename "$out/e2e.jsonl" "${extra[@]}")
+    echo "== $b L=$len: ${cmd[*]}" | tee -a "$out/commands.txt"
+    start=$(date +%s)
+    "${cmd[@]}" >"$out/$b-$len.log" 2>&1
+    echo "rc=$? wall=$(( $(date +%s) - start ))s" | tee -a "$out/commands.txt"
+    grep -E "^(Prefill|Decode\.|Total)" "$out/$b-$len.log" | tail -3
+  done
+done
