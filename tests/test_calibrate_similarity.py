@@ -226,3 +226,41 @@ def test_importance_is_averaged_over_tokens_and_samples():
     col.on_importance(0, x, torch.zeros_like(x))  # 0
     col.on_importance(0, torch.cat([x, x], 1), torch.cat([-2 * x, -2 * x], 1))  # 2, 2
     assert col.importance()[0].item() == pytest.approx(4.0 / 3)
+
+
+# ------------------------------------------------------------------------------------------
+# --score-tiles last:N: only the last N tiles count, and earlier blocks are skipped
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block_bytes", [1 << 30, 4096])
+def test_score_last_tiles_equals_masking_earlier_tiles(block_bytes):
+    g = torch.Generator().manual_seed(11)
+    Lx, Hkv, G, Dh, n_layers, last = 200, 3, 2, 16, 3, 2
+    budget = BudgetConfig(topk_fraction=0.1, k_min=8, tile_size=16)
+    qs = [torch.randn(1, Hkv * G, Lx, Dh, generator=g) * 2 for _ in range(n_layers)]
+    ks = [torch.randn(1, Hkv, Lx, Dh, generator=g) * 2 for _ in range(n_layers)]
+
+    def run(score_last, mask_by_hand):
+        col = StatsCollector(n_layers, Hkv * G, Hkv, budget, block_bytes=block_bytes,
+                             score_last_tiles=score_last)
+        col.begin_sample(Lx)
+        if mask_by_hand:  # reference: every block computed, earlier tiles just not counted
+            col._sparse[: col._tiles.num_tiles - last] = False
+        for i in range(n_layers):
+            col.on_attention(i, qs[i], ks[i], 0.25)
+        col.end_sample()
+        return col
+
+    fast, ref, full = run(last, False), run(None, True), run(None, False)
+    assert fast.num_sparse_tiles == last
+    assert torch.allclose(fast.similarity(), ref.similarity(), atol=1e-9, equal_nan=True)
+    assert torch.allclose(fast.topk_recall(), ref.topk_recall(), atol=1e-9)
+    # the full minimum over every sparse tile is lower (more tiles), never higher
+    s_fast, s_full = fast.similarity(), full.similarity()
+    ok = ~torch.isnan(s_full)
+    assert bool((s_full[ok] <= s_fast[ok] + 1e-9).all())
+    assert not torch.allclose(s_full[ok], s_fast[ok])
+
+
+def test_score_last_tiles_must_be_positive():
+    with pytest.raises(ValueError):
+        StatsCollector(1, 1, 1, BudgetConfig(), score_last_tiles=0)

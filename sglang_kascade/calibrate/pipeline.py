@@ -34,10 +34,14 @@ class CalibrationResult:
 
 def collect_statistics(model, fp: ModelFingerprint, windows, budget: BudgetConfig,
                        device="cpu", block_bytes: int = DEFAULT_BLOCK_BYTES,
-                       progress: Optional[Callable] = None) -> StatsCollector:
+                       progress: Optional[Callable] = None,
+                       score_last_tiles: Optional[int] = None,
+                       score_tile_size: Optional[int] = None) -> StatsCollector:
     """Run every window through the model; ``progress(sample_index, layer)`` after each layer."""
     collector = StatsCollector(fp.num_layers, fp.num_q_heads, fp.num_kv_heads, budget,
-                               device=device, block_bytes=block_bytes)
+                               device=device, block_bytes=block_bytes,
+                               score_last_tiles=score_last_tiles,
+                               score_tile_size=score_tile_size)
     with collecting(model, collector):
         for s, ids in enumerate(windows):
             if progress is not None:

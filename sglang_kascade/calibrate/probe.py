@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default="passkey,single_needle")
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("-n", type=int, default=2, help="prompts per task (default 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="task seed (default 0, the evaluation's own prompts; another seed "
+                        "draws prompts the evaluation does not use)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -135,13 +138,14 @@ def main(argv=None) -> int:
     prompts = []
     for task in args.tasks.split(","):
         for i in range(args.n):
-            s = make_sample(tokens, task, args.length, i, 0, True)
+            s = make_sample(tokens, task, args.length, i, args.seed, True)
             prompts.append((s.input_ids, tokens.encode(" " + s.answers[0])))
     for spec in args.config:
         use_profile(config_profile(spec, shipped), budget)
         t0 = time.time()
         res = [answer_logprob(model, ids, ans) for ids, ans in prompts]
         print(json.dumps({"config": spec, "topk": args.topk, "length": args.length,
+                          "seed": args.seed,
                           "mean_logprob": round(sum(r[0] for r in res) / len(res), 3),
                           "exact": sum(r[1] for r in res), "n": len(res),
                           "per_prompt": [round(r[0], 2) for r in res],

@@ -103,8 +103,19 @@ class StatsCollector:
     """Receives each layer's q/k (and residual/attention output) for one sample at a time."""
 
     def __init__(self, num_layers: int, num_q_heads: int, num_kv_heads: int,
-                 budget: BudgetConfig, device="cpu", block_bytes: int = DEFAULT_BLOCK_BYTES):
+                 budget: BudgetConfig, device="cpu", block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 score_last_tiles: Optional[int] = None, score_tile_size: Optional[int] = None):
+        """``score_last_tiles``: None scores every sparse tile; N scores only the sample's last N
+        tiles (the question and answer of a retrieval window); the others are not computed.
+        ``score_tile_size``: the query tile of the statistics if not ``budget.tile_size`` (1 =
+        one query per tile, as a decode step selects); the budget rule is unchanged."""
         self.num_layers, self.num_q_heads, self.num_kv_heads = num_layers, num_q_heads, num_kv_heads
+        if score_last_tiles is not None and score_last_tiles < 1:
+            raise ValueError(f"score_last_tiles={score_last_tiles}: must be >= 1")
+        self.score_last_tiles = score_last_tiles
+        if score_tile_size is not None and score_tile_size < 1:
+            raise ValueError(f"score_tile_size={score_tile_size}: must be >= 1")
+        self.tile_size = budget.tile_size if score_tile_size is None else score_tile_size
         self.budget = budget
         self.device = torch.device(device)
         self.block_bytes = block_bytes
@@ -121,15 +132,19 @@ class StatsCollector:
         self.on_layer_done: Optional[Callable[[int], None]] = None
 
     def begin_sample(self, length: int) -> None:
-        tiles = extend_tiles(0, length, self.budget.tile_size, self.budget.k_for, self.device)
+        tiles = extend_tiles(0, length, self.tile_size, self.budget.k_for, self.device)
         self._tiles = tiles
         self._length = length
         self._k_units, self._page, kmax = selection_units(self.budget, tiles)
         self._sparse = tiles.tile_k < tiles.tile_start
+        self._first_scored = 0
+        if self.score_last_tiles is not None:
+            self._first_scored = max(0, tiles.num_tiles - self.score_last_tiles)
+            self._sparse[: self._first_scored] = False
         self.sim.begin_sample(tiles.num_tiles, kmax, sentinel=length)
         self._layers_seen = []
         self.num_tiles += tiles.num_tiles
-        self.num_sparse_tiles += int(self._sparse.sum())
+        self.num_sparse_tiles += int(self._sparse.sum())  # the tiles that are scored
 
     def end_sample(self) -> None:
         if self._layers_seen != list(range(self.num_layers)):
@@ -152,6 +167,9 @@ class StatsCollector:
         k = key[0].transpose(0, 1).to(self.device)  # [L, Hkv, D]
         for a, b in tile_blocks(tiles, row_bytes=8 * self.num_q_heads,
                                 block_bytes=self.block_bytes):
+            if b <= self._first_scored:
+                continue  # no scored tile: neither its selection nor its mass is ever read
+            a = max(a, self._first_scored)
             pooled = pooled_tile_probs(q, k, tiles, a, b, scale)  # [Hkv, nb, Lb]
             starts = tiles.tile_start[a:b]
             idx = block_selection(pooled, starts, self._k_units[a:b], self._page, length)
