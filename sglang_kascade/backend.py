@@ -17,6 +17,7 @@ backend is shared, so policies are compared at equal budget on the same code.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -78,6 +79,11 @@ class KascadeAttnBackend(AttentionBackend):
         self.stats = BackendStats()
         self.device_path = DevicePath(device)  # batched Triton decode (CUDA); see device_path.py
         self.device_fwd = None  # its plan of this forward, or None: the PyTorch path
+        # SGLANG_KASCADE_DENSE_PREFILL=1: extend forwards (prefill) run dense through the dense
+        # backend; decode stays sparse. A measurement / operating mode while the prefill anchor
+        # selection is the PyTorch path (docs/results/e2e-h100.md).
+        self.dense_prefill = os.environ.get("SGLANG_KASCADE_DENSE_PREFILL", "0").lower() in (
+            "1", "true", "yes")
         self.set_profile(profile, budget, policy)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
@@ -110,6 +116,11 @@ class KascadeAttnBackend(AttentionBackend):
             return
         pools, prefix, extend, seq = sa.batch_view(forward_batch)
         is_decode = forward_batch.forward_mode.is_decode()
+        if not is_decode and self.dense_prefill:
+            self.plan = None
+            self._plan_args = None
+            self.stats.record_forward(False, [0] * len(seq), [0] * len(seq))
+            return
         if self.device_path.applies(is_decode, self.policy, self.budget):
             self.device_fwd = self.device_path.plan(pools, seq, self.budget)
             self.plan = None  # planned on first use by a layer the device path does not take
@@ -118,6 +129,40 @@ class KascadeAttnBackend(AttentionBackend):
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
                                      seq, is_decode, self.budget)
         self._count(is_decode, seq)
+
+    # ---- CUDA graphs (decode only; SGLANG_KASCADE_CUDA_GRAPH=1, see sglang_adapter.py) ---------
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+        r2t = self.req_to_token_pool.req_to_token
+        lmax = min(int(r2t.shape[1]), int(getattr(self.token_to_kv_pool, "size", r2t.shape[1])))
+        self.device_path.init_graph_state(max_bs, lmax)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Capture or replay of a decode graph: the dense backend's metadata, and this step's
+        plan copied into the device path's static tensors (the layers' Python runs only at
+        capture). Profile hot-swaps are not applied here: the captured layers keep the roles and
+        head maps they were captured with (a swap takes effect in eager forwards only)."""
+        self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        fb = forward_batch
+        if not fb.forward_mode.is_decode() or self.device_path.graph_state is None or not (
+                self.device_path.applies(True, self.policy, self.budget)):
+            raise RuntimeError("kascade: CUDA graphs only for decode under a token-granularity "
+                               "Top-k policy on CUDA (set SGLANG_KASCADE_CUDA_GRAPH=0)")
+        seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        self.plan = None
+        self._plan_args = None
+        self.device_fwd = self.device_path.plan_graph(fb.req_pool_indices, fb.seq_lens, seq,
+                                                      self.budget)
+        if not in_capture:
+            self._count(True, seq)
+            self.stats.device_forwards += 1
+            if self.stats.device_forwards == 1:
+                logger.info("kascade: device decode path active (Triton kernels in a CUDA "
+                            "graph, batch %d)", len(seq))
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        self.dense.init_forward_metadata_in_graph(forward_batch)
 
     def _at_batch_boundary(self) -> None:
         """Apply a profile the sidecar staged: all layers of this forward pass use it."""
@@ -166,6 +211,8 @@ class KascadeAttnBackend(AttentionBackend):
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
         layer_id = layer.layer_id
         role = self.roles[layer_id]
+        if not decode and self.dense_prefill:
+            return self._dense(q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs)
         why_dense = sa.layer_needs_dense_fallback(layer)
         if why_dense:
             self._warn_fallback(layer_id, why_dense)
@@ -185,7 +232,7 @@ class KascadeAttnBackend(AttentionBackend):
                                            self.req_to_token_pool.req_to_token, layer.scaling)
             if out is None:  # every request dense, or nothing selected to reuse: as below
                 return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
-            if self.device_fwd.layers_run == 1:  # first kernel layer of this forward
+            if self.device_fwd.layers_run == 1 and not self.device_fwd.graph:  # first layer
                 self.stats.device_forwards += 1
                 if self.stats.device_forwards == 1:
                     logger.info("kascade: device decode path active (Triton kernels, batch %d)",

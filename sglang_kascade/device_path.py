@@ -48,6 +48,7 @@ class DeviceForward:
     all_dense: bool  # every request selects all its keys
     has_selection: bool = False  # a layer of this forward selected (buf.sel_* are current)
     layers_run: int = 0  # layers of this forward the kernels computed
+    graph: bool = False  # planned for CUDA-graph capture/replay: static tensors, capacity grids
 
 
 class DevicePath:
@@ -59,6 +60,8 @@ class DevicePath:
         self.selects: list = []
         self.roles: list = []
         self.layers_run = 0  # layers computed by the kernels, all forwards (tests, logging)
+        self.graph_state = None  # static plan tensors + capacity for CUDA graphs, or None
+        self.graph_buffers = None  # DecodeBuffers of the captured graphs (never reallocated)
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -87,9 +90,50 @@ class DevicePath:
             batch=len(seq_lens), lmax=max(seq_lens), kmax=max(ks),
             all_dense=all(k >= s for k, s in zip(ks, seq_lens)))
 
+    # ---- CUDA graphs (decode) --------------------------------------------------------------------
+
+    def init_graph_state(self, max_bs: int, lmax: int) -> None:
+        """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys.
+        Replays copy each step's plan into them (plan_graph); the kernels' grids are sized for
+        the capacity and their loops by the lengths they load, so one capture serves every
+        step. The graph buffers (allocated at the first capture) hold ``kmax`` (the budget at
+        ``lmax``, to a power of two); about 22 MiB per request row at lmax 128K on
+        Llama-3.1-8B shapes (logits 16, pooled 4, Top-k 2), times ``max_bs`` (SGLang's
+        ``--cuda-graph-max-bs-decode``)."""
+        dev = self.device
+        self.graph_state = dict(
+            max_bs=max_bs, lmax=lmax, kmax=0,
+            req_idx=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
+            topk=torch.ones(max_bs, dtype=torch.int32, device=dev))
+
+    def plan_graph(self, req_pool_indices, seq_lens, seq_lens_cpu: list, budget) -> DeviceForward:
+        """Plan of a captured or replayed decode forward: this step's rows copied into the
+        static tensors (outside the graph). Every request goes through the kernels (k == seq_len
+        selects every key: the dense result), since a graph cannot switch paths per step."""
+        g = self.graph_state
+        bs = len(seq_lens_cpu)
+        if not g["kmax"]:
+            g["kmax"] = min(g["lmax"], _pow2(budget.k_for(g["lmax"]), 256))
+        # a later, larger budget (a hot swap, not applied to captured graphs) is clamped
+        ks = [max(1, min(budget.k_for(s), g["kmax"])) for s in seq_lens_cpu]
+        g["req_idx"][:bs].copy_(req_pool_indices, non_blocking=True)
+        g["seq_lens"][:bs].copy_(seq_lens, non_blocking=True)
+        g["topk"][:bs].copy_(torch.tensor(ks, dtype=torch.int32), non_blocking=False)
+        return DeviceForward(req_idx=g["req_idx"][:bs], seq_lens=g["seq_lens"][:bs],
+                             topk=g["topk"][:bs], batch=bs, lmax=g["lmax"], kmax=g["kmax"],
+                             all_dense=False, graph=True)
+
     def _buffers(self, fwd: DeviceForward, hq: int, hkv: int, d: int):
         from .kernels.decode_plan import DecodeBuffers
 
+        if fwd.graph:
+            buf = self.graph_buffers
+            if buf is None:
+                g = self.graph_state
+                buf = self.graph_buffers = DecodeBuffers(g["max_bs"], hq, hkv, d, g["lmax"],
+                                                         g["kmax"], self.device)
+            return buf
         buf = self.buffers
         if (buf is None or buf.q_heads != hq or buf.kv_heads != hkv or buf.head_dim != d
                 or buf.batch < fwd.batch or buf.lmax < fwd.lmax or buf.kmax < fwd.kmax):
@@ -158,4 +202,5 @@ class DevicePath:
     def selection(self, fwd: DeviceForward, r: int):
         """(pos [Hkv, k] int64, k) of request r's latest selection (tests; reads the device)."""
         k = int(fwd.topk[r])
-        return self.buffers.sel_pos[r, :, :k].long(), k
+        buf = self.graph_buffers if fwd.graph else self.buffers
+        return buf.sel_pos[r, :, :k].long(), k

@@ -104,6 +104,23 @@ def _around_support_triton(original, backend, *args, **kwargs):
     return original(backend, *args, **kwargs)
 
 
+def decode_graphs_wanted(server_args) -> bool:
+    """Decode CUDA graphs for kascade: opt-in (SGLANG_KASCADE_CUDA_GRAPH=1) on CUDA only. The
+    device path (device_path.py) is capturable; the PyTorch path (prefill, CPU) is not."""
+    import os
+
+    on = os.environ.get("SGLANG_KASCADE_CUDA_GRAPH", "0").lower() in ("1", "true", "yes")
+    return on and str(getattr(server_args, "device", "cuda") or "cuda").startswith("cuda")
+
+
+def _log_graphs(decode_graphs: bool) -> None:
+    if decode_graphs:
+        logger.warning("kascade: decode CUDA graphs on (SGLANG_KASCADE_CUDA_GRAPH=1: device "
+                       "path); prefill CUDA graphs off (the PyTorch path is not capturable)")
+    else:
+        logger.warning("kascade: CUDA graphs are disabled (the PyTorch path is not capturable)")
+
+
 def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
     # Reason: SGLang turns CUDA graphs off only for torch_native/flex; the PyTorch kascade path
     # syncs with the host (per-request loops), so it cannot be captured yet. 0.5.21 resolves in
@@ -112,8 +129,10 @@ def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
     if resolved_view(server_args).attention_backend == BACKEND_NAME:
-        logger.warning("kascade: CUDA graphs are disabled (the PyTorch path is not capturable)")
-        for phase in (Phase.DECODE, Phase.PREFILL):
+        phases = (Phase.PREFILL,) if decode_graphs_wanted(server_args) else (Phase.DECODE,
+                                                                                Phase.PREFILL)
+        _log_graphs(len(phases) == 1)
+        for phase in phases:
             graphs = resolving_view(server_args).cuda_graph_config
             declare_resolution(server_args, "sglang_kascade",
                                cuda_graph_config=with_phase(graphs, phase, backend=Backend.DISABLED))
@@ -126,8 +145,10 @@ def _cuda_graphs_off_server_args_method(result, self, *args, **kwargs):
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
     if resolved_view(self).attention_backend == BACKEND_NAME:
-        logger.warning("kascade: CUDA graphs are disabled (the PyTorch path is not capturable)")
-        self.cuda_graph_config.decode.backend = Backend.DISABLED
+        decode_graphs = decode_graphs_wanted(self)
+        _log_graphs(decode_graphs)
+        if not decode_graphs:
+            self.cuda_graph_config.decode.backend = Backend.DISABLED
         self.cuda_graph_config.prefill.backend = Backend.DISABLED
     return result
 

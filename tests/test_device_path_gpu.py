@@ -417,3 +417,135 @@ def test_device_path_not_planned_for_other_policies():
     for policy in ("quest", "streaming"):
         res = run(setup, (case[0], policy) + case[2:], True)
         assert res.backend.device_path.layers_run == 0
+
+
+# ---- CUDA graphs ---------------------------------------------------------------------------------
+
+
+class GraphDense(DenseBackend):
+    """The fake dense backend with SGLang's graph hooks, capturable: fixed shapes (every column
+    of req_to_token, masked by the device seq_lens), no host reads."""
+
+    def forward_decode(self, q, k, v, layer, fb, save_kv_cache=True, **kw):
+        self.calls.append(layer.layer_id)
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        q3 = q.reshape(-1, hq, d).float()
+        kb, vb = self.kv.get_key_buffer(layer.layer_id), self.kv.get_value_buffer(layer.layer_id)
+        slots = self.r2t.req_to_token[fb.req_pool_indices].long().clamp(min=0)  # [B, C]
+        g = hq // kb.shape[1]
+        kk = kb[slots].float().repeat_interleave(g, 2)  # [B, C, Hq, D]
+        vv = vb[slots].float().repeat_interleave(g, 2)
+        logits = torch.einsum("bhd,bchd->bhc", q3, kk) * layer.scaling
+        pos = torch.arange(slots.shape[1], device=q.device)
+        logits = logits.masked_fill(pos[None, None, :] >= fb.seq_lens[:, None, None],
+                                    float("-inf"))
+        out = torch.einsum("bhc,bchd->bhd", logits.softmax(-1), vv).to(q.dtype)
+        return out.reshape(q3.shape[0], -1)
+
+    def init_cuda_graph_state(self, max_bs, max_num_tokens):
+        pass
+
+    def init_forward_metadata_out_graph(self, fb, in_capture=False):
+        pass
+
+    def init_forward_metadata_in_graph(self, fb):
+        pass
+
+
+GRAPH_CASES = [CASES[0], CASES[2], CASES[4]]
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=case_id)
+def test_cuda_graph_replay_equals_eager(case):
+    """One decode forward captured (the backend's capture hooks, as SGLang's decode graph runner
+    calls them), replayed for two steps of different lengths and inputs; each replay equals the
+    eager device path on a twin backend (same pools, same inputs). The second step is shorter
+    than the first, so stale buffer contents past a request's end would show."""
+    setup = build(case)
+    prof, policy, lens, hkv, g, d, page, dtype, *_ = case
+    hq = hkv * g
+    nreq = len(lens)
+    gen = torch.Generator().manual_seed(7)
+    steps = []
+    for seq in ([s for s in lens], [max(1, s - 1) for s in lens]):
+        data = [((torch.randn(nreq, hq, d, generator=gen) * 3).to(dtype),
+                 torch.randn(nreq, hkv, d, generator=gen).to(dtype),
+                 torch.randn(nreq, hkv, d, generator=gen).to(dtype)) for _ in range(NUM_LAYERS)]
+        steps.append((seq, data))
+
+    def backend_for(dense_cls):
+        r2t = setup.r2t.to(DEV)
+        kv = KVPool([t.to(DEV) for t in setup.k], [t.to(DEV) for t in setup.v])
+        dense = dense_cls(ReqPool(r2t), kv)
+        be = KascadeAttnBackend(dense, ReqPool(r2t), kv, setup.profile, setup.profile.budget,
+                                torch.device(DEV), policy=PolicyConfig(name=policy))
+        return be
+
+    def batch(seq):
+        return Batch(req_pool_indices=torch.tensor(setup.rows, device=DEV),
+                     seq_lens=torch.tensor(seq, device=DEV), seq_lens_cpu=torch.tensor(seq),
+                     out_cache_loc=torch.stack([setup.slots[r][s - 1] for r, s in
+                                                enumerate(seq)]).to(DEV))
+
+    layers = [Layer(i, hq, hkv, hkv, d, d, d ** -0.5) for i in range(NUM_LAYERS)]
+    # eager twin
+    eager = backend_for(DenseBackend)
+    want = []
+    for seq, data in steps:
+        fb = batch(seq)
+        eager.init_forward_metadata(fb)
+        outs = [eager.forward(data[l][0].to(DEV).reshape(nreq, -1), data[l][1].to(DEV),
+                              data[l][2].to(DEV), layers[l], fb) for l in range(NUM_LAYERS)]
+        want.append([o.float().cpu() for o in outs])
+    # graph: static inputs, capture with the first step's batch, replay both steps
+    be = backend_for(GraphDense)
+    be.init_cuda_graph_state(nreq, 0)
+    static_q = [torch.zeros(nreq, hq * d, dtype=dtype, device=DEV) for _ in layers]
+    static_k = [torch.zeros(nreq, hkv, d, dtype=dtype, device=DEV) for _ in layers]
+    static_v = [torch.zeros(nreq, hkv, d, dtype=dtype, device=DEV) for _ in layers]
+    fb = batch(steps[0][0])
+    static_loc = fb.out_cache_loc.clone()
+    static_pool = fb.req_pool_indices.clone()
+    static_seq = fb.seq_lens.clone()
+
+    def load(seq, data):
+        b = batch(seq)
+        for l in range(NUM_LAYERS):
+            static_q[l].copy_(data[l][0].reshape(nreq, -1))
+            static_k[l].copy_(data[l][1])
+            static_v[l].copy_(data[l][2])
+        static_loc.copy_(b.out_cache_loc)
+        static_pool.copy_(b.req_pool_indices)
+        static_seq.copy_(b.seq_lens)
+        return Batch(req_pool_indices=static_pool, seq_lens=static_seq,
+                     seq_lens_cpu=b.seq_lens_cpu, out_cache_loc=static_loc)
+
+    sfb = load(*steps[0])
+    be.init_forward_metadata_out_graph(sfb, in_capture=True)
+    assert be.device_fwd.graph
+
+    def body():
+        be.init_forward_metadata_in_graph(sfb)
+        return [be.forward(static_q[l], static_k[l], static_v[l], layers[l], sfb)
+                for l in range(NUM_LAYERS)]
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        body()  # warm-up (compiles); writes the same KV the replay writes
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = body()
+    poison(be.device_path.graph_buffers)
+    for (seq, data), ref_outs in zip(steps, want):
+        sfb = load(seq, data)
+        be.init_forward_metadata_out_graph(sfb, in_capture=False)
+        graph.replay()
+        torch.cuda.synchronize()
+        for l in range(NUM_LAYERS):
+            got = outs[l].float().cpu()
+            assert torch.isfinite(got).all(), l
+            err = float((got - ref_outs[l]).norm() / ref_outs[l].norm())
+            assert err < 2 * REL[dtype], (seq, l, err)
+    assert be.stats.device_forwards == len(steps)

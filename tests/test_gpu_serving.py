@@ -41,3 +41,17 @@ def test_fraction_one_matches_flashinfer_and_sparse_serves():
     assert all(len(o["output_ids"]) == 16 for o in sparse)
     # the sparse decode steps ran on the batched Triton path (device_path.py), not the torch loop
     assert "kascade: device decode path active" in log, log[-3000:]
+
+
+def test_sparse_decode_in_cuda_graphs(monkeypatch):
+    """SGLANG_KASCADE_CUDA_GRAPH=1: decode graphs captured with the device path and replayed."""
+    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
+    ps = prompts()
+    with launch.running_server("kascade", COMMON + ["--kascade-k-min", "32",
+                                                    "--cuda-graph-max-bs-decode", "8"], MODEL, "cuda",
+                               startup_timeout_s=STARTUP_TIMEOUT_S) as server:
+        out = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps]
+        log = server.log.read_text(errors="replace")
+    assert all(len(o["output_ids"]) == 16 for o in out)
+    assert "decode CUDA graphs on" in log, log[-3000:]
+    assert "Triton kernels in a CUDA graph" in log, log[-3000:]
