@@ -197,7 +197,7 @@ def decode(length: int, out: dict, prof_dir: Path):
     table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     (prof_dir / f"profile_decode_{length}.txt").write_text(table)
     print(table[:6000], flush=True)
-    del be, g
+    be.device_path.graph_buffers = be.device_path.buffers = None  # free before the next L
     torch.cuda.empty_cache()
 
 

@@ -133,9 +133,9 @@ def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
                                                                                 Phase.PREFILL)
         _log_graphs(len(phases) == 1)
         for phase in phases:
-            graphs = resolving_view(server_args).cuda_graph_config
-            declare_resolution(server_args, "sglang_kascade",
-                               cuda_graph_config=with_phase(graphs, phase, backend=Backend.DISABLED))
+            graphs = with_phase(resolving_view(server_args).cuda_graph_config, phase,
+                                backend=Backend.DISABLED)
+            declare_resolution(server_args, "sglang_kascade", cuda_graph_config=graphs)
     return result
 
 

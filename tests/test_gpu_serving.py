@@ -47,8 +47,8 @@ def test_sparse_decode_in_cuda_graphs(monkeypatch):
     """SGLANG_KASCADE_CUDA_GRAPH=1: decode graphs captured with the device path and replayed."""
     monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
     ps = prompts()
-    with launch.running_server("kascade", COMMON + ["--kascade-k-min", "32",
-                                                    "--cuda-graph-max-bs-decode", "8"], MODEL, "cuda",
+    extra = COMMON + ["--kascade-k-min", "32", "--cuda-graph-max-bs-decode", "8"]
+    with launch.running_server("kascade", extra, MODEL, "cuda",
                                startup_timeout_s=STARTUP_TIMEOUT_S) as server:
         out = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps]
         log = server.log.read_text(errors="replace")

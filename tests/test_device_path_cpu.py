@@ -1,0 +1,84 @@
+"""Host-side pieces of the device decode path that need no GPU: when it applies, the graph plan
+(static tensors, budgets, capacity clamp), and the opt-in switch for decode CUDA graphs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from sglang_kascade.config import BudgetConfig, PolicyConfig
+from sglang_kascade.device_path import DevicePath
+from sglang_kascade.sglang_adapter import decode_graphs_wanted
+
+
+def test_applies_only_to_cuda_decode_token_topk():
+    budget = BudgetConfig()
+    cpu = DevicePath("cpu")
+    assert not cpu.applies(True, PolicyConfig(), budget)
+    cuda = DevicePath("cuda")  # no CUDA needed: applies() only reads the device type
+    assert cuda.applies(True, PolicyConfig(), budget)
+    assert not cuda.applies(False, PolicyConfig(), budget)
+    assert not cuda.applies(True, PolicyConfig(name="quest"), budget)
+    assert not cuda.applies(True, PolicyConfig(), BudgetConfig(granularity="page"))
+    cuda.enabled = False
+    assert not cuda.applies(True, PolicyConfig(), budget)
+
+
+def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
+    dp = DevicePath("cpu")
+    dp.init_graph_state(max_bs=4, lmax=4096)
+    budget = BudgetConfig(topk_fraction=0.1, k_min=16)
+    seq = [100, 5, 4096]
+    fwd = dp.plan_graph(torch.tensor([3, 1, 2]), torch.tensor(seq), seq, budget)
+    g = dp.graph_state
+    assert fwd.graph and not fwd.all_dense and fwd.batch == 3
+    assert fwd.lmax == 4096 and fwd.kmax == g["kmax"] == 512  # k_for(4096) = 410 -> pow2 512
+    assert fwd.req_idx.data_ptr() == g["req_idx"].data_ptr()  # views of the static tensors
+    assert g["req_idx"][:3].tolist() == [3, 1, 2]
+    assert g["seq_lens"][:3].tolist() == seq
+    assert g["topk"][:3].tolist() == [16, 5, 410]
+    # a larger budget later (hot swap) is clamped to the captured capacity
+    fwd = dp.plan_graph(torch.tensor([0]), torch.tensor([4096]), [4096], BudgetConfig(
+        topk_fraction=0.5, k_min=16))
+    assert fwd.topk.tolist() == [512]
+
+
+def test_decode_graphs_are_opt_in_and_cuda_only(monkeypatch):
+    args = SimpleNamespace(device="cuda")
+    monkeypatch.delenv("SGLANG_KASCADE_CUDA_GRAPH", raising=False)
+    assert not decode_graphs_wanted(args)
+    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
+    assert decode_graphs_wanted(args)
+    assert not decode_graphs_wanted(SimpleNamespace(device="cpu"))
+    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "0")
+    assert not decode_graphs_wanted(args)
+
+
+def test_dense_prefill_knob_sends_every_extend_layer_to_the_dense_backend(monkeypatch):
+    import test_backend_vs_reference as tb
+    from sglang_kascade.backend import KascadeAttnBackend
+    from sglang_kascade.profile import profile_from_dict
+
+    monkeypatch.setenv("SGLANG_KASCADE_DENSE_PREFILL", "1")
+    scn = tb.build(tb.CASES[0])
+    m = scn.model
+    profile = profile_from_dict(scn.profile_dict)
+    r2t = tb.FakeReqToTokenPool(8, tb.MAX_CTX)
+    r2t.req_to_token[0] = scn.slots["A"].to(torch.int32)
+    kv = tb.FakeKVPool(tb.NUM_LAYERS, scn.num_slots, m.hkv, m.d, m.dtype)
+    dense = tb.FakeDenseBackend(r2t, kv)
+    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"))
+    assert be.dense_prefill
+    n = 90
+    fb = tb.FakeForwardBatch(tb.FakeForwardMode(False), torch.tensor([0]), torch.tensor([n]),
+                             torch.tensor([n]), [0], [n], scn.slots["A"][:n])
+    be.init_forward_metadata(fb)
+    for lid in range(tb.NUM_LAYERS):
+        layer = tb.FakeLayer(lid, m.hq, m.hkv, m.hkv, m.d, m.d, m.scale)
+        q = torch.randn(n, m.hq * m.d).to(m.dtype)
+        k = torch.randn(n, m.hkv, m.d).to(m.dtype)
+        be.forward(q, k, k, layer, fb)
+    assert [c[0] for c in dense.calls] == list(range(tb.NUM_LAYERS))
+    assert all(c[2] for c in dense.calls)  # the dense backend wrote the KV
+    assert be.plan is None
