@@ -44,7 +44,8 @@ def create_backend(model_runner):
     )
     return KascadeAttnBackend(
         options=options,
-        control=open_control_channel(options, sa.server_port(model_runner), fingerprint, profile),
+        control=open_control_channel(options, sa.server_port(model_runner), fingerprint, profile,
+                                     frozen=sa.hot_swap_frozen_reason(model_runner.server_args)),
         dense=sa.make_dense_backend(model_runner),
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool=model_runner.token_to_kv_pool,
@@ -56,28 +57,39 @@ def create_backend(model_runner):
     )
 
 
-def open_control_channel(options, port: int, fingerprint, profile):
+def profile_validator(fingerprint, frozen=None):
+    """``validate(profile_json) -> AnchorProfile`` of the control channel: a profile for this
+    model, or KascadeConfigError. ``frozen``: why no profile can be applied in this process
+    (every activation is then refused with that reason, and the sidecar rolls back)."""
+    from .profile import profile_from_dict
+
+    def validate(data):
+        if frozen:
+            raise KascadeConfigError(f"hot-swap refused: {frozen}")
+        p = profile_from_dict(data)
+        p.check_model(fingerprint)
+        return p
+
+    return validate
+
+
+def open_control_channel(options, port: int, fingerprint, profile, frozen=None):
     """The hot-swap channel of this scheduler process (control.py), or None if turned off.
 
     On by default, so a sidecar can be attached to a running server later; its cost is one
-    ``stat`` call every 50 ms in a daemon thread.
+    ``stat`` call every 50 ms in a daemon thread. ``frozen``: see profile_validator.
     """
     from pathlib import Path
 
     from .config import CONTROL_OFF
     from .control import SchedulerChannel, default_control_dir
-    from .profile import profile_from_dict
 
     if options.control_dir == CONTROL_OFF:
         return None
     root = Path(options.control_dir) if options.control_dir else default_control_dir(port)
 
-    def validate(data):
-        p = profile_from_dict(data)
-        p.check_model(fingerprint)
-        return p
-
     try:
+        validate = profile_validator(fingerprint, frozen)
         channel = SchedulerChannel(root, fingerprint.to_json(), validate, profile.to_json())
     except OSError as e:
         if options.control_dir:  # asked for explicitly: fail loudly

@@ -113,6 +113,17 @@ def decode_graphs_wanted(server_args) -> bool:
     return on and str(getattr(server_args, "device", "cuda") or "cuda").startswith("cuda")
 
 
+def hot_swap_frozen_reason(server_args):
+    """Why profiles cannot be hot-swapped in this server, or None. Decode CUDA graphs bake the
+    layer roles (which kernel each layer launches) and the head-map tensors in at capture, so a
+    swap would reach prefill but not decode: refused instead of applied halfway."""
+    if decode_graphs_wanted(server_args) and not getattr(server_args, "disable_cuda_graph", False):
+        return ("decode CUDA graphs (SGLANG_KASCADE_CUDA_GRAPH=1) keep the profile they were "
+                "captured with; restart with --kascade-profile, or serve with "
+                "SGLANG_KASCADE_CUDA_GRAPH=0 to hot-swap")
+    return None
+
+
 def _log_graphs(decode_graphs: bool) -> None:
     if decode_graphs:
         logger.warning("kascade: decode CUDA graphs on (SGLANG_KASCADE_CUDA_GRAPH=1: device "

@@ -21,26 +21,16 @@ import torch
 from sglang_kascade.config import KascadeConfigError, KascadeOptions
 from sglang_kascade.control import (ControlPaths, SchedulerChannel, read_json,
                                     write_json_atomic)
-from sglang_kascade.profile import ModelFingerprint, profile_from_dict
+from sglang_kascade.plugin import profile_validator
+from sglang_kascade.profile import ModelFingerprint
 from test_backend_vs_reference import CASES, HEAD_MAPS, build, make_profile_dict, run_backend
 
 SWAP_FORWARD = 2  # staged in the middle of forward 2 (between layers 2 and 3)
 
 
-def validator(profile_dict):
-    fp = ModelFingerprint(**profile_dict["model"])
-
-    def validate(data):
-        p = profile_from_dict(data)
-        p.check_model(fp)
-        return p
-
-    return validate
-
-
-def channel_for(tmp_path, profile_dict, pid=None):
-    return SchedulerChannel(tmp_path, profile_dict["model"], validator(profile_dict),
-                            profile_dict, pid=pid)
+def channel_for(tmp_path, profile_dict, pid=None, frozen=None):
+    validate = profile_validator(ModelFingerprint(**profile_dict["model"]), frozen)
+    return SchedulerChannel(tmp_path, profile_dict["model"], validate, profile_dict, pid=pid)
 
 
 def request(tmp_path, generation, profile):
@@ -124,6 +114,32 @@ def test_a_bad_request_is_refused_and_nothing_changes(tmp_path, why):
     assert state["current"] == pd and state["current_generation"] == 0
 
 
+def test_a_frozen_process_refuses_every_profile_with_the_reason(tmp_path):
+    """Decode CUDA graphs on: a good profile is refused too, naming why (nothing half-applied)."""
+    pd = build(CASES[0]).profile_dict
+    channel = channel_for(tmp_path, pd, frozen="decode CUDA graphs keep the captured profile")
+    request(tmp_path, 1, profile_b(pd))
+    channel.poll_once()
+    assert channel.take_staged() is None
+    state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
+    assert "decode CUDA graphs" in state["rejected"]["error"]
+    assert state["current"] == pd and state["current_generation"] == 0
+
+
+def test_frozen_reason_follows_the_graph_setting(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_kascade.sglang_adapter import hot_swap_frozen_reason
+
+    gpu = SimpleNamespace(device="cuda", disable_cuda_graph=False)
+    monkeypatch.delenv("SGLANG_KASCADE_CUDA_GRAPH", raising=False)
+    assert hot_swap_frozen_reason(gpu) is None
+    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
+    assert "SGLANG_KASCADE_CUDA_GRAPH=0" in hot_swap_frozen_reason(gpu)
+    assert hot_swap_frozen_reason(SimpleNamespace(device="cuda", disable_cuda_graph=True)) is None
+    assert hot_swap_frozen_reason(SimpleNamespace(device="cpu", disable_cuda_graph=False)) is None
+
+
 def test_old_generations_and_garbage_are_ignored(tmp_path):
     pd = build(CASES[0]).profile_dict
     request(tmp_path, 5, pd)  # left over from an earlier server: start-up profile wins
@@ -195,4 +211,4 @@ def test_validator_refuses_other_model():
     other = {**pd, "model": {**pd["model"], "num_kv_heads": 4},
              "head_map": [[0, 1, 2, 3]] * len(pd["head_map"])}
     with pytest.raises(KascadeConfigError, match="num_kv_heads"):
-        validator(pd)(json.loads(json.dumps(other)))
+        profile_validator(ModelFingerprint(**pd["model"]))(json.loads(json.dumps(other)))
