@@ -115,7 +115,8 @@ class DevicePath:
         bs = len(seq_lens_cpu)
         if not g["kmax"]:
             g["kmax"] = min(g["lmax"], _pow2(budget.k_for(g["lmax"]), 256))
-        # a later, larger budget (a hot swap, not applied to captured graphs) is clamped
+        # k_for grows with the length, so k <= kmax; the clamp only guards the buffers
+        # (hot swaps, which could change the budget, are refused while graphs are on)
         ks = [max(1, min(budget.k_for(s), g["kmax"])) for s in seq_lens_cpu]
         g["req_idx"][:bs].copy_(req_pool_indices, non_blocking=True)
         g["seq_lens"][:bs].copy_(seq_lens, non_blocking=True)
