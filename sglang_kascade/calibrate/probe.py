@@ -15,6 +15,10 @@ compared before a sweep.
 Configs: ``dense``; ``oracle`` (every layer an anchor); ``shipped`` (the profile the server
 would pick); ``file:PATH``; ``anchors:A,B,..`` (identity head map); ``drop:L,..`` (every layer
 an anchor except these, which reuse the previous anchor through the identity map).
+
+``--selector quest:P`` makes every selecting layer choose with the ``quest`` policy's page
+selection (``select_quest``, pages of P keys) instead of the pooled Top-k: with ``--config
+oracle`` this is the Quest baseline of the evaluation (every layer but layer 0 selects).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 import torch
 
 from ..config import BudgetConfig
+from ..kernels.quest_torch import select_quest
 from ..kernels.selection_torch import select_topk
 from ..kernels.sparse_attention_torch import sparse_attention
 from ..kernels.tiles import decode_tiles, extend_tiles
@@ -53,8 +58,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     tiles = (decode_tiles(s, budget.k_for, q.device) if n == 1 and s > 1
              else extend_tiles(s - n, n, budget.tile_size, budget.k_for, q.device))
     if _STATE["selects"][li]:
-        _STATE["sel"] = select_topk(q, k_all, tiles, scaling, budget.granularity,
-                                    budget.page_tile_size)
+        quest_pages = _STATE.get("quest_pages")
+        _STATE["sel"] = (select_quest(q, k_all, tiles, scaling, quest_pages) if quest_pages
+                         else select_topk(q, k_all, tiles, scaling, budget.granularity,
+                                          budget.page_tile_size))
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kw)
@@ -97,6 +104,15 @@ def config_profile(spec: str, shipped: AnchorProfile) -> AnchorProfile | None:
     raise SystemExit(f"unknown --config {spec!r}")
 
 
+def _quest_pages(selector: str) -> int | None:
+    if selector == "topk":
+        return None
+    name, _, pages = selector.partition(":")
+    if name != "quest" or not pages.isdigit() or int(pages) < 1:
+        raise SystemExit(f"--selector {selector!r}: expected topk or quest:P (P >= 1)")
+    return int(pages)
+
+
 @torch.inference_mode()
 def answer_logprob(model, ids: list, answer: list) -> tuple[float, bool]:
     x = torch.tensor([ids + answer])
@@ -119,7 +135,11 @@ def main(argv=None) -> int:
                    help="task seed (default 0, the evaluation's own prompts; another seed "
                         "draws prompts the evaluation does not use)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--selector", default="topk",
+                   help="topk (default: the pooled Top-k of kascade) or quest:P (Quest pages of P "
+                        "keys)")
     args = p.parse_args(argv)
+    _STATE["quest_pages"] = _quest_pages(args.selector)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -144,7 +164,7 @@ def main(argv=None) -> int:
         use_profile(config_profile(spec, shipped), budget)
         t0 = time.time()
         res = [answer_logprob(model, ids, ans) for ids, ans in prompts]
-        print(json.dumps({"config": spec, "topk": args.topk, "length": args.length,
+        print(json.dumps({"config": spec, "selector": args.selector, "topk": args.topk, "length": args.length,
                           "seed": args.seed,
                           "mean_logprob": round(sum(r[0] for r in res) / len(res), 3),
                           "exact": sum(r[1] for r in res), "n": len(res),
