@@ -164,8 +164,8 @@ def main(argv=None) -> int:
         use_profile(config_profile(spec, shipped), budget)
         t0 = time.time()
         res = [answer_logprob(model, ids, ans) for ids, ans in prompts]
-        print(json.dumps({"config": spec, "selector": args.selector, "topk": args.topk, "length": args.length,
-                          "seed": args.seed,
+        print(json.dumps({"config": spec, "selector": args.selector, "topk": args.topk,
+                          "length": args.length, "seed": args.seed,
                           "mean_logprob": round(sum(r[0] for r in res) / len(res), 3),
                           "exact": sum(r[1] for r in res), "n": len(res),
                           "per_prompt": [round(r[0], 2) for r in res],
