@@ -61,6 +61,10 @@ class SidecarCollector:
             "kascade_dense_fallback_forwards",
             "Forward passes that ran dense because every request was within its budget",
             value=sum(s.get("dense_fallback_forwards", 0) for s in stats))
+        yield CounterMetricFamily(
+            "kascade_device_forwards",
+            "Decode forward passes served by the Triton kernels (CUDA; the rest: PyTorch path)",
+            value=sum(s.get("device_forwards", 0) for s in stats))
         yield self._selection_histogram(stats)
 
     @staticmethod

@@ -112,6 +112,23 @@ def test_upload_activate_history_audit_metrics(client, control):
     assert "kascade_schedulers 1.0" in m.text
 
 
+def test_metrics_sum_the_schedulers_stats(control, client):
+    """Counters are read from every live scheduler's stats snapshot (BackendStats.snapshot)."""
+    from sglang_kascade.backend_stats import BackendStats
+    from sglang_kascade.control import ControlPaths, write_json_atomic
+
+    stats = BackendStats(sparse_forwards=5, dense_fallback_forwards=2, device_forwards=4,
+                         swaps_applied=1)
+    roles = {"dense": 0, "dense_anchor": 1, "anchor": 11, "reuse": 18, "dense_fallback_layers": 0}
+    write_json_atomic(ControlPaths(control).stats_file(os.getpid()),
+                      stats.snapshot({"roles": roles}))
+    text = client.get("/metrics", headers=AUTH).text
+    for line in ("kascade_sparse_forwards_total 5.0", "kascade_dense_fallback_forwards_total 2.0",
+                 "kascade_device_forwards_total 4.0", "kascade_swaps_applied_total 1.0",
+                 'kascade_layers{role="anchor"} 11.0', 'kascade_layers{role="reuse"} 18.0'):
+        assert line in text, text
+
+
 def test_activating_an_incompatible_or_unknown_profile_changes_nothing(client):
     before = active_sha(client)
     r = client.post("/v1/profiles/llama-3.1-8b-instruct/activate", headers=AUTH)
