@@ -61,8 +61,10 @@ def flush_cache(url: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def generate(url, *, text=None, input_ids=None, max_new_tokens=16):
+def generate(url, *, text=None, input_ids=None, max_new_tokens=16, top_logprobs=0):
     body = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0}}
+    if top_logprobs:  # meta_info gains output_token_logprobs / output_top_logprobs
+        body.update(return_logprob=True, top_logprobs_num=top_logprobs)
     if text is not None:
         body["text"] = text
     else:
@@ -70,6 +72,24 @@ def generate(url, *, text=None, input_ids=None, max_new_tokens=16):
     r = requests.post(url + "/generate", json=body, timeout=900)
     r.raise_for_status()
     return r.json()
+
+
+def assert_greedy_runs_agree(a: dict, b: dict, *, near_tie=0.1, logprob_tol=0.25, min_agree=4):
+    """Two greedy runs of one prompt computed in different orders (chunked prefill, other page
+    size): a sparse selection is a Top-k, so float rounding can swap keys of almost equal score
+    and move logits slightly. Required: the same tokens until a step where either run's top-2
+    logprobs are within ``near_tie`` (a coin flip; the runs may part there), chosen-token
+    logprobs within ``logprob_tol`` before it, and at least ``min_agree`` equal tokens. Both
+    runs need ``generate(..., top_logprobs=2)``."""
+    ta, tb = (r["meta_info"]["output_token_logprobs"] for r in (a, b))
+    ka, kb = (r["meta_info"]["output_top_logprobs"] for r in (a, b))
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x[1] != y[1]:
+            margins = [top[0][0] - top[1][0] for top in (ka[i], kb[i])]
+            assert min(margins) < near_tie, f"runs part at step {i} without a near tie: {margins}"
+            assert i >= min_agree, f"runs part at step {i} (< {min_agree})"
+            return
+        assert abs(x[0] - y[0]) < logprob_tol, f"step {i}: logprob {x[0]} vs {y[0]}"
 
 
 WORDS = ("river stone garden lantern copper meadow harbor violet winter signal orchard "

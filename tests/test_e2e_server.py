@@ -11,8 +11,8 @@ import concurrent.futures as cf
 import pytest
 import requests
 
-from server_utils import (embedded_model_path, flush_cache, generate, generated_text,
-                          passkey_prompt, running_server)
+from server_utils import (assert_greedy_runs_agree, embedded_model_path, flush_cache, generate,
+                          generated_text, passkey_prompt, running_server)
 
 pytestmark = pytest.mark.server
 
@@ -83,11 +83,14 @@ def test_concurrent_requests_of_different_lengths_complete(kascade_url, tokenize
 
 
 def test_chunked_prefill_and_page_size_16_match(kascade_url, tokenizer):
+    """Exact equality of the two orders is the oracle tests' job (test_backend_vs_reference.py,
+    float64); served in float32, a Top-k may swap near-equal keys, so tokens may part at a near
+    tie (measured: step 9 of 16, top-2 margin 0.016, with the 12-anchor profile)."""
     prompt = long_prompt_ids(tokenizer, 1400, seed=3)
-    reference = generate(kascade_url, input_ids=prompt, max_new_tokens=16)
+    reference = generate(kascade_url, input_ids=prompt, max_new_tokens=16, top_logprobs=2)
     with running_server("kascade", ["--chunked-prefill-size", "128", "--page-size", "16"]) as url:
-        chunked = generate(url, input_ids=prompt, max_new_tokens=16)
-    assert chunked["output_ids"] == reference["output_ids"]
+        chunked = generate(url, input_ids=prompt, max_new_tokens=16, top_logprobs=2)
+    assert_greedy_runs_agree(reference, chunked)
 
 
 def test_fraction_one_is_token_identical_to_torch_native(tokenizer):
