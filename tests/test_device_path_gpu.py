@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import reference as ref
+from test_backend_vs_reference import FakeLayer as Layer
 from sglang_kascade.backend import KascadeAttnBackend
 from sglang_kascade.config import PolicyConfig
 from sglang_kascade.device_path import POLICIES
@@ -96,19 +97,6 @@ class DenseBackend:
         return out.reshape(q3.shape[0], -1)
 
     forward_extend = forward_decode
-
-
-@dataclass
-class Layer:
-    layer_id: int
-    tp_q_head_num: int
-    tp_k_head_num: int
-    tp_v_head_num: int
-    qk_head_dim: int
-    v_head_dim: int
-    scaling: float
-    sliding_window_size: int = -1
-    is_cross_attention: bool = False
 
 
 class Mode:
