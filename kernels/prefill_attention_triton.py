@@ -26,6 +26,26 @@ from .prefill_plan import PrefillTiles
 
 
 @triton.jit
+def _attend_slots(q, k_ptr, v_ptr, slot, ok, keep, m_i, l_i, acc, sm_scale_log2,
+                  h, s_ks, s_kh, s_vs, s_vh, offs_d, offs_dv):
+    """One online-softmax step: the keys and values at pool ``slot`` [BLOCK_N] (``ok``: loaded)
+    of KV head h, scores kept where ``keep`` [BLOCK_M, BLOCK_N]. Returns (m_i, l_i, acc)."""
+    k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
+                mask=ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+    s = tl.where(keep, s, float("-inf"))
+    v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
+                mask=ok[:, None], other=0.0)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_sparse_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, r2t_ptr, req_idx_ptr,
     tile_req_ptr, tile_start_ptr, tile_q_lo_ptr, tile_q_len_ptr, tile_p_lo_ptr,
@@ -65,38 +85,17 @@ def _prefill_sparse_kernel(
         r = r0 + tl.arange(0, BLOCK_N)
         ok = r < k_t
         slot = tl.load(sel_ptr + sel_base + r, mask=ok, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
-                    mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
-                    mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_slots(q, k_ptr, v_ptr, slot, ok, ok[None, :], m_i, l_i, acc,
+                                      sm_scale_log2, h, s_ks, s_kh, s_vs, s_vh, offs_d, offs_dv)
 
     # 2. The causal diagonal block: positions start .. p_lo + nq - 1.
     for j0 in range(start, p_lo + nq, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         ok = j < p_lo + nq
         slot = tl.load(r2t_ptr + row * s_r2t + j, mask=ok, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
-                    mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
-        s = tl.where(ok[None, :] & (j[None, :] <= q_pos[:, None]), s, float("-inf"))
-        v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
-                    mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        causal = ok[None, :] & (j[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = _attend_slots(q, k_ptr, v_ptr, slot, ok, causal, m_i, l_i, acc,
+                                      sm_scale_log2, h, s_ks, s_kh, s_vs, s_vh, offs_d, offs_dv)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_lo + ti)[:, None] * s_on + (h * G + g)[:, None] * s_oh
