@@ -17,7 +17,6 @@ backend is shared, so policies are compared at equal budget on the same code.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -25,7 +24,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from . import sglang_adapter as sa
 from .backend_stats import BackendStats
 from .device_path import DevicePath
-from .config import BudgetConfig, KascadeOptions, PolicyConfig
+from .config import BudgetConfig, KascadeOptions, PolicyConfig, env_flag
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
@@ -82,8 +81,7 @@ class KascadeAttnBackend(AttentionBackend):
         # SGLANG_KASCADE_DENSE_PREFILL=1: extend forwards (prefill) run dense through the dense
         # backend; decode stays sparse. A measurement / operating mode while the prefill anchor
         # selection is the PyTorch path (docs/results/e2e-h100.md).
-        self.dense_prefill = os.environ.get("SGLANG_KASCADE_DENSE_PREFILL", "0").lower() in (
-            "1", "true", "yes")
+        self.dense_prefill = env_flag("SGLANG_KASCADE_DENSE_PREFILL")
         self.set_profile(profile, budget, policy)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
@@ -156,10 +154,13 @@ class KascadeAttnBackend(AttentionBackend):
                                                       self.budget)
         if not in_capture:
             self._count(True, seq)
-            self.stats.device_forwards += 1
-            if self.stats.device_forwards == 1:
-                logger.info("kascade: device decode path active (Triton kernels in a CUDA "
-                            "graph, batch %d)", len(seq))
+            self._note_device_forward(len(seq), graph=True)
+
+    def _note_device_forward(self, batch: int, graph: bool) -> None:
+        self.stats.device_forwards += 1
+        if self.stats.device_forwards == 1:
+            logger.info("kascade: device decode path active (Triton kernels%s, batch %d)",
+                        " in a CUDA graph" if graph else "", batch)
 
     def init_forward_metadata_in_graph(self, forward_batch):
         self.dense.init_forward_metadata_in_graph(forward_batch)
@@ -233,14 +234,11 @@ class KascadeAttnBackend(AttentionBackend):
             if out is None:  # every request dense, or nothing selected to reuse: as below
                 return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
             if self.device_fwd.layers_run == 1 and not self.device_fwd.graph:  # first layer
-                self.stats.device_forwards += 1
-                if self.stats.device_forwards == 1:
-                    logger.info("kascade: device decode path active (Triton kernels, batch %d)",
-                                self.device_fwd.batch)
+                self._note_device_forward(self.device_fwd.batch, graph=False)
             return out.reshape(q3.shape[0], hq * layer.v_head_dim)
         if self.plan is None:  # the device path planned this forward but not for this layer
-            self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args[:4],
-                                     self._plan_args[4], self.budget)
+            self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args,
+                                     self.budget)
         plan = self.plan
         select = SELECTORS[self.policy.name]
         sels, keys = [], {}  # keys: request -> [S, Hkv, D] gathered once, for select + attend

@@ -141,6 +141,11 @@ class KascadeOptions:
         )
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment switch: "1", "true" or "yes" (any case) is on; unset is off."""
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
+
+
 def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
     """Range checks of the policy options. ``None`` values are skipped."""
     if policy is not None and policy not in POLICIES:

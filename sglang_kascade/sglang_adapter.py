@@ -11,7 +11,7 @@ import argparse
 import logging
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import OPTION_TABLE, KascadeConfigError, KascadeOptions
+from .config import OPTION_TABLE, KascadeConfigError, KascadeOptions, env_flag
 from .profile import ModelFingerprint
 
 logger = logging.getLogger("sglang_kascade")
@@ -107,10 +107,8 @@ def _around_support_triton(original, backend, *args, **kwargs):
 def decode_graphs_wanted(server_args) -> bool:
     """Decode CUDA graphs for kascade: opt-in (SGLANG_KASCADE_CUDA_GRAPH=1) on CUDA only. The
     device path (device_path.py) is capturable; the PyTorch path (prefill, CPU) is not."""
-    import os
-
-    on = os.environ.get("SGLANG_KASCADE_CUDA_GRAPH", "0").lower() in ("1", "true", "yes")
-    return on and str(getattr(server_args, "device", "cuda") or "cuda").startswith("cuda")
+    device = str(getattr(server_args, "device", "cuda") or "cuda")
+    return env_flag("SGLANG_KASCADE_CUDA_GRAPH") and device.startswith("cuda")
 
 
 def hot_swap_frozen_reason(server_args):
