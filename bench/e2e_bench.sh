@@ -7,7 +7,9 @@
 # (--disable-cuda-graph: the kascade plugin turns graphs off, so this is its like-for-like
 # baseline), kascade (the shipped profile SGLang resolves for this architecture, topk 0.10,
 # k_min 128; CUDA graphs off), kascade-graph (SGLANG_KASCADE_CUDA_GRAPH=1: decode in CUDA graphs),
-# kascade-graph-dp (also SGLANG_KASCADE_DENSE_PREFILL=1: prefill dense through FlashInfer).
+# kascade-graph-dp (also SGLANG_KASCADE_DENSE_PREFILL=1: prefill dense through FlashInfer),
+# kascade-graph-sp (SGLANG_KASCADE_DENSE_PREFILL_BELOW=0: sparse prefill at every length, the
+# Triton device path, instead of dense below the default threshold).
 # Graph variants capture batch 1 only (--cuda-graph-max-bs-decode 1): the device path's graph
 # buffers are per captured request row (~22 MiB at 128K), and SGLang's default of 256 rows left
 # too little memory for the PyTorch-path prefill (out of memory, measured).
@@ -32,6 +34,8 @@ for len in $lens; do
         extra+=(--cuda-graph-max-bs-decode 1) ;;
       kascade-graph-dp) attn=kascade; extra+=(--cuda-graph-max-bs-decode 1)
         envs=(SGLANG_KASCADE_CUDA_GRAPH=1 SGLANG_KASCADE_DENSE_PREFILL=1) ;;
+      kascade-graph-sp) attn=kascade; extra+=(--cuda-graph-max-bs-decode 1)
+        envs=(SGLANG_KASCADE_CUDA_GRAPH=1 SGLANG_KASCADE_DENSE_PREFILL_BELOW=0) ;;
     esac
     if [ "$len" -ge 65536 ]; then
       extra+=(--mem-fraction-static 0.55 --cuda-graph-backend-prefill=disabled)

@@ -24,7 +24,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from . import sglang_adapter as sa
 from .backend_stats import BackendStats
 from .device_path import DevicePath
-from .config import BudgetConfig, KascadeOptions, PolicyConfig, env_flag
+from .config import BudgetConfig, KascadeOptions, PolicyConfig, dense_prefill_below, env_flag
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
@@ -73,14 +73,18 @@ class KascadeAttnBackend(AttentionBackend):
         self.device = device
         self.plan: ForwardPlan | None = None
         self._fallback_warned: set = set(dense_fallback or ())  # already warned at start-up
+        self._device_logged: set = set()  # "decode" / "prefill": device path logged once
+        self.dense_forward = False  # this forward runs dense in every layer (a short prefill)
         self.options = options  # flags / env: laid over every profile, also a hot-swapped one
         self.control = control  # control.SchedulerChannel of the admin sidecar, or None
         self.stats = BackendStats()
-        self.device_path = DevicePath(device)  # batched Triton decode (CUDA); see device_path.py
+        self.device_path = DevicePath(device)  # batched Triton kernels (CUDA); device_path.py
         self.device_fwd = None  # its plan of this forward, or None: the PyTorch path
-        # SGLANG_KASCADE_DENSE_PREFILL=1: extend forwards (prefill) run dense through the dense
-        # backend; decode stays sparse. A measurement / operating mode while the prefill anchor
-        # selection is the PyTorch path (docs/results/e2e-h100.md).
+        # Extend forwards (prefill) whose longest sequence is shorter than this run dense through
+        # the dense backend; decode stays sparse (--kascade-dense-prefill-below; CUDA default
+        # from the measured break-even). SGLANG_KASCADE_DENSE_PREFILL=1: every prefill dense
+        # (a measurement / operating mode, docs/results/e2e-h100.md).
+        self.dense_prefill_below = dense_prefill_below(options, device)
         self.dense_prefill = env_flag("SGLANG_KASCADE_DENSE_PREFILL")
         self.set_profile(profile, budget, policy)
 
@@ -109,24 +113,33 @@ class KascadeAttnBackend(AttentionBackend):
         self._at_batch_boundary()
         self.dense.init_forward_metadata(forward_batch)
         self.device_fwd = None
+        self.dense_forward = False
         if forward_batch.forward_mode.is_idle():
             self.plan = None
             return
         pools, prefix, extend, seq = sa.batch_view(forward_batch)
         is_decode = forward_batch.forward_mode.is_decode()
-        if not is_decode and self.dense_prefill:
+        if not is_decode and self._prefill_runs_dense(seq):
+            self.dense_forward = True
             self.plan = None
             self._plan_args = None
             self.stats.record_forward(False, [0] * len(seq), [0] * len(seq))
             return
         if self.device_path.applies(is_decode, self.policy, self.budget):
-            self.device_fwd = self.device_path.plan(pools, seq, self.budget)
+            if is_decode:
+                self.device_fwd = self.device_path.plan(pools, seq, self.budget)
+            else:
+                self.device_fwd = self.device_path.plan_prefill(pools, prefix, extend,
+                                                                self.budget)
             self.plan = None  # planned on first use by a layer the device path does not take
             self._plan_args = (pools, prefix, extend, seq, is_decode)
         else:
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
                                      seq, is_decode, self.budget)
         self._count(is_decode, seq)
+
+    def _prefill_runs_dense(self, seq_lens) -> bool:
+        return self.dense_prefill or max(seq_lens) < self.dense_prefill_below
 
     # ---- CUDA graphs (decode only; SGLANG_KASCADE_CUDA_GRAPH=1, see sglang_adapter.py) ---------
 
@@ -154,12 +167,14 @@ class KascadeAttnBackend(AttentionBackend):
                                                       self.budget)
         if not in_capture:
             self._count(True, seq)
-            self._note_device_forward(len(seq), graph=True)
+            self._note_device_forward(len(seq), graph=True, decode=True)
 
-    def _note_device_forward(self, batch: int, graph: bool) -> None:
+    def _note_device_forward(self, batch: int, graph: bool, decode: bool) -> None:
         self.stats.device_forwards += 1
-        if self.stats.device_forwards == 1:
-            logger.info("kascade: device decode path active (Triton kernels%s, batch %d)",
+        mode = "decode" if decode else "prefill"
+        if mode not in self._device_logged:
+            self._device_logged.add(mode)
+            logger.info("kascade: device %s path active (Triton kernels%s, batch %d)", mode,
                         " in a CUDA graph" if graph else "", batch)
 
     def init_forward_metadata_in_graph(self, forward_batch):
@@ -212,7 +227,7 @@ class KascadeAttnBackend(AttentionBackend):
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
         layer_id = layer.layer_id
         role = self.roles[layer_id]
-        if not decode and self.dense_prefill:
+        if not decode and self.dense_forward:  # a short prefill (_prefill_runs_dense)
             return self._dense(q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs)
         why_dense = sa.layer_needs_dense_fallback(layer)
         if why_dense:
@@ -229,12 +244,14 @@ class KascadeAttnBackend(AttentionBackend):
         v_buf = self.token_to_kv_pool.get_value_buffer(layer_id)
         if self.device_fwd is not None and self.device_path.layer_supported(
                 q3, k_buf, v_buf, hq, d, layer.v_head_dim):
-            out = self.device_path.forward(self.device_fwd, role, layer_id, q3, k_buf, v_buf,
+            fwd = self.device_fwd
+            out = self.device_path.forward(fwd, role, layer_id, q3, k_buf, v_buf,
                                            self.req_to_token_pool.req_to_token, layer.scaling)
-            if out is None:  # every request dense, or nothing selected to reuse: as below
+            if fwd.layers_run and not (fwd.graph or fwd.noted):  # its first kernel layer
+                fwd.noted = True
+                self._note_device_forward(fwd.batch, graph=False, decode=decode)
+            if out is None:  # every request dense, nothing selected to reuse, or a dense_anchor
                 return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
-            if self.device_fwd.layers_run == 1 and not self.device_fwd.graph:  # first layer
-                self._note_device_forward(self.device_fwd.batch, graph=False)
             return out.reshape(q3.shape[0], hq * layer.v_head_dim)
         if self.plan is None:  # the device path planned this forward but not for this layer
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args,

@@ -19,6 +19,9 @@ GRANULARITIES = ("token", "page")
 POLICIES = ("kascade", "kascade_identity", "kascade_pooled", "oracle", "quest", "streaming")
 DEFAULT_POLICY = "kascade"
 DEFAULT_SINK_TOKENS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024)
+# Prefill below this many tokens runs dense on CUDA: the anchors' selection (scoring every key
+# twice) costs more than FlashInfer's dense prefill saves there (docs/results/e2e-h100.md).
+DEFAULT_CUDA_DENSE_PREFILL_BELOW = 16384
 
 # name -> (flag, env var, type, help). One table, so flags, env vars and docs cannot drift apart.
 OPTION_TABLE = {
@@ -60,6 +63,13 @@ OPTION_TABLE = {
         "--kascade-sink-tokens", "SGLANG_KASCADE_SINK_TOKENS", int,
         f"Sink tokens of the 'streaming' policy, >= 0 (default {DEFAULT_SINK_TOKENS}).",
     ),
+    "dense_prefill_below": (
+        "--kascade-dense-prefill-below", "SGLANG_KASCADE_DENSE_PREFILL_BELOW", int,
+        "Extend (prefill) forwards whose longest sequence is shorter than this many tokens run "
+        "dense through the dense backend (sparsity does not pay there), >= 0; decode stays "
+        f"sparse. Default: {DEFAULT_CUDA_DENSE_PREFILL_BELOW} on CUDA (measured break-even, "
+        "docs/results/e2e-h100.md), 0 on CPU.",
+    ),
     "control_dir": (
         "--kascade-control-dir", "SGLANG_KASCADE_CONTROL_DIR", str,
         "Control directory shared with the admin sidecar for profile hot-swap; 'off' disables "
@@ -95,6 +105,7 @@ class KascadeOptions:
     round_to: Optional[int] = None
     policy: Optional[str] = None
     sink_tokens: Optional[int] = None
+    dense_prefill_below: Optional[int] = None
     control_dir: Optional[str] = None
     admin_port: Optional[int] = None
     admin_token_file: Optional[str] = None
@@ -105,6 +116,11 @@ class KascadeOptions:
         if port is not None and (not isinstance(port, int) or isinstance(port, bool)
                                  or not 1 <= port <= 65535):
             raise KascadeConfigError(f"option admin_port={port!r}: must be a port in 1..65535")
+        below = self.dense_prefill_below
+        if below is not None and (not isinstance(below, int) or isinstance(below, bool)
+                                  or below < 0):
+            raise KascadeConfigError(
+                f"option dense_prefill_below={below!r}: must be an integer >= 0")
         if self.control_dir is not None and not self.control_dir.strip():
             raise KascadeConfigError("option control_dir='': give a directory or 'off'")
         check_budget_fields(
@@ -139,6 +155,13 @@ class KascadeOptions:
                 for f in dataclasses.fields(self)
             }
         )
+
+
+def dense_prefill_below(options: KascadeOptions, device) -> int:
+    """Extend forwards with a longest sequence below this run dense (0: never, by length)."""
+    if options.dense_prefill_below is not None:
+        return options.dense_prefill_below
+    return DEFAULT_CUDA_DENSE_PREFILL_BELOW if str(device).startswith("cuda") else 0
 
 
 def env_flag(name: str) -> bool:

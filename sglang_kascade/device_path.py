@@ -1,22 +1,29 @@
-"""Batched GPU decode path of KascadeAttnBackend: the Triton decode kernels, no per-request loop.
+"""Batched GPU path of KascadeAttnBackend: the Triton kernels, no per-request loop.
 
-Used for a decode forward on a CUDA device under a token-granularity, per-KV-head Top-k policy
-(``kascade``, ``kascade_identity``, ``oracle``); every other case keeps the PyTorch path of
-backend.py. Semantics are the PyTorch path's: the decode query is one tile whose candidates are
-all ``seq_len`` keys, ``k = budget.k_for(seq_len)`` (``k == seq_len``: dense, here "select every
-key"), and reuse layer KV head h reads the latest anchor's head ``head_map[layer][h]``.
+Used for decode and extend (prefill) forwards on a CUDA device under a token-granularity, per-KV-
+head Top-k policy (``kascade``, ``kascade_identity``, ``oracle``); every other case keeps the
+PyTorch path of backend.py. Semantics are the PyTorch path's (kernels/tiles.py): a decode query is
+one tile whose candidates are all ``seq_len`` keys, ``k = budget.k_for(seq_len)``; a prefill query
+tile starting at position s chooses ``k_for(s)`` of the s keys before it and also attends its
+causal diagonal; ``k == candidates`` is dense ("select every key"). Reuse layer KV head h reads
+the latest anchor's head ``head_map[layer][h]``.
 
-Per forward (``plan``, from init_forward_metadata): lengths and budgets of the batch as device
-int32 tensors, the request-pool rows, and whether any request is sparse (host arithmetic only).
-Per layer (``forward``):
+Decode (``plan`` / ``forward``):
   * dense_anchor that selects: ``decode_dense_select`` (dense output and the selection from one
     pass over K and V: measured 3547 vs 4848 us for FlashInfer + a selection pass at B=16, 128K,
     docs/results/kernels-h100.md); one that does not select: SGLang's dense backend;
   * anchor: ``decode_select`` then the sparse attention over stored logits + selected V;
   * reuse: the sparse attention over the latest anchor's ``sel_slot`` through the layer's head map.
-The latest selection lives in ``DecodeBuffers.sel_pos / sel_slot`` (overwritten by each selecting
-layer, as ``plan.selections`` is on the PyTorch path). Buffers are allocated once and grown (to a
-power of two) when a batch, context or budget exceeds them.
+  The latest selection lives in ``DecodeBuffers.sel_pos / sel_slot``. Buffers are allocated once
+  and grown (to a power of two) when a batch, context or budget exceeds them.
+Prefill (``plan_prefill`` / the same ``forward``): query tiles of the ragged batch planned on the
+host (kernels/prefill_plan.py), then per layer:
+  * dense_anchor that selects: ``prefill_select`` (kernels/prefill_select_triton.py), and the
+    output from SGLang's dense backend (FlashInfer);
+  * anchor: ``prefill_select``, then ``prefill_sparse_attention`` over its own selection;
+  * reuse: ``prefill_sparse_attention`` over the latest selection through the head map.
+  The selection (``DevicePrefill.sel_slot``, [tiles, Hkv, kmax] int32 pool slots) is allocated
+  per forward, at the first selecting layer.
 
 When every request of the batch is dense (short contexts, fraction 1.0) the whole forward goes to
 SGLang's dense backend, as on the PyTorch path. Triton is imported only on first use.
@@ -36,6 +43,26 @@ def _pow2(n: int, floor: int) -> int:
 
 
 @dataclass
+class DevicePrefill:
+    """Host planning of one extend (prefill) forward for the kernels."""
+
+    tiles: object  # kernels.prefill_plan.PrefillTiles (device int32 tensors)
+    req_idx: torch.Tensor  # [B] int64 rows of req_to_token
+    tile_row: torch.Tensor  # [nt] int64: req_idx of each tile's request
+    tile_k: torch.Tensor  # [nt] int32 budgets, 0 <= tile_k <= tile start
+    tile_size: int
+    batch: int
+    kmax: int  # largest budget of the batch
+    max_start: int  # largest tile start (candidates scanned)
+    all_dense: bool  # every tile selects all its candidates
+    sel_slot: torch.Tensor | None = None  # [nt, Hkv, kmax] int32, at the first selecting layer
+    has_selection: bool = False
+    layers_run: int = 0
+    noted: bool = False  # counted in the backend's stats
+    graph: bool = False  # never captured
+
+
+@dataclass
 class DeviceForward:
     """Host planning of one decode forward for the kernels."""
 
@@ -48,6 +75,7 @@ class DeviceForward:
     all_dense: bool  # every request selects all its keys
     has_selection: bool = False  # a layer of this forward selected (buf.sel_* are current)
     layers_run: int = 0  # layers of this forward the kernels computed
+    noted: bool = False  # counted in the backend's stats (graph forwards: at replay)
     graph: bool = False  # planned for CUDA-graph capture/replay: static tensors, capacity grids
 
 
@@ -77,7 +105,7 @@ class DevicePath:
     # ---- per forward -----------------------------------------------------------------------------
 
     def applies(self, is_decode: bool, policy, budget) -> bool:
-        return (self.enabled and is_decode and self.device.type == "cuda"
+        return (self.enabled and self.device.type == "cuda"
                 and policy.name in POLICIES and budget.granularity == "token")
 
     def plan(self, pools, seq_lens, budget) -> DeviceForward:
@@ -89,6 +117,24 @@ class DevicePath:
             topk=torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
             batch=len(seq_lens), lmax=max(seq_lens), kmax=max(ks),
             all_dense=all(k >= s for k, s in zip(ks, seq_lens)))
+
+    def plan_prefill(self, pools, prefix_lens, extend_lens, budget) -> DevicePrefill:
+        from .kernels.prefill_plan import plan_prefill_tiles
+
+        dev, t = self.device, budget.tile_size
+        tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev)
+        starts, ks, reqs = [], [], []
+        for b, (prefix, n) in enumerate(zip(prefix_lens, extend_lens)):
+            for tile in range(prefix // t, (prefix + n - 1) // t + 1):
+                starts.append(tile * t)
+                ks.append(budget.k_for(tile * t))
+                reqs.append(b)
+        req_idx = torch.tensor(pools, dtype=torch.int64).to(dev, non_blocking=True)
+        return DevicePrefill(
+            tiles=tiles, req_idx=req_idx, tile_row=req_idx[torch.tensor(reqs, device=dev)],
+            tile_k=torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
+            tile_size=t, batch=len(pools), kmax=max(ks), max_start=max(starts),
+            all_dense=all(k >= s for k, s in zip(ks, starts)))
 
     # ---- CUDA graphs (decode) --------------------------------------------------------------------
 
@@ -159,6 +205,9 @@ class DevicePath:
     def forward(self, fwd: DeviceForward, role: str, layer_id: int, q3, k_buf, v_buf,
                 req_to_token, scale: float):
         """Output [B, Hq, Dv] of one layer, or None: run SGLang's dense backend instead."""
+        if isinstance(fwd, DevicePrefill):
+            return self._forward_prefill(fwd, role, layer_id, q3, k_buf, v_buf, req_to_token,
+                                         scale)
         if fwd.all_dense or (role == "dense_anchor" and not self.selects[layer_id]) or (
                 role == "reuse" and not fwd.has_selection):
             return None  # caller runs the dense backend
@@ -193,6 +242,41 @@ class DevicePath:
             return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
                                            self.head_maps[layer_id], scale, buf, out)
         raise ValueError(f"role {role!r} has no device path")
+
+    def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
+                         req_to_token, scale):
+        """Output [N, Hq, Dv] of one layer of an extend forward, or None: the dense backend
+        (a dense_anchor has selected first, when it selects)."""
+        if fwd.all_dense or (role == "dense_anchor" and not self.selects[layer_id]):
+            return None
+        from .kernels.prefill_attention_triton import prefill_sparse_attention
+        from .kernels.prefill_select_triton import prefill_select
+
+        hkv = k_buf.shape[1]
+        if q3.stride(-1) != 1:
+            q3 = q3.contiguous()
+        fwd.layers_run += 1
+        self.layers_run += 1
+        if role in ("dense_anchor", "anchor"):
+            if fwd.sel_slot is None:
+                fwd.sel_slot = torch.empty(fwd.tiles.num_tiles, hkv, max(1, fwd.kmax),
+                                           dtype=torch.int32, device=self.device)
+            prefill_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.tiles, fwd.tile_size,
+                           fwd.tile_k, fwd.tile_row, fwd.max_start, scale, fwd.sel_slot)
+            fwd.has_selection = True
+            if role == "dense_anchor":
+                return None  # its output: SGLang's dense backend
+            head_map = self._identity(hkv)
+        elif role == "reuse":
+            if not fwd.has_selection:  # its anchor ran dense (a fallback layer)
+                return None
+            head_map = self.head_maps[layer_id]
+        else:
+            raise ValueError(f"role {role!r} has no device path")
+        out = q3.new_empty(q3.shape[0], q3.shape[1], v_buf.shape[-1])
+        return prefill_sparse_attention(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.tiles,
+                                        fwd.tile_size, fwd.sel_slot, fwd.tile_k, head_map,
+                                        scale, out)
 
     def _identity(self, hkv: int) -> torch.Tensor:
         ident = getattr(self, "_ident", None)

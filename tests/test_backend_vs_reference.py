@@ -25,7 +25,8 @@ import torch
 
 import reference as ref
 from sglang_kascade.backend import KascadeAttnBackend
-from sglang_kascade.config import PolicyConfig
+from sglang_kascade.config import KascadeOptions, PolicyConfig
+from sglang_kascade.kernels.selection_torch import Selection
 from sglang_kascade.profile import profile_from_dict
 
 # Tiny tensors: OpenMP threads only add synchronisation cost (10-40x slower on 2 busy cores).
@@ -44,15 +45,17 @@ RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 class FakeReqToTokenPool:
-    def __init__(self, size: int, max_ctx: int):
-        self.req_to_token = torch.zeros(size, max_ctx, dtype=torch.int32)
+    def __init__(self, size: int, max_ctx: int, device="cpu"):
+        self.req_to_token = torch.zeros(size, max_ctx, dtype=torch.int32, device=device)
 
 
 class FakeKVPool:
-    def __init__(self, num_layers, num_slots, hkv, d, dtype):
+    def __init__(self, num_layers, num_slots, hkv, d, dtype, device="cpu"):
         self.hkv, self.d = hkv, d
-        self.k = [torch.zeros(num_slots, hkv, d, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(num_slots, hkv, d, dtype=dtype) for _ in range(num_layers)]
+        self.k = [torch.zeros(num_slots, hkv, d, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+        self.v = [torch.zeros(num_slots, hkv, d, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
         self.writes = []  # (layer_id, number of slots written)
 
     def get_key_buffer(self, layer_id):
@@ -93,13 +96,13 @@ class FakeDenseBackend:
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q3 = q.reshape(-1, hq, d)
         kb, vb = self.kv.get_key_buffer(layer.layer_id), self.kv.get_value_buffer(layer.layer_id)
-        out = torch.empty(q3.shape[0], hq, layer.v_head_dim, dtype=q.dtype)
+        out = torch.empty(q3.shape[0], hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
         lo = 0
         seqs = fb.seq_lens_cpu.tolist()
         ext = [1] * len(seqs) if decode else list(fb.extend_seq_lens_cpu)
         for pool, seq, n in zip(fb.req_pool_indices.tolist(), seqs, ext):
             slots = self.r2t.req_to_token[pool, :seq].long()
-            o = ref.dense_attention(q3[lo:lo + n], kb[slots], vb[slots],
+            o = ref.dense_attention(q3[lo:lo + n].cpu(), kb[slots].cpu(), vb[slots].cpu(),
                                     list(range(seq - n, seq)), layer.scaling)
             out[lo:lo + n] = o.to(q.dtype)
             lo += n
@@ -293,22 +296,26 @@ class BackendRun:
 
 
 def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfig(),
-                control=None, hook=None) -> BackendRun:
+                control=None, hook=None, device="cpu", device_path=True,
+                options: KascadeOptions = KascadeOptions()) -> BackendRun:
     """``hook(forward, layer_id, backend)`` runs before each layer (layer_id None: before the
-    forward's init_forward_metadata); ``control`` is a hot-swap channel (test_hot_swap_*)."""
+    forward's init_forward_metadata); ``control`` is a hot-swap channel (test_hot_swap_*).
+    ``device="cuda"``: pools and inputs on the GPU (test_device_prefill_gpu.py), where
+    ``device_path`` picks the Triton kernels or the PyTorch path; outputs come back to the CPU."""
     m = scn.model
     profile = profile_from_dict(scn.profile_dict)
-    r2t = FakeReqToTokenPool(8, MAX_CTX)
+    r2t = FakeReqToTokenPool(8, MAX_CTX, device)
     for name, row in scn.pool_index.items():
         r2t.req_to_token[row] = scn.slots[name].to(torch.int32)
-    kv = FakeKVPool(NUM_LAYERS, scn.num_slots, m.hkv, m.d, m.dtype)
+    kv = FakeKVPool(NUM_LAYERS, scn.num_slots, m.hkv, m.d, m.dtype, device)
     for name, layers in scn.prepooled_kv.items():
         sl = scn.slots[name][: layers[0][0].shape[0]]
         for lid, (k, v) in enumerate(layers):
-            kv.k[lid][sl], kv.v[lid][sl] = k, v
+            kv.k[lid][sl], kv.v[lid][sl] = k.to(device), v.to(device)
     dense = FakeDenseBackend(r2t, kv)
-    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"),
-                            policy=policy, control=control)
+    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device(device),
+                            policy=policy, control=control, options=options)
+    be.device_path.enabled = device_path
     layers = [FakeLayer(i, m.hq, m.hkv, m.hkv, m.d, m.d, m.scale) for i in range(NUM_LAYERS)]
     outputs, selections, delegated = {}, {}, []
     for f, fwd in enumerate(FORWARDS):
@@ -317,13 +324,14 @@ def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfi
             seq = [st.prefix + st.n for st in group]
             fb = FakeForwardBatch(
                 forward_mode=FakeForwardMode(fwd.decode),
-                req_pool_indices=torch.tensor([scn.pool_index[st.name] for st in group]),
-                seq_lens=torch.tensor(seq),
+                req_pool_indices=torch.tensor([scn.pool_index[st.name] for st in group],
+                                              device=device),
+                seq_lens=torch.tensor(seq, device=device),
                 seq_lens_cpu=torch.tensor(seq),
                 extend_prefix_lens_cpu=None if fwd.decode else [st.prefix for st in group],
                 extend_seq_lens_cpu=None if fwd.decode else [st.n for st in group],
                 out_cache_loc=torch.cat([scn.slots[st.name][st.prefix:st.prefix + st.n]
-                                         for st in group]),
+                                         for st in group]).to(device),
             )
             if hook:
                 hook(f, None, be)
@@ -332,21 +340,44 @@ def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfi
             for layer in layers:
                 if hook:
                     hook(f, layer.layer_id, be)
-                q = torch.cat([scn.data[f, st.name, layer.layer_id][0] for st in group])
-                k = torch.cat([scn.data[f, st.name, layer.layer_id][1] for st in group])
-                v = torch.cat([scn.data[f, st.name, layer.layer_id][2] for st in group])
+                q, k, v = (torch.cat([scn.data[f, st.name, layer.layer_id][j] for st in group])
+                           .to(device) for j in range(3))
                 out = be.forward(q.reshape(q.shape[0], -1), k, v, layer, fb)
                 assert out.shape == (q.shape[0], m.hq * m.d) and out.dtype == m.dtype
-                out = out.reshape(q.shape[0], m.hq, m.d)
+                out = out.reshape(q.shape[0], m.hq, m.d).cpu()
                 lo = 0
                 for i, st in enumerate(group):
                     outputs[f, st.name, layer.layer_id] = out[lo:lo + st.n].clone()
                     lo += st.n
                     if layer.layer_id in be.profile.anchor_layers:  # after the policy
-                        selections[f, st.name, layer.layer_id] = be.plan.selections[i]
+                        selections[f, st.name, layer.layer_id] = latest_selection(be, i, st)
             delegated.append({c[0] for c in dense.calls[n_calls:]})
             assert all(c[1] == fwd.decode for c in dense.calls[n_calls:])
     return BackendRun(outputs, selections, kv, dense, delegated, be)
+
+
+def latest_selection(be: KascadeAttnBackend, i: int, st: Step) -> Selection:
+    """Request i's latest selection as a Selection (CPU), from the PyTorch path's plan or from the
+    device path's buffers (pool slots mapped back to positions)."""
+    fwd = be.device_fwd
+    if fwd is None:
+        return be.plan.selections[i]
+    if not fwd.has_selection:
+        return Selection(dense=True)
+    if hasattr(fwd, "tiles"):  # prefill: [nt, Hkv, kmax] slots, entries [0, tile_k[t])
+        lo, hi = fwd.tiles.req_first_tile[i], fwd.tiles.req_first_tile[i + 1]
+        slots = fwd.sel_slot[lo:hi].long().cpu()
+        row = be.req_to_token_pool.req_to_token[int(fwd.req_idx[i])].long().cpu()
+        to_pos = {int(s): j for j, s in enumerate(row[: st.prefix + st.n])}
+        idx = torch.tensor([[[to_pos.get(int(x), -1) for x in r] for r in t] for t in slots])
+        ks = fwd.tile_k[lo:hi].long().cpu()
+        valid = torch.arange(slots.shape[-1])[None, :] < ks[:, None]  # [nt, kmax]
+        idx = idx.permute(1, 0, 2)  # [Hkv, nt, kmax]
+        return Selection(False, torch.where(valid, idx, 0), valid.expand(idx.shape[0], -1, -1))
+    pos, k = be.device_path.selection(fwd, i)  # decode: [Hkv, k] positions
+    if k >= st.prefix + st.n:
+        return Selection(dense=True)
+    return Selection(False, pos.cpu()[:, None, :], torch.ones(pos.shape[0], 1, k, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------------------

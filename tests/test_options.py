@@ -69,6 +69,7 @@ def test_option_table_covers_every_option_and_budget_field():
     policy_fields = {f.name for f in dataclasses.fields(PolicyConfig)}
     assert policy_fields == {"name", "sink_tokens"}
     operations = {"control_dir", "admin_port", "admin_token_file"}  # hot-swap sidecar
+    operations |= {"dense_prefill_below"}  # when sparsity pays (serving, not the budget)
     assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"} - operations
     for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
         assert flag.startswith("--kascade-") and env.startswith("SGLANG_KASCADE_")
@@ -381,3 +382,24 @@ def test_out_of_range_flag_raises_config_error(flag, value, field):
     with pytest.raises(KascadeConfigError) as ei:
         options_from_namespace(args)
     assert names_field(str(ei.value), field), str(ei.value)
+
+
+# ------------------------------------------------------------------------------------------
+# dense_prefill_below: where sparse prefill pays
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, True, 2.5, "8k"])
+def test_dense_prefill_below_rejects_bad_values(bad):
+    with pytest.raises(KascadeConfigError, match="dense_prefill_below"):
+        KascadeOptions(dense_prefill_below=bad)
+
+
+def test_dense_prefill_below_defaults_by_device_and_obeys_the_option(monkeypatch):
+    from sglang_kascade.config import DEFAULT_CUDA_DENSE_PREFILL_BELOW, dense_prefill_below
+
+    assert dense_prefill_below(KascadeOptions(), "cpu") == 0
+    assert dense_prefill_below(KascadeOptions(), "cuda:0") == DEFAULT_CUDA_DENSE_PREFILL_BELOW > 0
+    assert dense_prefill_below(KascadeOptions(dense_prefill_below=0), "cuda") == 0
+    monkeypatch.setenv(ENV["dense_prefill_below"], "4096")
+    assert dense_prefill_below(KascadeOptions.from_env(), "cpu") == 4096
