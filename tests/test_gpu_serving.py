@@ -2,7 +2,8 @@
 
 Random weights (`--load-format dummy`) on a 6-layer Llama-3.1-shaped model (head dim 128, GQA 4):
 checks plumbing on the GPU stack (FlashInfer dense delegation, SGLang 0.5.17 hooks), not quality.
-The sparse server must log that its decode forwards ran on the device path (Triton kernels).
+The sparse server must log that its prefill and decode forwards ran on the device path (Triton
+kernels).
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ def test_fraction_one_matches_flashinfer_and_sparse_serves():
     with running_server("flashinfer", COMMON + ["--disable-cuda-graph"], MODEL, "cuda") as url:
         flashinfer = [generate(url, input_ids=p, max_new_tokens=16)["output_ids"] for p in ps]
     assert dense_path == flashinfer
-    with launch.running_server("kascade", COMMON + ["--kascade-k-min", "32"], MODEL, "cuda",
+    # sparse prefill at every length (Triton path), in chunks of 1024 (cached-prefix offsets)
+    sparse_args = COMMON + ["--kascade-k-min", "32", "--kascade-dense-prefill-below", "0",
+                            "--chunked-prefill-size", "1024"]
+    with launch.running_server("kascade", sparse_args, MODEL, "cuda",
                                startup_timeout_s=STARTUP_TIMEOUT_S) as server:
-        sparse = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps]
+        sparse = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps + ps[2:]]
         log = server.log.read_text(errors="replace")
     assert all(len(o["output_ids"]) == 16 for o in sparse)
-    # the sparse decode steps ran on the batched Triton path (device_path.py), not the torch loop
+    assert sparse[3]["meta_info"]["cached_tokens"] >= 2048  # the repeat hit the radix cache
+    # the sparse prefill and decode ran on the batched Triton path (device_path.py)
+    assert "kascade: device prefill path active" in log, log[-3000:]
     assert "kascade: device decode path active" in log, log[-3000:]
 
 
