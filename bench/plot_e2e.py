@@ -20,6 +20,8 @@ STYLE = {
     "kascade": ("Kascade, graphs off (default)", "tab:orange", "s--"),
     "kascade-graph": ("Kascade, decode graphs", "tab:blue", "s-"),
     "kascade-graph-dp": ("Kascade, decode graphs, dense prefill", "tab:green", "^-"),
+    "kascade-graph-sp": ("Kascade, decode graphs, sparse prefill at every length", "tab:red",
+                         "D-"),
 }
 
 
@@ -27,6 +29,8 @@ def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     by = {}
     for r in data["runs"]:
+        if r.get("superseded"):  # measured code that no longer exists (kept in the JSON)
+            continue
         # latest run of a (variant, context) wins (flashinfer was measured in both sessions)
         by.setdefault(r["run_name"], {})[r["input_len"]] = r
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))

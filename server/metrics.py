@@ -63,7 +63,8 @@ class SidecarCollector:
             value=sum(s.get("dense_fallback_forwards", 0) for s in stats))
         yield CounterMetricFamily(
             "kascade_device_forwards",
-            "Decode forward passes served by the Triton kernels (CUDA; the rest: PyTorch path)",
+            "Forward passes (decode and prefill) served by the Triton kernels (CUDA; the rest: "
+            "PyTorch path or dense)",
             value=sum(s.get("device_forwards", 0) for s in stats))
         yield self._selection_histogram(stats)
 

@@ -20,7 +20,7 @@ class BackendStats:
     sparse_forwards: int = 0  # forward passes where at least one request attended sparsely
     dense_fallback_forwards: int = 0  # every request short enough that k >= visible keys: dense
     swaps_applied: int = 0
-    device_forwards: int = 0  # decode forwards where a layer ran on the device (Triton) path
+    device_forwards: int = 0  # forwards (decode, prefill) where a layer ran on the Triton path
     selection_buckets: list = field(default_factory=lambda: [0] * (len(SELECTION_BUCKETS) + 1))
     selection_sum: int = 0
     selection_count: int = 0
