@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .decode_plan import DecodeBuffers, block_g
-from .topk_triton import topk_select
+from .topk_triton import always, topk_select
 
 LOG2E = 1.4426950408889634
 
@@ -35,7 +35,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _score_kernel(
     q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, logits_ptr, pm_ptr, pl_ptr,
-    v_ptr, o_ptr, lse_ptr,
+    v_ptr, o_ptr, lse_ptr, gate_ptr,
     sm_scale_log2,
     s_qb, s_qh, s_ks, s_kh, s_r2t,
     s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
@@ -45,84 +45,87 @@ def _score_kernel(
 ):
     # WITH_V (layer 0: dense and selecting): also the chunk's attention partial over V, so one
     # pass over K and V gives both the dense output (after the split-K reduce) and the logits.
-    c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    row = tl.load(req_idx_ptr + b).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, D)
-    g_ok = offs_g < G
-    q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
-                mask=g_ok[:, None], other=0.0)  # [BLOCK_G, D]
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    offs_dv = tl.arange(0, DV)
-    acc = tl.zeros([BLOCK_G, DV], tl.float32)
-    start = c * CHUNK
-    end = tl.minimum(start + CHUNK, seq_len)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        ok = pos < end
-        slot = tl.load(r2t_ptr + row * s_r2t + pos, mask=ok, other=0).to(tl.int64)
-        k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
-                    mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        tl.store(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
-                 s, mask=g_ok[:, None] & ok[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step holds a key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    # gate 0: this layer does not select (a CUDA graph serving any profile): nothing to do.
+    if tl.load(gate_ptr) != 0:
+        c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        row = tl.load(req_idx_ptr + b).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, D)
+        g_ok = offs_g < G
+        q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
+                    mask=g_ok[:, None], other=0.0)  # [BLOCK_G, D]
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        offs_dv = tl.arange(0, DV)
+        acc = tl.zeros([BLOCK_G, DV], tl.float32)
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, seq_len)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            ok = pos < end
+            slot = tl.load(r2t_ptr + row * s_r2t + pos, mask=ok, other=0).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
+                        mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
+            s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            tl.store(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
+                     s, mask=g_ok[:, None] & ok[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step holds a key
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            if WITH_V:
+                v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
+                            mask=ok[:, None], other=0.0)  # [BLOCK_N, DV]
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        # An empty chunk (past the request's end) leaves m = -inf, l = 0.
+        tl.store(pm_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, m_i, mask=g_ok)
+        tl.store(pl_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, l_i, mask=g_ok)
         if WITH_V:
-            v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
-                        mask=ok[:, None], other=0.0)  # [BLOCK_N, DV]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    # An empty chunk (past the request's end) leaves m = -inf, l = 0.
-    tl.store(pm_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, m_i, mask=g_ok)
-    tl.store(pl_ptr + b * s_pb + h * s_ph + offs_g * s_pg + c, l_i, mask=g_ok)
-    if WITH_V:
-        heads = h * G + offs_g
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + c * s_oc + offs_dv[None, :], o,
-                 mask=g_ok[:, None])
-        tl.store(lse_ptr + b * s_eb + heads * s_eh + c, m_i + tl.log2(l_i), mask=g_ok)
+            heads = h * G + offs_g
+            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + c * s_oc + offs_dv[None, :], o,
+                     mask=g_ok[:, None])
+            tl.store(lse_ptr + b * s_eb + heads * s_eh + c, m_i + tl.log2(l_i), mask=g_ok)
 
 
 @triton.jit
 def _pool_kernel(
-    logits_ptr, pm_ptr, pl_ptr, seq_lens_ptr, pooled_ptr,
+    logits_ptr, pm_ptr, pl_ptr, seq_lens_ptr, pooled_ptr, gate_ptr,
     n_chunks, lscan,
     s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg, s_ob, s_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < G
-    # Log-sum-exp of each query head from the chunk partials: [BLOCK_G].
-    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_G], tl.float32)
-    for c0 in range(0, n_chunks, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        msk = g_ok[:, None] & (offs_c[None, :] < n_chunks)
-        base = b * s_pb + h * s_ph + offs_g[:, None] * s_pg + offs_c[None, :]
-        pm = tl.load(pm_ptr + base, mask=msk, other=float("-inf"))
-        pl = tl.load(pl_ptr + base, mask=msk, other=0.0)
-        m_new = tl.maximum(m_run, tl.max(pm, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_run = l_run * tl.exp2(m_run - m_safe) + tl.sum(pl * tl.exp2(pm - m_safe[:, None]), 1)
-        m_run = m_new
-    lse = tl.where(g_ok, m_run + tl.log2(l_run), float("inf"))  # padded heads add exp2(-inf) = 0
-    pos = j * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = pos < seq_len
-    lg = tl.load(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
-                 mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
-    pooled = tl.sum(tl.exp2(lg - lse[:, None]), 0)  # [BLOCK_P]
-    pooled = tl.where(ok, pooled, -1.0)
-    tl.store(pooled_ptr + b * s_ob + h * s_oh + pos, pooled, mask=pos < lscan)
-    # (Adding the first radix-select histogram here was measured slower on the H100: +156 us
-    # in this kernel against -74 us saved in topk_select at B=16, 128K.)
+    if tl.load(gate_ptr) != 0:
+        j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        # Log-sum-exp of each query head from the chunk partials: [BLOCK_G].
+        m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_run = tl.zeros([BLOCK_G], tl.float32)
+        for c0 in range(0, n_chunks, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            msk = g_ok[:, None] & (offs_c[None, :] < n_chunks)
+            base = b * s_pb + h * s_ph + offs_g[:, None] * s_pg + offs_c[None, :]
+            pm = tl.load(pm_ptr + base, mask=msk, other=float("-inf"))
+            pl = tl.load(pl_ptr + base, mask=msk, other=0.0)
+            m_new = tl.maximum(m_run, tl.max(pm, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_run = l_run * tl.exp2(m_run - m_safe) + tl.sum(pl * tl.exp2(pm - m_safe[:, None]), 1)
+            m_run = m_new
+        lse = tl.where(g_ok, m_run + tl.log2(l_run), float("inf"))  # padded heads add exp2(-inf) = 0
+        pos = j * BLOCK_P + tl.arange(0, BLOCK_P)
+        ok = pos < seq_len
+        lg = tl.load(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
+                     mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
+        pooled = tl.sum(tl.exp2(lg - lse[:, None]), 0)  # [BLOCK_P]
+        pooled = tl.where(ok, pooled, -1.0)
+        tl.store(pooled_ptr + b * s_ob + h * s_oh + pos, pooled, mask=pos < lscan)
+        # (Adding the first radix-select histogram here was measured slower on the H100: +156 us
+        # in this kernel against -74 us saved in topk_select at B=16, 128K.)
 
 
 @triton.jit
@@ -152,20 +155,23 @@ def decode_select(
     scale: float,
     buf: DecodeBuffers,
     lscan: int | None = None,
+    gate: torch.Tensor | None = None,
 ) -> None:
     """Fill buf.logits / part_m / part_l / pooled / sel_pos / sel_slot for this step: entries
     [0, topk[b]) of each (request, KV head) row of sel_pos / sel_slot are its Top-k.
 
     ``lscan`` (host int, kmax <= lscan <= buf.lmax): positions scanned by Top-k; the graph path
     keeps the capacity ``buf.lmax``, eager callers may pass the batch's longest context.
+    ``gate`` ([1] int32 on the device, default open): 0 makes every kernel return at once, so a
+    captured CUDA graph runs or skips the selection by profile data (device_path.py).
     """
     for stage in select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf,
-                               lscan).values():
+                               lscan, gate=gate).values():
         stage()
 
 
 def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, lscan=None,
-                  topk_impl="triton", v_pool=None):
+                  topk_impl="triton", v_pool=None, gate=None):
     """The stages of ``decode_select`` as closures, in order (benchmarks time each).
 
     ``topk_impl="torch"`` swaps the radix select for torch.topk (sorted) + ``_slots_kernel``.
@@ -177,6 +183,7 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
     lscan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
     n_chunks = min(buf.chunks, math.ceil(lscan / buf.chunk))
     lg, pm, pl, kmax = buf.logits, buf.part_m, buf.part_l, buf.kmax
+    gate = always(q.device) if gate is None else gate
 
     def score():
         if v_pool is None:  # anchor: logits only (dense_* and V pointers unused)
@@ -184,7 +191,7 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
         else:
             vp, o, e = v_pool, buf.dense_o, buf.dense_lse
         _score_kernel[(n_chunks, hkv, b_sz)](
-            q, k_pool, req_to_token, req_idx, seq_lens, lg, pm, pl, vp, o, e,
+            q, k_pool, req_to_token, req_idx, seq_lens, lg, pm, pl, vp, o, e, gate,
             scale * LOG2E,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), req_to_token.stride(0),
             lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
@@ -198,7 +205,7 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
     def pool():
         block_p = 1024
         _pool_kernel[(triton.cdiv(lscan, block_p), hkv, b_sz)](
-            lg, pm, pl, seq_lens, buf.pooled, n_chunks, lscan,
+            lg, pm, pl, seq_lens, buf.pooled, gate, n_chunks, lscan,
             lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
             pm.stride(0), pm.stride(1), pm.stride(2),
             buf.pooled.stride(0), buf.pooled.stride(1),
@@ -207,7 +214,7 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
 
     def radix_topk():
         topk_select(buf.pooled[:b_sz], seq_lens, topk, req_to_token, req_idx, buf.topk_hist,
-                    buf.topk_ctr, buf.sel_pos[:b_sz], buf.sel_slot[:b_sz], lscan)
+                    buf.topk_ctr, buf.sel_pos[:b_sz], buf.sel_slot[:b_sz], lscan, gate=gate)
 
     def torch_topk():
         torch.topk(buf.pooled[:b_sz, :, :lscan], kmax, dim=-1, sorted=True,

@@ -30,6 +30,17 @@ NPASS = 4
 TOPK_CHUNK = 4096  # positions per histogram / compaction program
 
 
+_ALWAYS: dict = {}
+
+
+def always(device) -> torch.Tensor:
+    """The open gate: [1] int32 = 1 on ``device`` (one per device, allocated once)."""
+    key = str(device)
+    if key not in _ALWAYS:
+        _ALWAYS[key] = torch.ones(1, dtype=torch.int32, device=device)
+    return _ALWAYS[key]
+
+
 @triton.jit
 def _descend(hist_ptr, row, n_rows, k, NPASS: tl.constexpr):
     """Threshold prefix and remaining budget after NPASS digits: (prefix, k_rem)."""
@@ -52,7 +63,7 @@ def _descend(hist_ptr, row, n_rows, k, NPASS: tl.constexpr):
 
 @triton.jit
 def _hist_kernel(
-    score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, n_rows, hkv, s_sr,
+    score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, gate_ptr, n_rows, hkv, s_sr,
     PASS: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, HI_SHIFT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -60,7 +71,7 @@ def _hist_kernel(
     b = row // hkv
     n = tl.load(seq_lens_ptr + b)
     start = c * CHUNK
-    if start < n:
+    if (start < n) & (tl.load(gate_ptr) != 0):
         k = tl.load(topk_ptr + b)
         prefix, k_rem = _descend(hist_ptr, row, n_rows, k, PASS)
         acc = tl.zeros([256], tl.int32)
@@ -80,14 +91,14 @@ def _hist_kernel(
 @triton.jit
 def _compact_kernel(
     score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
-    pos_ptr, slot_ptr, n_rows, hkv, s_sr, s_pr, s_r2t,
+    pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     c, row = tl.program_id(0), tl.program_id(1)
     b = row // hkv
     n = tl.load(seq_lens_ptr + b)
     start = c * CHUNK
-    if start < n:
+    if (start < n) & (tl.load(gate_ptr) != 0):
         k = tl.load(topk_ptr + b)
         thr, k_rem = _descend(hist_ptr, row, n_rows, k, 4)  # threshold key, ties still needed
         n_gt_total = k - k_rem
@@ -124,9 +135,11 @@ def topk_select(
     slot: torch.Tensor,  # [B, Hkv, kmax] int32 out: pool slots of those positions
     lscan: int,  # host bound on seq_lens (grid size)
     launch: dict | None = None,  # override CHUNK / BLOCK / num_warps (tuning)
+    gate: torch.Tensor | None = None,  # [1] int32 on the device: 0 = do nothing (CUDA graphs)
 ) -> None:
     b_sz, hkv, _ = scores.shape
     rows = b_sz * hkv
+    gate = always(scores.device) if gate is None else gate
     assert scores.stride(1) * hkv == scores.stride(0) and pos.stride(1) * hkv == pos.stride(0)
     n_rows = hist.shape[1]
     hist.zero_()
@@ -136,10 +149,10 @@ def topk_select(
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
     for p in range(NPASS):
         _hist_kernel[grid](
-            scores, seq_lens, topk, hist, n_rows, hkv, scores.stride(1),
+            scores, seq_lens, topk, hist, gate, n_rows, hkv, scores.stride(1),
             PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p], **cfg,
         )
     _compact_kernel[grid](
-        scores, seq_lens, topk, hist, ctr, req_to_token, req_idx, pos, slot,
+        scores, seq_lens, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
         n_rows, hkv, scores.stride(1), pos.stride(1), req_to_token.stride(0), **cfg,
     )

@@ -61,6 +61,16 @@ SELECTORS = {
 }
 
 
+def layer_roles(profile: AnchorProfile) -> tuple:
+    """(roles, selects) per layer: the profile's role, and whether the layer selects. A dense
+    anchor selects only if a reuse layer reads it (layer 0 under "oracle" does not)."""
+    roles = [profile.role(i) for i in range(profile.num_layers)]
+    read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
+    selects = [role == "anchor" or (role == "dense_anchor" and i in read)
+               for i, role in enumerate(roles)]
+    return roles, selects
+
+
 class KascadeAttnBackend(AttentionBackend):
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
                  profile: AnchorProfile, budget: BudgetConfig, device,
@@ -98,11 +108,7 @@ class KascadeAttnBackend(AttentionBackend):
         self.profile = profile
         self.budget = budget
         self.policy = policy
-        self.roles = [profile.role(i) for i in range(profile.num_layers)]
-        # A dense anchor selects only if a reuse layer reads it (layer 0 under "oracle" does not).
-        read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
-        self.selects = [role == "anchor" or (role == "dense_anchor" and i in read)
-                        for i, role in enumerate(self.roles)]
+        self.roles, self.selects = layer_roles(profile)
         self.head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
                           for r in profile.head_map]
         self.device_path.set_profile(profile, self.roles, self.selects)
@@ -150,10 +156,11 @@ class KascadeAttnBackend(AttentionBackend):
         self.device_path.init_graph_state(max_bs, lmax)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        """Capture or replay of a decode graph: the dense backend's metadata, and this step's
-        plan copied into the device path's static tensors (the layers' Python runs only at
-        capture). Profile hot-swaps are not applied here: the captured layers keep the roles and
-        head maps they were captured with (a swap takes effect in eager forwards only)."""
+        """Capture or replay of a decode graph: a staged profile applied (its roles and head
+        maps land in the device tables the captured kernels read: device_path.py), the dense
+        backend's metadata, and this step's plan copied into the device path's static tensors
+        (the layers' Python runs only at capture)."""
+        self._at_batch_boundary()
         self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         fb = forward_batch
         if not fb.forward_mode.is_decode() or self.device_path.graph_state is None or not (
@@ -168,6 +175,13 @@ class KascadeAttnBackend(AttentionBackend):
         if not in_capture:
             self._count(True, seq)
             self._note_device_forward(len(seq), graph=True, decode=True)
+
+    def hot_swap_problem(self, profile: AnchorProfile) -> str | None:
+        """Why ``profile`` cannot be applied in this process, or None. Only captured decode
+        graphs constrain it (same dense layers, Top-k within the captured buffers); called by the
+        control channel's validator before a scheduler stages a profile."""
+        roles, _ = layer_roles(apply_policy(profile, self.policy.name))
+        return self.device_path.graph_swap_problem(roles, resolve_budget(profile, self.options))
 
     def _note_device_forward(self, batch: int, graph: bool, decode: bool) -> None:
         self.stats.device_forwards += 1

@@ -90,17 +90,70 @@ class DevicePath:
         self.layers_run = 0  # layers computed by the kernels, all forwards (tests, logging)
         self.graph_state = None  # static plan tensors + capacity for CUDA graphs, or None
         self.graph_buffers = None  # DecodeBuffers of the captured graphs (never reallocated)
+        # The profile as device data for captured graphs (updated in place by set_profile, so a
+        # hot-swapped profile reaches the graphs without a recapture):
+        self.graph_selects = None  # [L] int32: 1 = the layer selects (gates decode_select)
+        self.graph_head_maps = None  # [L, Hkv] int32: reuse rows = the head map, others identity
+        self.graph_kinds: list | None = None  # per layer, what the capture launched (graph_kind)
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
     def set_profile(self, profile, roles, selects) -> None:
         self.roles = list(roles)
         self.selects = list(selects)
-        if self.device.type == "cuda":
-            self.head_maps = [torch.tensor(r, dtype=torch.int32, device=self.device)
-                              for r in profile.head_map]
-        else:
+        if self.device.type != "cuda":
             self.head_maps = []
+            return
+        self.head_maps = [torch.tensor(r, dtype=torch.int32, device=self.device)
+                          for r in profile.head_map]
+        ident = list(range(len(profile.head_map[0]) if profile.head_map else 0))
+        sel = torch.tensor([int(x) for x in selects], dtype=torch.int32)
+        hm = torch.tensor([list(r) if role == "reuse" else ident
+                           for r, role in zip(profile.head_map, roles)], dtype=torch.int32)
+        if self.graph_selects is None or self.graph_head_maps.shape != hm.shape:
+            self.graph_selects, self.graph_head_maps = sel.to(self.device), hm.to(self.device)
+        else:  # in place: captured graphs read these addresses
+            self.graph_selects.copy_(sel)
+            self.graph_head_maps.copy_(hm)
+
+    # ---- what a captured decode graph launches per layer -----------------------------------------
+
+    @staticmethod
+    def graph_kinds_of(roles) -> list:
+        """Per layer, the kernels a decode graph captures for these roles: "dense" (SGLang's
+        dense backend), "fused" (layer 0: dense + selection in one pass, always selecting) or
+        "sparse" (the selection gated by ``graph_selects``, then attention through
+        ``graph_head_maps``). Anchors and reuse layers look alike, so profiles that differ only
+        in which layers select, their head maps and the budget share one capture."""
+        kinds, selected = [], False
+        for role in roles:
+            if role == "dense_anchor":
+                kinds.append("fused")
+                selected = True
+            elif role == "anchor" or (role == "reuse" and selected):
+                kinds.append("sparse")
+                selected = True
+            else:  # dense, or a reuse layer before any selection (the PyTorch path: dense)
+                kinds.append("dense")
+        return kinds
+
+    def graph_swap_problem(self, roles, budget) -> str | None:
+        """Why a profile (its resolved roles and budget) cannot run in the captured decode
+        graphs, or None (also when nothing was captured)."""
+        if self.graph_kinds is None:
+            return None
+        kinds = self.graph_kinds_of(roles)
+        if kinds != self.graph_kinds:
+            diff = [i for i, (a, b) in enumerate(zip(kinds, self.graph_kinds)) if a != b]
+            return (f"decode CUDA graphs were captured with other dense layers (layers {diff} "
+                    f"would change kernels); restart with this profile")
+        if budget.granularity != "token":
+            return "decode CUDA graphs run token-granularity Top-k only"
+        g = self.graph_state
+        if budget.k_for(g["lmax"]) > g["kmax"]:
+            return (f"Top-k {budget.k_for(g['lmax'])} at the captured context {g['lmax']} "
+                    f"exceeds the captured buffers ({g['kmax']} keys); restart with this profile")
+        return None
 
     # ---- per forward -----------------------------------------------------------------------------
 
@@ -208,6 +261,9 @@ class DevicePath:
         if isinstance(fwd, DevicePrefill):
             return self._forward_prefill(fwd, role, layer_id, q3, k_buf, v_buf, req_to_token,
                                          scale)
+        if fwd.graph:
+            return self._forward_graph(fwd, role, layer_id, q3, k_buf, v_buf, req_to_token,
+                                       scale)
         if fwd.all_dense or (role == "dense_anchor" and not self.selects[layer_id]) or (
                 role == "reuse" and not fwd.has_selection):
             return None  # caller runs the dense backend
@@ -242,6 +298,36 @@ class DevicePath:
             return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
                                            self.head_maps[layer_id], scale, buf, out)
         raise ValueError(f"role {role!r} has no device path")
+
+    def _forward_graph(self, fwd: DeviceForward, role, layer_id, q3, k_buf, v_buf,
+                       req_to_token, scale):
+        """One layer of a decode forward being captured (replays rerun these kernels with the
+        profile tables as they are then). Records what it launched in ``graph_kinds``."""
+        from .kernels.decode_attention_triton import decode_sparse_attention
+        from .kernels.decode_dense_triton import decode_dense_select
+        from .kernels.decode_select_triton import decode_select
+
+        if self.graph_kinds is None or len(self.graph_kinds) != len(self.roles):
+            self.graph_kinds = self.graph_kinds_of(self.roles)
+        kind = self.graph_kinds[layer_id]
+        if kind == "dense":
+            return None
+        b, hq, d = q3.shape
+        hkv = k_buf.shape[1]
+        buf = self._buffers(fwd, hq, hkv, d)
+        fwd.layers_run += 1
+        self.layers_run += 1
+        if q3.stride(-1) != 1:
+            q3 = q3.contiguous()
+        out = q3.new_empty(b, hq, v_buf.shape[-1])
+        if kind == "fused":
+            decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
+                                fwd.topk, scale, buf, out, lscan=fwd.lmax)
+            return out
+        decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale, buf,
+                      lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
+        return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
+                                       self.graph_head_maps[layer_id], scale, buf, out)
 
     def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
                          req_to_token, scale):

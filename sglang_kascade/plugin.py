@@ -42,10 +42,8 @@ def create_backend(model_runner):
         "kascade: profile %s; anchors %s; dense %s; budget %s; %s",
         profile.name, list(profile.anchor_layers), list(profile.dense_layers), budget, policy,
     )
-    return KascadeAttnBackend(
+    backend = KascadeAttnBackend(
         options=options,
-        control=open_control_channel(options, sa.server_port(model_runner), fingerprint, profile,
-                                     frozen=sa.hot_swap_frozen_reason(model_runner.server_args)),
         dense=sa.make_dense_backend(model_runner),
         req_to_token_pool=model_runner.req_to_token_pool,
         token_to_kv_pool=model_runner.token_to_kv_pool,
@@ -55,29 +53,34 @@ def create_backend(model_runner):
         dense_fallback=fallback,
         policy=policy,
     )
+    backend.control = open_control_channel(options, sa.server_port(model_runner), fingerprint,
+                                           profile, check=backend.hot_swap_problem)
+    return backend
 
 
-def profile_validator(fingerprint, frozen=None):
+def profile_validator(fingerprint, check=None):
     """``validate(profile_json) -> AnchorProfile`` of the control channel: a profile for this
-    model, or KascadeConfigError. ``frozen``: why no profile can be applied in this process
-    (every activation is then refused with that reason, and the sidecar rolls back)."""
+    model, or KascadeConfigError. ``check(profile) -> reason or None``: why this process cannot
+    apply that profile (the backend's ``hot_swap_problem``: captured decode graphs); the
+    activation is then refused with that reason, and the sidecar rolls back."""
     from .profile import profile_from_dict
 
     def validate(data):
-        if frozen:
-            raise KascadeConfigError(f"hot-swap refused: {frozen}")
         p = profile_from_dict(data)
         p.check_model(fingerprint)
+        why = check(p) if check is not None else None
+        if why:
+            raise KascadeConfigError(f"hot-swap refused: {why}")
         return p
 
     return validate
 
 
-def open_control_channel(options, port: int, fingerprint, profile, frozen=None):
+def open_control_channel(options, port: int, fingerprint, profile, check=None):
     """The hot-swap channel of this scheduler process (control.py), or None if turned off.
 
     On by default, so a sidecar can be attached to a running server later; its cost is one
-    ``stat`` call every 50 ms in a daemon thread. ``frozen``: see profile_validator.
+    ``stat`` call every 50 ms in a daemon thread. ``check``: see profile_validator.
     """
     from pathlib import Path
 
@@ -89,7 +92,7 @@ def open_control_channel(options, port: int, fingerprint, profile, frozen=None):
     root = Path(options.control_dir) if options.control_dir else default_control_dir(port)
 
     try:
-        validate = profile_validator(fingerprint, frozen)
+        validate = profile_validator(fingerprint, check)
         channel = SchedulerChannel(root, fingerprint.to_json(), validate, profile.to_json())
     except OSError as e:
         if options.control_dir:  # asked for explicitly: fail loudly

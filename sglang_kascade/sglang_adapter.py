@@ -106,20 +106,11 @@ def _around_support_triton(original, backend, *args, **kwargs):
 
 def decode_graphs_wanted(server_args) -> bool:
     """Decode CUDA graphs for kascade: opt-in (SGLANG_KASCADE_CUDA_GRAPH=1) on CUDA only. The
-    device path (device_path.py) is capturable; the PyTorch path (prefill, CPU) is not."""
+    device path (device_path.py) is capturable, profile hot-swaps included; opt-in because its
+    graph buffers are sized per captured request row at the full context (~22 MiB per row at
+    128K on Llama-3.1-8B shapes), too much for SGLang's default capture sizes."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
     return env_flag("SGLANG_KASCADE_CUDA_GRAPH") and device.startswith("cuda")
-
-
-def hot_swap_frozen_reason(server_args):
-    """Why profiles cannot be hot-swapped in this server, or None. Decode CUDA graphs bake the
-    layer roles (which kernel each layer launches) and the head-map tensors in at capture, so a
-    swap would reach prefill but not decode: refused instead of applied halfway."""
-    if decode_graphs_wanted(server_args) and not getattr(server_args, "disable_cuda_graph", False):
-        return ("decode CUDA graphs (SGLANG_KASCADE_CUDA_GRAPH=1) keep the profile they were "
-                "captured with; restart with --kascade-profile, or serve with "
-                "SGLANG_KASCADE_CUDA_GRAPH=0 to hot-swap")
-    return None
 
 
 def _log_graphs(decode_graphs: bool) -> None:

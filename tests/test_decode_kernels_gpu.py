@@ -41,7 +41,7 @@ if INTERPRET:  # the interpreter is slow and mis-reads bf16: small fp16 cases on
     DTYPES = [torch.float16]
 
 
-def _run(case, dtype, seed, topk_impl="triton"):
+def _run(case, dtype, seed, topk_impl="triton", gate=None):
     from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
     from sglang_kascade.kernels.decode_plan import DecodeBuffers
     from sglang_kascade.kernels.decode_select_triton import select_stages
@@ -57,7 +57,7 @@ def _run(case, dtype, seed, topk_impl="triton"):
     buf.sel_pos.fill_(-7)
     for stage in select_stages(batch.q, batch.k_pool, batch.req_to_token, batch.req_idx,
                                batch.seq_lens, batch.topk, scale, buf,
-                               topk_impl=topk_impl).values():
+                               topk_impl=topk_impl, gate=gate).values():
         stage()
     return batch, buf, scale, decode_sparse_attention
 
@@ -105,6 +105,19 @@ def test_decode_select_and_attention(case, dtype, topk_impl):
     attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:b_sz], batch.topk, head_map,
            scale, buf, out)
     assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale, head_map)) < REL[dtype]
+
+
+def test_closed_gate_selects_nothing():
+    """gate = 0 (a layer that does not select, in a graph captured for any profile): the
+    selection kernels write nothing; the open gate selects as usual."""
+    case = CASES[0]
+    closed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _, buf, _, _ = _run(case, torch.float16, 5, gate=closed)
+    for t in (buf.logits, buf.part_m, buf.part_l, buf.pooled):
+        assert t.isnan().all()
+    assert bool((buf.sel_slot == -7).all()) and bool((buf.sel_pos == -7).all())
+    _, buf, _, _ = _run(case, torch.float16, 5, gate=closed + 1)
+    assert not bool((buf.sel_pos[:len(case[0])] == -7).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

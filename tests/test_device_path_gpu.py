@@ -26,6 +26,7 @@ import math
 import random
 import zlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -443,12 +444,34 @@ class GraphDense(DenseBackend):
 GRAPH_CASES = [CASES[0], CASES[2], CASES[4]]
 
 
+SWAP_ANCHORS = {"a024": [0, 3], "a01d3": [0, 4]}  # same dense layers, other anchors
+
+
+def swapped_profile(profile, prof):
+    """Another profile with the same dense layers: other anchors, new head maps, a smaller
+    budget. Captured decode graphs must serve it after a hot swap, without a recapture."""
+    d = profile.to_json()
+    rng = random.Random(11)
+    hkv = d["model"]["num_kv_heads"]
+    anchors = SWAP_ANCHORS[prof]
+    d["anchor_layers"] = anchors
+    d["head_map"] = [list(range(hkv)) if i in d["dense_layers"] or i in anchors
+                     else rng.sample(range(hkv), hkv) for i in range(NUM_LAYERS)]
+    d["topk_fraction"] = d["topk_fraction"] / 2
+    d["name"] = "swapped"
+    return profile_from_dict(d)
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["captured-profile", "hot-swapped"])
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=case_id)
-def test_cuda_graph_replay_equals_eager(case):
+def test_cuda_graph_replay_equals_eager(case, swap):
     """One decode forward captured (the backend's capture hooks, as SGLang's decode graph runner
     calls them), replayed for two steps of different lengths and inputs; each replay equals the
     eager device path on a twin backend (same pools, same inputs). The second step is shorter
-    than the first, so stale buffer contents past a request's end would show."""
+    than the first, so stale buffer contents past a request's end would show. ``swap``: after
+    the capture the graph backend gets another profile (same dense layers; other anchors, head
+    maps and budget) through the control channel's staging, and the eager twin runs that
+    profile: the replays must follow it with no recapture."""
     setup = build(case)
     prof, policy, lens, hkv, g, d, page, dtype, *_ = case
     hq = hkv * g
@@ -476,8 +499,11 @@ def test_cuda_graph_replay_equals_eager(case):
                                                 enumerate(seq)]).to(DEV))
 
     layers = [Layer(i, hq, hkv, hkv, d, d, d ** -0.5) for i in range(NUM_LAYERS)]
+    new = swapped_profile(setup.profile, prof) if swap else None
     # eager twin
     eager = backend_for(DenseBackend)
+    if swap:
+        eager.set_profile(new, new.budget)
     want = []
     for seq, data in steps:
         fb = batch(seq)
@@ -526,6 +552,9 @@ def test_cuda_graph_replay_equals_eager(case):
     with torch.cuda.graph(graph):
         outs = body()
     poison(be.device_path.graph_buffers)
+    if swap:
+        assert be.hot_swap_problem(new) is None
+        be.control = StagedOnce(new)  # applied by the next out_graph hook, as a sidecar swap is
     for (seq, data), ref_outs in zip(steps, want):
         sfb = load(seq, data)
         be.init_forward_metadata_out_graph(sfb, in_capture=False)
@@ -537,3 +566,22 @@ def test_cuda_graph_replay_equals_eager(case):
             err = float((got - ref_outs[l]).norm() / ref_outs[l].norm())
             assert err < 2 * REL[dtype], (seq, l, err)
     assert be.stats.device_forwards == len(steps)
+    if swap:
+        assert be.profile.name == "swapped" and be.stats.swaps_applied == 1
+
+
+class StagedOnce:
+    """The control channel's side the backend sees: one staged profile, then nothing."""
+
+    def __init__(self, profile):
+        self.staged = SimpleNamespace(profile=profile, generation=1)
+
+    def take_staged(self):
+        staged, self.staged = self.staged, None
+        return staged
+
+    def report_applied(self, generation):
+        pass
+
+    def maybe_write_stats(self, stats, force=False):
+        pass

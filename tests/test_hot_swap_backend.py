@@ -28,8 +28,8 @@ from test_backend_vs_reference import CASES, HEAD_MAPS, build, make_profile_dict
 SWAP_FORWARD = 2  # staged in the middle of forward 2 (between layers 2 and 3)
 
 
-def channel_for(tmp_path, profile_dict, pid=None, frozen=None):
-    validate = profile_validator(ModelFingerprint(**profile_dict["model"]), frozen)
+def channel_for(tmp_path, profile_dict, pid=None, check=None):
+    validate = profile_validator(ModelFingerprint(**profile_dict["model"]), check)
     return SchedulerChannel(tmp_path, profile_dict["model"], validate, profile_dict, pid=pid)
 
 
@@ -114,30 +114,54 @@ def test_a_bad_request_is_refused_and_nothing_changes(tmp_path, why):
     assert state["current"] == pd and state["current_generation"] == 0
 
 
-def test_a_frozen_process_refuses_every_profile_with_the_reason(tmp_path):
-    """Decode CUDA graphs on: a good profile is refused too, naming why (nothing half-applied)."""
+def test_a_profile_the_process_cannot_apply_is_refused_with_the_reason(tmp_path):
+    """The backend's check (captured decode graphs) refuses: nothing is half-applied."""
     pd = build(CASES[0]).profile_dict
-    channel = channel_for(tmp_path, pd, frozen="decode CUDA graphs keep the captured profile")
+    channel = channel_for(tmp_path, pd, check=lambda p: f"captured graphs cannot run {p.name}")
     request(tmp_path, 1, profile_b(pd))
     channel.poll_once()
     assert channel.take_staged() is None
     state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
-    assert "decode CUDA graphs" in state["rejected"]["error"]
+    assert "captured graphs cannot run b" in state["rejected"]["error"]
     assert state["current"] == pd and state["current_generation"] == 0
 
 
-def test_frozen_reason_follows_the_graph_setting(monkeypatch):
-    from types import SimpleNamespace
+def _graph_backend(pd, kmax=64, lmax=512):
+    """A CPU backend whose device path believes decode graphs were captured for ``pd``."""
+    from sglang_kascade.backend import KascadeAttnBackend
+    from sglang_kascade.profile import profile_from_dict
 
-    from sglang_kascade.sglang_adapter import hot_swap_frozen_reason
+    profile = profile_from_dict(pd)
+    be = KascadeAttnBackend(None, None, None, profile, profile.budget, "cpu")
+    dp = be.device_path
+    dp.graph_kinds = dp.graph_kinds_of(be.roles)
+    dp.graph_state = {"lmax": lmax, "kmax": kmax}
+    return be
 
-    gpu = SimpleNamespace(device="cuda", disable_cuda_graph=False)
-    monkeypatch.delenv("SGLANG_KASCADE_CUDA_GRAPH", raising=False)
-    assert hot_swap_frozen_reason(gpu) is None
-    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
-    assert "SGLANG_KASCADE_CUDA_GRAPH=0" in hot_swap_frozen_reason(gpu)
-    assert hot_swap_frozen_reason(SimpleNamespace(device="cuda", disable_cuda_graph=True)) is None
-    assert hot_swap_frozen_reason(SimpleNamespace(device="cpu", disable_cuda_graph=False)) is None
+
+def test_graph_swaps_need_the_same_dense_layers_and_room_in_the_buffers():
+    from sglang_kascade.profile import profile_from_dict
+
+    pd = build(CASES[0]).profile_dict  # dense 0 (+ anchor), anchors 2, 4
+    hkv = pd["model"]["num_kv_heads"]
+
+    def variant(dense, anchors, **kw):
+        v = make_profile_dict(hkv, dense, anchors, HEAD_MAPS[hkv], "token", 8)
+        v.update(model=dict(pd["model"]), **kw)
+        return profile_from_dict(v)
+
+    be = _graph_backend(pd)
+    assert be.device_path.graph_kinds == ["fused"] + ["sparse"] * 5
+    # other anchors, head maps and a budget within the buffers: the captured graphs serve it
+    assert be.hot_swap_problem(variant([0], [0, 3], topk_fraction=0.1)) is None
+    assert "layers [3]" in be.hot_swap_problem(variant([0, 3], [0, 2]))
+    big = variant([0], [0, 2, 4], topk_fraction=0.5)  # k_for(512) = 256 > 64 captured
+    assert "exceeds the captured buffers" in be.hot_swap_problem(big)
+    page = variant([0], [0, 2, 4], granularity="page")
+    assert "token-granularity" in be.hot_swap_problem(page)
+    dense3 = variant([0, 3], [0, 2])
+    be.device_path.graph_kinds = None  # nothing captured (graphs off): anything goes
+    assert be.hot_swap_problem(dense3) is None
 
 
 def test_old_generations_and_garbage_are_ignored(tmp_path):
