@@ -153,7 +153,8 @@ class KascadeAttnBackend(AttentionBackend):
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
         r2t = self.req_to_token_pool.req_to_token
         lmax = min(int(r2t.shape[1]), int(getattr(self.token_to_kv_pool, "size", r2t.shape[1])))
-        self.device_path.init_graph_state(max_bs, lmax)
+        self._at_batch_boundary()  # a profile staged during start-up: the graphs are made for it
+        self.device_path.init_graph_state(max_bs, lmax, self.budget)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Capture or replay of a decode graph: a staged profile applied (its roles and head
@@ -199,12 +200,18 @@ class KascadeAttnBackend(AttentionBackend):
         if self.control is None:
             return
         staged = self.control.take_staged()
-        if staged is not None:
-            self.set_profile(staged.profile, resolve_budget(staged.profile, self.options))
-            self.stats.swaps_applied += 1
-            self.control.report_applied(staged.generation)
-            logger.info("kascade: profile %s active (generation %d)", staged.profile.name,
-                        staged.generation)
+        if staged is None:
+            return
+        why = self.hot_swap_problem(staged.profile)
+        if why:  # validated before the decode graphs were planned (a start-up race): keep ours
+            logger.error("kascade: staged profile %s not applied: %s", staged.profile.name, why)
+            self.control.report_refused(staged.generation, f"hot-swap refused: {why}")
+            return
+        self.set_profile(staged.profile, resolve_budget(staged.profile, self.options))
+        self.stats.swaps_applied += 1
+        self.control.report_applied(staged.generation)
+        logger.info("kascade: profile %s active (generation %d)", staged.profile.name,
+                    staged.generation)
 
     def _count(self, is_decode: bool, seq_lens: list) -> None:
         # Keys selected by each request's last query (tile): host arithmetic, no device reads.

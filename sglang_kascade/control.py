@@ -148,6 +148,8 @@ class SchedulerChannel:
         self._validate = validate
         self._lock = threading.Lock()
         self._staged: Optional[Staged] = None
+        self._active_json = active_json  # the profile the backend runs (last applied)
+        self._taken: Optional[Staged] = None  # handed to the backend, not yet reported
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._last_stats = 0.0
@@ -231,13 +233,24 @@ class SchedulerChannel:
             return None
         with self._lock:
             staged, self._staged = self._staged, None
+            self._taken = staged
         return staged
 
     def report_applied(self, generation: int) -> None:
         with self._lock:
+            if self._taken is not None and self._taken.generation == generation:
+                self._active_json = self._taken.profile_json
             self.state["applied_generation"] = generation
             if self.state["staged_generation"] == generation:
                 self.state["staged_generation"] = None
+            self._publish()
+
+    def report_refused(self, generation: int, error: str) -> None:
+        """A staged profile the backend could not apply after all (what validation checked
+        changed in between): the active profile stays, and the refusal is published."""
+        with self._lock:
+            self.state.update(current=self._active_json, staged_generation=None,
+                              rejected={"generation": generation, "error": error})
             self._publish()
 
     def maybe_write_stats(self, stats: dict, force: bool = False) -> None:

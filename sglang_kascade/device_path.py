@@ -138,8 +138,8 @@ class DevicePath:
         return kinds
 
     def graph_swap_problem(self, roles, budget) -> str | None:
-        """Why a profile (its resolved roles and budget) cannot run in the captured decode
-        graphs, or None (also when nothing was captured)."""
+        """Why a profile (its resolved roles and budget) cannot run in the decode graphs, or
+        None (also when graphs are off)."""
         if self.graph_kinds is None:
             return None
         kinds = self.graph_kinds_of(roles)
@@ -191,17 +191,20 @@ class DevicePath:
 
     # ---- CUDA graphs (decode) --------------------------------------------------------------------
 
-    def init_graph_state(self, max_bs: int, lmax: int) -> None:
-        """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys.
+    def init_graph_state(self, max_bs: int, lmax: int, budget) -> None:
+        """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys,
+        and what the captures will launch per layer (``graph_kinds``, from the profile now).
         Replays copy each step's plan into them (plan_graph); the kernels' grids are sized for
         the capacity and their loops by the lengths they load, so one capture serves every
         step. The graph buffers (allocated at the first capture) hold ``kmax`` (the budget at
         ``lmax``, to a power of two); about 22 MiB per request row at lmax 128K on
         Llama-3.1-8B shapes (logits 16, pooled 4, Top-k 2), times ``max_bs`` (SGLang's
-        ``--cuda-graph-max-bs-decode``)."""
+        ``--cuda-graph-max-bs-decode``). From here on hot swaps are checked against both
+        (graph_swap_problem)."""
         dev = self.device
+        self.graph_kinds = self.graph_kinds_of(self.roles)
         self.graph_state = dict(
-            max_bs=max_bs, lmax=lmax, kmax=0,
+            max_bs=max_bs, lmax=lmax, kmax=min(lmax, _pow2(budget.k_for(lmax), 256)),
             req_idx=torch.zeros(max_bs, dtype=torch.int64, device=dev),
             seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
             topk=torch.ones(max_bs, dtype=torch.int32, device=dev))
@@ -212,10 +215,8 @@ class DevicePath:
         selects every key: the dense result), since a graph cannot switch paths per step."""
         g = self.graph_state
         bs = len(seq_lens_cpu)
-        if not g["kmax"]:
-            g["kmax"] = min(g["lmax"], _pow2(budget.k_for(g["lmax"]), 256))
-        # k_for grows with the length, so k <= kmax; the clamp only guards the buffers
-        # (hot swaps, which could change the budget, are refused while graphs are on)
+        # k_for grows with the length, so k <= kmax; the clamp only guards the buffers (hot
+        # swaps to a budget beyond kmax are refused: graph_swap_problem)
         ks = [max(1, min(budget.k_for(s), g["kmax"])) for s in seq_lens_cpu]
         g["req_idx"][:bs].copy_(req_pool_indices, non_blocking=True)
         g["seq_lens"][:bs].copy_(seq_lens, non_blocking=True)
@@ -302,13 +303,11 @@ class DevicePath:
     def _forward_graph(self, fwd: DeviceForward, role, layer_id, q3, k_buf, v_buf,
                        req_to_token, scale):
         """One layer of a decode forward being captured (replays rerun these kernels with the
-        profile tables as they are then). Records what it launched in ``graph_kinds``."""
+        profile tables as they are then). What it launches: ``graph_kinds`` (init_graph_state)."""
         from .kernels.decode_attention_triton import decode_sparse_attention
         from .kernels.decode_dense_triton import decode_dense_select
         from .kernels.decode_select_triton import decode_select
 
-        if self.graph_kinds is None or len(self.graph_kinds) != len(self.roles):
-            self.graph_kinds = self.graph_kinds_of(self.roles)
         kind = self.graph_kinds[layer_id]
         if kind == "dense":
             return None

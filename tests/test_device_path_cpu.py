@@ -45,8 +45,8 @@ def test_plan_prefill_tiles_budgets_and_rows():
 
 def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
     dp = DevicePath("cpu")
-    dp.init_graph_state(max_bs=4, lmax=4096)
     budget = BudgetConfig(topk_fraction=0.1, k_min=16)
+    dp.init_graph_state(max_bs=4, lmax=4096, budget=budget)
     seq = [100, 5, 4096]
     fwd = dp.plan_graph(torch.tensor([3, 1, 2]), torch.tensor(seq), seq, budget)
     g = dp.graph_state

@@ -583,5 +583,8 @@ class StagedOnce:
     def report_applied(self, generation):
         pass
 
+    def report_refused(self, generation, error):
+        raise AssertionError(error)
+
     def maybe_write_stats(self, stats, force=False):
         pass

@@ -164,6 +164,32 @@ def test_graph_swaps_need_the_same_dense_layers_and_room_in_the_buffers():
     assert be.hot_swap_problem(dense3) is None
 
 
+def test_a_profile_staged_before_the_graphs_were_planned_is_refused_when_applied(tmp_path):
+    """The start-up race: the watcher validated a profile while graphs were off, the graphs
+    were planned, then the backend takes it: it keeps its profile and publishes the refusal."""
+    pd = build(CASES[0]).profile_dict
+    hkv = pd["model"]["num_kv_heads"]
+    other = make_profile_dict(hkv, [0, 3], [0, 2], HEAD_MAPS[hkv], "token", 8)
+    other.update(model=dict(pd["model"]), name="other-dense")
+    channel = channel_for(tmp_path, pd)  # no check: validated as if graphs were off
+    request(tmp_path, 1, other)
+    channel.poll_once()
+    be = _graph_backend(pd)
+    be.control = channel
+    be._at_batch_boundary()
+    assert be.profile.name == pd["name"] and be.stats.swaps_applied == 0
+    state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
+    assert state["current"] == pd and state["staged_generation"] is None
+    assert state["rejected"]["generation"] == 1 and "layers [3]" in state["rejected"]["error"]
+    # a good profile still swaps afterwards
+    request(tmp_path, 2, profile_b(pd) | {"topk_fraction": 0.1})
+    channel.poll_once()
+    be._at_batch_boundary()
+    assert be.profile.name == "b" and be.stats.swaps_applied == 1
+    state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
+    assert state["applied_generation"] == 2 and state["current"]["name"] == "b"
+
+
 def test_old_generations_and_garbage_are_ignored(tmp_path):
     pd = build(CASES[0]).profile_dict
     request(tmp_path, 5, pd)  # left over from an earlier server: start-up profile wins
