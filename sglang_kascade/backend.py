@@ -179,8 +179,8 @@ class KascadeAttnBackend(AttentionBackend):
 
     def hot_swap_problem(self, profile: AnchorProfile) -> str | None:
         """Why ``profile`` cannot be applied in this process, or None. Only captured decode
-        graphs constrain it (same dense layers, Top-k within the captured buffers); called by the
-        control channel's validator before a scheduler stages a profile."""
+        graphs constrain it (same dense layers, Top-k within the captured buffers); asked by the
+        control channel's validator before a profile is staged, and again when it is applied."""
         roles, _ = layer_roles(apply_policy(profile, self.policy.name))
         return self.device_path.graph_swap_problem(roles, resolve_budget(profile, self.options))
 
