@@ -272,14 +272,7 @@ class DevicePath:
         from .kernels.decode_dense_triton import decode_dense_select
         from .kernels.decode_select_triton import decode_select
 
-        b, hq, d = q3.shape
-        hkv = k_buf.shape[1]
-        buf = self._buffers(fwd, hq, hkv, d)
-        fwd.layers_run += 1
-        self.layers_run += 1
-        if q3.stride(-1) != 1:
-            q3 = q3.contiguous()
-        out = q3.new_empty(b, hq, v_buf.shape[-1])
+        q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
         if role == "dense_anchor":
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
                                 fwd.topk, scale, buf, out, lscan=fwd.lmax)
@@ -289,7 +282,7 @@ class DevicePath:
             decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale,
                           buf, lscan=fwd.lmax)
             fwd.has_selection = True
-            ident = self._identity(hkv)
+            ident = self._identity(k_buf.shape[1])
             return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk, ident,
                                            scale, buf, out, sel_pos=buf.sel_pos,
                                            logits=buf.logits)
@@ -299,6 +292,17 @@ class DevicePath:
             return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
                                            self.head_maps[layer_id], scale, buf, out)
         raise ValueError(f"role {role!r} has no device path")
+
+    def _begin_layer(self, fwd: DeviceForward, q3, k_buf, v_buf):
+        """A decode layer the kernels compute: (q3 with unit last stride, the buffers, the
+        output [B, Hq, Dv] to fill); counts the layer."""
+        b, hq, d = q3.shape
+        buf = self._buffers(fwd, hq, k_buf.shape[1], d)
+        fwd.layers_run += 1
+        self.layers_run += 1
+        if q3.stride(-1) != 1:
+            q3 = q3.contiguous()
+        return q3, buf, q3.new_empty(b, hq, v_buf.shape[-1])
 
     def _forward_graph(self, fwd: DeviceForward, role, layer_id, q3, k_buf, v_buf,
                        req_to_token, scale):
@@ -311,14 +315,7 @@ class DevicePath:
         kind = self.graph_kinds[layer_id]
         if kind == "dense":
             return None
-        b, hq, d = q3.shape
-        hkv = k_buf.shape[1]
-        buf = self._buffers(fwd, hq, hkv, d)
-        fwd.layers_run += 1
-        self.layers_run += 1
-        if q3.stride(-1) != 1:
-            q3 = q3.contiguous()
-        out = q3.new_empty(b, hq, v_buf.shape[-1])
+        q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
         if kind == "fused":
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
                                 fwd.topk, scale, buf, out, lscan=fwd.lmax)
