@@ -88,15 +88,7 @@ def test_dense_prefill_knob_sends_every_extend_layer_to_the_dense_backend(monkey
     dense = tb.FakeDenseBackend(r2t, kv)
     be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"))
     assert be.dense_prefill
-    n = 90
-    fb = tb.FakeForwardBatch(tb.FakeForwardMode(False), torch.tensor([0]), torch.tensor([n]),
-                             torch.tensor([n]), [0], [n], scn.slots["A"][:n])
-    be.init_forward_metadata(fb)
-    for lid in range(tb.NUM_LAYERS):
-        layer = tb.FakeLayer(lid, m.hq, m.hkv, m.hkv, m.d, m.d, m.scale)
-        q = torch.randn(n, m.hq * m.d).to(m.dtype)
-        k = torch.randn(n, m.hkv, m.d).to(m.dtype)
-        be.forward(q, k, k, layer, fb)
+    _prefill(be, tb, scn, 90)
     assert [c[0] for c in dense.calls] == list(range(tb.NUM_LAYERS))
     assert all(c[2] for c in dense.calls)  # the dense backend wrote the KV
     assert be.plan is None
