@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from sglang_kascade.config import BudgetConfig, PolicyConfig
+from sglang_kascade.config import BudgetConfig, KascadeOptions, PolicyConfig
 from sglang_kascade.device_path import DevicePath
 from sglang_kascade.sglang_adapter import decode_graphs_wanted
 
@@ -75,18 +75,10 @@ def test_decode_graphs_are_opt_in_and_cuda_only(monkeypatch):
 
 def test_dense_prefill_knob_sends_every_extend_layer_to_the_dense_backend(monkeypatch):
     import test_backend_vs_reference as tb
-    from sglang_kascade.backend import KascadeAttnBackend
-    from sglang_kascade.profile import profile_from_dict
 
     monkeypatch.setenv("SGLANG_KASCADE_DENSE_PREFILL", "1")
     scn = tb.build(tb.CASES[0])
-    m = scn.model
-    profile = profile_from_dict(scn.profile_dict)
-    r2t = tb.FakeReqToTokenPool(8, tb.MAX_CTX)
-    r2t.req_to_token[0] = scn.slots["A"].to(torch.int32)
-    kv = tb.FakeKVPool(tb.NUM_LAYERS, scn.num_slots, m.hkv, m.d, m.dtype)
-    dense = tb.FakeDenseBackend(r2t, kv)
-    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"))
+    be, dense = _cpu_backend(tb, scn)
     assert be.dense_prefill
     _prefill(be, tb, scn, 90)
     assert [c[0] for c in dense.calls] == list(range(tb.NUM_LAYERS))
@@ -94,7 +86,23 @@ def test_dense_prefill_knob_sends_every_extend_layer_to_the_dense_backend(monkey
     assert be.plan is None
 
 
-def _prefill(be, tb, scn, n, layers=None):
+def _cpu_backend(tb, scn, options=KascadeOptions()):
+    """(backend, its fake dense backend) on the CPU for scenario ``scn``'s request A."""
+    from sglang_kascade.backend import KascadeAttnBackend
+    from sglang_kascade.profile import profile_from_dict
+
+    m = scn.model
+    profile = profile_from_dict(scn.profile_dict)
+    r2t = tb.FakeReqToTokenPool(8, tb.MAX_CTX)
+    r2t.req_to_token[0] = scn.slots["A"].to(torch.int32)
+    kv = tb.FakeKVPool(tb.NUM_LAYERS, scn.num_slots, m.hkv, m.d, m.dtype)
+    dense = tb.FakeDenseBackend(r2t, kv)
+    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"),
+                            options=options)
+    return be, dense
+
+
+def _prefill(be, tb, scn, n):
     m = scn.model
     fb = tb.FakeForwardBatch(tb.FakeForwardMode(False), torch.tensor([0]), torch.tensor([n]),
                              torch.tensor([n]), [0], [n], scn.slots["A"][:n])
@@ -108,20 +116,10 @@ def _prefill(be, tb, scn, n, layers=None):
 
 def test_dense_prefill_below_sends_short_prefills_dense_and_long_ones_sparse(monkeypatch):
     import test_backend_vs_reference as tb
-    from sglang_kascade.backend import KascadeAttnBackend
-    from sglang_kascade.config import KascadeOptions
-    from sglang_kascade.profile import profile_from_dict
 
     monkeypatch.delenv("SGLANG_KASCADE_DENSE_PREFILL", raising=False)
     scn = tb.build(tb.CASES[0])
-    m = scn.model
-    profile = profile_from_dict(scn.profile_dict)
-    r2t = tb.FakeReqToTokenPool(8, tb.MAX_CTX)
-    r2t.req_to_token[0] = scn.slots["A"].to(torch.int32)
-    kv = tb.FakeKVPool(tb.NUM_LAYERS, scn.num_slots, m.hkv, m.d, m.dtype)
-    dense = tb.FakeDenseBackend(r2t, kv)
-    be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device("cpu"),
-                            options=KascadeOptions(dense_prefill_below=80))
+    be, dense = _cpu_backend(tb, scn, KascadeOptions(dense_prefill_below=80))
     assert be.dense_prefill_below == 80
     _prefill(be, tb, scn, 79)  # shorter than 80: every layer dense
     assert [c[0] for c in dense.calls] == list(range(tb.NUM_LAYERS))
