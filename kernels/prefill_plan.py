@@ -22,6 +22,7 @@ class PrefillTiles:
     tile_q_len: torch.Tensor  # [nt] queries of the tile present in this extend (1..T)
     tile_p_lo: torch.Tensor  # [nt] absolute position of the first of them
     req_first_tile: list  # [B + 1] host: tiles of request b are [first[b], first[b+1])
+    host_start: list  # [nt] host copy of tile_start (budgets are planned on the host)
 
     @property
     def num_tiles(self) -> int:
@@ -49,4 +50,4 @@ def plan_prefill_tiles(prefix_lens, extend_lens, tile_size: int, device) -> Pref
     def t(x):
         return torch.tensor(x, dtype=torch.int32, device=device)
 
-    return PrefillTiles(t(req), t(start), t(q_lo), t(q_len), t(p_lo), first)
+    return PrefillTiles(t(req), t(start), t(q_lo), t(q_len), t(p_lo), first, start)
