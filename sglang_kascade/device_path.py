@@ -84,16 +84,15 @@ class DevicePath:
         self.device = torch.device(device)
         self.enabled = True  # False: the backend keeps the PyTorch path (tests compare both)
         self.buffers = None  # kernels.decode_plan.DecodeBuffers, grown when needed
-        self.head_maps: list = []  # per layer [Hkv] int32 on the device
         self.selects: list = []
         self.roles: list = []
         self.layers_run = 0  # layers computed by the kernels, all forwards (tests, logging)
         self.graph_state = None  # static plan tensors + capacity for CUDA graphs, or None
         self.graph_buffers = None  # DecodeBuffers of the captured graphs (never reallocated)
-        # The profile as device data for captured graphs (updated in place by set_profile, so a
-        # hot-swapped profile reaches the graphs without a recapture):
+        # The profile as device data, updated in place by set_profile (captured graphs read
+        # these addresses, so a hot-swapped profile reaches them without a recapture):
         self.graph_selects = None  # [L] int32: 1 = the layer selects (gates decode_select)
-        self.graph_head_maps = None  # [L, Hkv] int32: reuse rows = the head map, others identity
+        self.head_map_table = None  # [L, Hkv] int32: reuse rows = the head map, others identity
         self.graph_kinds: list | None = None  # per layer, what the capture launched (graph_kind)
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
@@ -102,19 +101,16 @@ class DevicePath:
         self.roles = list(roles)
         self.selects = list(selects)
         if self.device.type != "cuda":
-            self.head_maps = []
             return
-        self.head_maps = [torch.tensor(r, dtype=torch.int32, device=self.device)
-                          for r in profile.head_map]
         ident = list(range(len(profile.head_map[0]) if profile.head_map else 0))
         sel = torch.tensor([int(x) for x in selects], dtype=torch.int32)
         hm = torch.tensor([list(r) if role == "reuse" else ident
                            for r, role in zip(profile.head_map, roles)], dtype=torch.int32)
-        if self.graph_selects is None or self.graph_head_maps.shape != hm.shape:
-            self.graph_selects, self.graph_head_maps = sel.to(self.device), hm.to(self.device)
+        if self.graph_selects is None or self.head_map_table.shape != hm.shape:
+            self.graph_selects, self.head_map_table = sel.to(self.device), hm.to(self.device)
         else:  # in place: captured graphs read these addresses
             self.graph_selects.copy_(sel)
-            self.graph_head_maps.copy_(hm)
+            self.head_map_table.copy_(hm)
 
     # ---- what a captured decode graph launches per layer -----------------------------------------
 
@@ -123,7 +119,7 @@ class DevicePath:
         """Per layer, the kernels a decode graph captures for these roles: "dense" (SGLang's
         dense backend), "fused" (layer 0: dense + selection in one pass, always selecting) or
         "sparse" (the selection gated by ``graph_selects``, then attention through
-        ``graph_head_maps``). Anchors and reuse layers look alike, so profiles that differ only
+        ``head_map_table``). Anchors and reuse layers look alike, so profiles that differ only
         in which layers select, their head maps and the budget share one capture."""
         kinds, selected = [], False
         for role in roles:
@@ -176,15 +172,11 @@ class DevicePath:
 
         dev, t = self.device, budget.tile_size
         tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev)
-        starts, ks, reqs = [], [], []
-        for b, (prefix, n) in enumerate(zip(prefix_lens, extend_lens)):
-            for tile in range(prefix // t, (prefix + n - 1) // t + 1):
-                starts.append(tile * t)
-                ks.append(budget.k_for(tile * t))
-                reqs.append(b)
+        starts = tiles.host_start
+        ks = [budget.k_for(s) for s in starts]
         req_idx = torch.tensor(pools, dtype=torch.int64).to(dev, non_blocking=True)
         return DevicePrefill(
-            tiles=tiles, req_idx=req_idx, tile_row=req_idx[torch.tensor(reqs, device=dev)],
+            tiles=tiles, req_idx=req_idx, tile_row=req_idx[tiles.tile_req.long()],
             tile_k=torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
             tile_size=t, batch=len(pools), kmax=max(ks), max_start=max(starts),
             all_dense=all(k >= s for k, s in zip(ks, starts)))
@@ -282,15 +274,15 @@ class DevicePath:
             decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale,
                           buf, lscan=fwd.lmax)
             fwd.has_selection = True
-            ident = self._identity(k_buf.shape[1])
-            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk, ident,
-                                           scale, buf, out, sel_pos=buf.sel_pos,
+            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
+                                           self.head_map_table[layer_id], scale, buf, out,
+                                           sel_pos=buf.sel_pos,
                                            logits=buf.logits)
         if role == "reuse":
             if not fwd.has_selection:  # its anchor ran dense (a fallback layer): as the torch path
                 return None
             return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
-                                           self.head_maps[layer_id], scale, buf, out)
+                                           self.head_map_table[layer_id], scale, buf, out)
         raise ValueError(f"role {role!r} has no device path")
 
     def _begin_layer(self, fwd: DeviceForward, q3, k_buf, v_buf):
@@ -323,7 +315,7 @@ class DevicePath:
         decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale, buf,
                       lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
         return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
-                                       self.graph_head_maps[layer_id], scale, buf, out)
+                                       self.head_map_table[layer_id], scale, buf, out)
 
     def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
                          req_to_token, scale):
@@ -348,23 +340,15 @@ class DevicePath:
             fwd.has_selection = True
             if role == "dense_anchor":
                 return None  # its output: SGLang's dense backend
-            head_map = self._identity(hkv)
         elif role == "reuse":
             if not fwd.has_selection:  # its anchor ran dense (a fallback layer)
                 return None
-            head_map = self.head_maps[layer_id]
         else:
             raise ValueError(f"role {role!r} has no device path")
         out = q3.new_empty(q3.shape[0], q3.shape[1], v_buf.shape[-1])
         return prefill_sparse_attention(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.tiles,
-                                        fwd.tile_size, fwd.sel_slot, fwd.tile_k, head_map,
-                                        scale, out)
-
-    def _identity(self, hkv: int) -> torch.Tensor:
-        ident = getattr(self, "_ident", None)
-        if ident is None or ident.numel() != hkv:
-            ident = self._ident = torch.arange(hkv, dtype=torch.int32, device=self.device)
-        return ident
+                                        fwd.tile_size, fwd.sel_slot, fwd.tile_k,
+                                        self.head_map_table[layer_id], scale, out)
 
     def selection(self, fwd: DeviceForward, r: int):
         """(pos [Hkv, k] int64, k) of request r's latest selection (tests; reads the device)."""
