@@ -4,15 +4,11 @@
 # On a GPU host prepared with ../shared/gpu-stack (PYTHONPATH=/tmp/site).
 # Usage: bench/e2e_bench.sh OUT_DIR "LENS" "BACKENDS"   e.g. $OUT "4096 32768" "flashinfer kascade"
 # Backend names: flashinfer (decode CUDA graphs on, SGLang's default), flashinfer-nograph
-# (--disable-cuda-graph: the kascade plugin turns graphs off, so this is its like-for-like
-# baseline), kascade (the shipped profile SGLang resolves for this architecture, topk 0.10,
-# k_min 128; CUDA graphs off), kascade-graph (SGLANG_KASCADE_CUDA_GRAPH=1: decode in CUDA graphs),
-# kascade-graph-dp (also SGLANG_KASCADE_DENSE_PREFILL=1: prefill dense through FlashInfer),
-# kascade-graph-sp (SGLANG_KASCADE_DENSE_PREFILL_BELOW=0: sparse prefill at every length, the
-# Triton device path, instead of dense below the default threshold).
-# Graph variants capture batch 1 only (--cuda-graph-max-bs-decode 1): the device path's graph
-# buffers are per captured request row (~22 MiB at 128K), and SGLang's default of 256 rows left
-# too little memory for the PyTorch-path prefill (out of memory, measured).
+# (--disable-cuda-graph), kascade (the stock command: the shipped profile SGLang resolves for this
+# architecture, topk 0.10, k_min 128, decode CUDA graphs on with SGLang's default capture sizes),
+# kascade-nograph (SGLANG_KASCADE_CUDA_GRAPH=0), kascade-dp (SGLANG_KASCADE_DENSE_PREFILL=1:
+# prefill dense through FlashInfer), kascade-sp (SGLANG_KASCADE_DENSE_PREFILL_BELOW=0: sparse
+# prefill at every length instead of dense below the default threshold).
 # Appends one JSON line per run to OUT_DIR/e2e.jsonl (bench_one_batch's result file) and keeps
 # each run's log as OUT_DIR/<backend>-<len>.log.
 set -uo pipefail
@@ -30,17 +26,12 @@ for len in $lens; do
       flashinfer) attn=flashinfer ;;
       flashinfer-nograph) attn=flashinfer; extra+=(--disable-cuda-graph) ;;
       kascade) attn=kascade ;;
-      kascade-graph) attn=kascade; envs=(SGLANG_KASCADE_CUDA_GRAPH=1)
-        extra+=(--cuda-graph-max-bs-decode 1) ;;
-      kascade-graph-dp) attn=kascade; extra+=(--cuda-graph-max-bs-decode 1)
-        envs=(SGLANG_KASCADE_CUDA_GRAPH=1 SGLANG_KASCADE_DENSE_PREFILL=1) ;;
-      kascade-graph-sp) attn=kascade; extra+=(--cuda-graph-max-bs-decode 1)
-        envs=(SGLANG_KASCADE_CUDA_GRAPH=1 SGLANG_KASCADE_DENSE_PREFILL_BELOW=0) ;;
+      kascade-nograph) attn=kascade; envs=(SGLANG_KASCADE_CUDA_GRAPH=0) ;;
+      kascade-dp) attn=kascade; envs=(SGLANG_KASCADE_DENSE_PREFILL=1) ;;
+      kascade-sp) attn=kascade; envs=(SGLANG_KASCADE_DENSE_PREFILL_BELOW=0) ;;
     esac
-    if [ "$len" -ge 65536 ]; then
+    if [ "$len" -ge 65536 ]; then  # every backend alike: room for a 128K prefill's activations
       extra+=(--mem-fraction-static 0.55 --cuda-graph-backend-prefill=disabled)
-    elif [ "$b" != "${b#kascade-graph}" ]; then
-      extra+=(--mem-fraction-static 0.7)  # room for the graph buffers and the torch prefill
     fi
     cmd=(env "${envs[@]}" python3 -P bench/one_batch.py --model-path "$model" --load-format dummy --dtype bfloat16
          --batch-size 1 --input-len "$len" --output-len "$outlen" --attention-backend "$attn"

@@ -6,7 +6,10 @@ gathers K/V rows straight from the token-major pool (``[slots, Hkv, D]``, 2*D co
 row), and keeps an online softmax for the G query heads of the KV head at once (packed as rows of
 one tl.dot, padded to 16). ``_combine_kernel`` merges the split partials (flash-decoding).
 
-Anchor layers pass ``logits`` (the scores stage's fp32 logits, [B, Hkv, lmax, G], log2 units):
+The selection and the logits are token-indexed (decode_plan.py): request b's row of KV head h
+starts at ``[h, tok_off[b]]``.
+
+Anchor layers pass ``logits`` (the scores stage's fp32 logits, [Hkv, tokens, G], log2 units):
 then the kernel reads the selected logits instead of K, so an anchor reads K once (to score) and
 only the selected V. Reuse layers and dense-equivalent checks pass ``logits=None`` and read K.
 
@@ -25,11 +28,11 @@ from .decode_select_triton import LOG2E
 
 @triton.jit
 def _sparse_decode_kernel(
-    q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, topk_ptr, head_map_ptr, logits_ptr,
+    q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, tok_off_ptr, topk_ptr, head_map_ptr, logits_ptr,
     po_ptr, plse_ptr,
     sm_scale_log2,
-    s_qb, s_qh, s_ks, s_kh, s_vs, s_vh, s_sb, s_sh,
-    s_lb, s_lh, s_ln, s_lg, s_ob, s_oh, s_os, s_eb, s_eh,
+    s_qb, s_qh, s_ks, s_kh, s_vs, s_vh, s_sh,
+    s_lh, s_ln, s_lg, s_ob, s_oh, s_os, s_eb, s_eh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, USE_LOGITS: tl.constexpr,
 ):
@@ -49,15 +52,16 @@ def _sparse_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, DV], tl.float32)
-    sel_base = b.to(tl.int64) * s_sb + hs * s_sh
+    off = tl.load(tok_off_ptr + b).to(tl.int64)
+    sel_base = off + hs * s_sh
     for r0 in range(lo, hi, BLOCK_N):
         r = r0 + tl.arange(0, BLOCK_N)
         ok = r < hi
         slot = tl.load(slot_ptr + sel_base + r, mask=ok, other=0).to(tl.int64)
         if USE_LOGITS:
             p_idx = tl.load(pos_ptr + sel_base + r, mask=ok, other=0)
-            s = tl.load(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg
-                        + p_idx[None, :].to(tl.int64) * s_ln,
+            s = tl.load(logits_ptr + h * s_lh + offs_g[:, None] * s_lg
+                        + (off + p_idx[None, :].to(tl.int64)) * s_ln,
                         mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
         else:
             k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
@@ -127,14 +131,15 @@ def decode_sparse_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_pool: torch.Tensor,  # [slots, Hkv, D]
     v_pool: torch.Tensor,  # [slots, Hkv, Dv]
-    sel_slot: torch.Tensor,  # [B, Hkv_anchor, kmax] int32 pool slots (buf.sel_slot)
+    sel_slot: torch.Tensor,  # [Hkv_anchor, tokens] int32 pool slots (buf.sel_slot)
+    tok_off: torch.Tensor,  # [B] int64 row starts (decode_plan.row_offsets)
     topk: torch.Tensor,  # [B] int32 valid entries of each request's rows
     head_map: torch.Tensor,  # [Hkv] int32: KV head h reads selection row head_map[h]
     scale: float,
     buf: DecodeBuffers,
     out: torch.Tensor,  # [B, Hq, Dv], written
-    sel_pos: torch.Tensor | None = None,  # [B, Hkv, kmax] int32, with logits
-    logits: torch.Tensor | None = None,  # [B, Hkv, lmax, G] fp32 (anchor layers: skip K)
+    sel_pos: torch.Tensor | None = None,  # [Hkv, tokens] int32, with logits
+    logits: torch.Tensor | None = None,  # [Hkv, tokens, G] fp32 (anchor layers: skip K)
 ) -> torch.Tensor:
     b_sz, hq, d = q.shape
     hkv, dv = k_pool.shape[1], v_pool.shape[-1]
@@ -145,11 +150,11 @@ def decode_sparse_attention(
     po, pe = buf.attn_o, buf.attn_lse
     splits = buf.splits
     _sparse_decode_kernel[(splits, hkv, b_sz)](
-        q, k_pool, v_pool, sel_slot, pos, topk, head_map, lg, po, pe,
+        q, k_pool, v_pool, sel_slot, pos, tok_off, topk, head_map, lg, po, pe,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-        v_pool.stride(0), v_pool.stride(1), sel_slot.stride(0), sel_slot.stride(1),
-        lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
+        v_pool.stride(0), v_pool.stride(1), sel_slot.stride(0),
+        lg.stride(0), lg.stride(1), lg.stride(2),
         po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
         G=g, BLOCK_G=block_g(g), D=d, DV=dv, BLOCK_N=ATTN_BLOCK_N, SPLITS=splits,
         USE_LOGITS=use_logits, num_warps=4, num_stages=3,

@@ -25,6 +25,7 @@ def decode_dense_select(
     req_to_token: torch.Tensor,  # [R, C] int32
     req_idx: torch.Tensor,  # [B] int
     seq_lens: torch.Tensor,  # [B] int32
+    tok_off: torch.Tensor,  # [B] int64 row starts (decode_plan.row_offsets)
     topk: torch.Tensor,  # [B] int32
     scale: float,
     buf: DecodeBuffers,
@@ -32,8 +33,8 @@ def decode_dense_select(
     lscan: int | None = None,
 ) -> torch.Tensor:
     """Dense decode attention into ``out`` and the selection into buf (as decode_select)."""
-    stages = select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, lscan,
-                           v_pool=v_pool)
+    stages = select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf,
+                           lscan, v_pool=v_pool)
     stages["score"]()
     scan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
     n_chunks = min(buf.chunks, math.ceil(scan / buf.chunk))

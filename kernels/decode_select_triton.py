@@ -5,12 +5,14 @@ Stages (reference: ``decode_torch.decode_select_torch``):
      each KV head (stored, fp32, log2 units: 16 B per key and KV head at G=4 against 256 B of K)
      and per-chunk running max / sum of each head.
   2. ``_pool_kernel``   per-head log-sum-exp from the chunk partials; pooled probabilities
-     ``sum_g exp2(logit_g - lse_g)``; -1 past the request's length (never chosen before a key).
+     ``sum_g exp2(logit_g - lse_g)``.
   3. ``topk_select``    (topk_triton.py) exact Top-topk[b] per (request, KV head) by radix select,
      written as positions and pool slots (int32), once per anchor; every reuse layer then
      gathers K/V straight from the slots. Budgets and lengths are read on the device.
-     (``topk_impl="torch"``: torch.topk, sorted, into static buffers, then ``_slots_kernel``;
-     rank < topk[b] marks the valid entries. Kept as the measured alternative.)
+Logits, pooled scores and the selection are token-indexed (decode_plan.py): request b's run of
+KV head h starts at ``[h, tok_off[b]]``, so the buffers are sized by the summed context.
+(torch.topk + a slot lookup was the measured alternative to stage 3, removed with the ragged
+layout: docs/results/kernels-h100.md keeps its figures.)
 
 Why Triton: the work is a memory-bound gather (rows of the pool chosen through req_to_token),
 Triton 3.6 ships on the GPU hosts with no build step, and its interpreter lets the kernels be
@@ -34,11 +36,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, logits_ptr, pm_ptr, pl_ptr,
+    q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, tok_off_ptr, logits_ptr, pm_ptr, pl_ptr,
     v_ptr, o_ptr, lse_ptr, gate_ptr,
     sm_scale_log2,
     s_qb, s_qh, s_ks, s_kh, s_r2t,
-    s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
+    s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
     s_vs, s_vh, s_ob, s_oh, s_oc, s_eb, s_eh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, WITH_V: tl.constexpr,
@@ -50,6 +52,7 @@ def _score_kernel(
         c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + b)
         row = tl.load(req_idx_ptr + b).to(tl.int64)
+        lg_base = h * s_lh + tl.load(tok_off_ptr + b).to(tl.int64) * s_ln  # this row's logits
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, D)
         g_ok = offs_g < G
@@ -69,7 +72,7 @@ def _score_kernel(
                         mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
             s = tl.dot(q, tl.trans(k)) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
             s = tl.where(ok[None, :], s, float("-inf"))
-            tl.store(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
+            tl.store(logits_ptr + lg_base + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
                      s, mask=g_ok[:, None] & ok[None, :])
             m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every step holds a key
             alpha = tl.exp2(m_i - m_new)
@@ -93,14 +96,15 @@ def _score_kernel(
 
 @triton.jit
 def _pool_kernel(
-    logits_ptr, pm_ptr, pl_ptr, seq_lens_ptr, pooled_ptr, gate_ptr,
-    n_chunks, lscan,
-    s_lb, s_lh, s_ln, s_lg, s_pb, s_ph, s_pg, s_ob, s_oh,
+    logits_ptr, pm_ptr, pl_ptr, seq_lens_ptr, tok_off_ptr, pooled_ptr, gate_ptr,
+    n_chunks,
+    s_lh, s_ln, s_lg, s_pb, s_ph, s_pg, s_oh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     if tl.load(gate_ptr) != 0:
         j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + b)
+        off = tl.load(tok_off_ptr + b).to(tl.int64)
         offs_g = tl.arange(0, BLOCK_G)
         g_ok = offs_g < G
         # Log-sum-exp of each query head from the chunk partials: [BLOCK_G].
@@ -119,30 +123,13 @@ def _pool_kernel(
         lse = tl.where(g_ok, m_run + tl.log2(l_run), float("inf"))  # padded heads add exp2(-inf) = 0
         pos = j * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = pos < seq_len
-        lg = tl.load(logits_ptr + b * s_lb + h * s_lh + offs_g[:, None] * s_lg + pos[None, :] * s_ln,
+        lg = tl.load(logits_ptr + h * s_lh + (off + pos[None, :]) * s_ln + offs_g[:, None] * s_lg,
                      mask=g_ok[:, None] & ok[None, :], other=float("-inf"))
         pooled = tl.sum(tl.exp2(lg - lse[:, None]), 0)  # [BLOCK_P]
-        pooled = tl.where(ok, pooled, -1.0)
-        tl.store(pooled_ptr + b * s_ob + h * s_oh + pos, pooled, mask=pos < lscan)
+        # Only this row's run: the next request's run starts at its end.
+        tl.store(pooled_ptr + h * s_oh + off + pos, pooled, mask=ok)
         # (Adding the first radix-select histogram here was measured slower on the H100: +156 us
         # in this kernel against -74 us saved in topk_select at B=16, 128K.)
-
-
-@triton.jit
-def _slots_kernel(
-    top_idx_ptr, r2t_ptr, req_idx_ptr, pos_ptr, slot_ptr, kmax,
-    s_tb, s_th, s_r2t,
-    BLOCK: tl.constexpr,
-):
-    j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row = tl.load(req_idx_ptr + b).to(tl.int64)
-    r = j * BLOCK + tl.arange(0, BLOCK)
-    ok = r < kmax
-    base = b * s_tb + h * s_th + r
-    p = tl.load(top_idx_ptr + base, mask=ok, other=0)
-    slot = tl.load(r2t_ptr + row * s_r2t + p, mask=ok, other=0)
-    tl.store(pos_ptr + base, p.to(tl.int32), mask=ok)
-    tl.store(slot_ptr + base, slot.to(tl.int32), mask=ok)
 
 
 def decode_select(
@@ -151,6 +138,7 @@ def decode_select(
     req_to_token: torch.Tensor,  # [R, C] int32
     req_idx: torch.Tensor,  # [B] int
     seq_lens: torch.Tensor,  # [B] int32
+    tok_off: torch.Tensor,  # [B] int64 row starts in the token-indexed buffers (row_offsets)
     topk: torch.Tensor,  # [B] int32 budgets, 1 <= topk[b] <= min(seq_lens[b], buf.kmax)
     scale: float,
     buf: DecodeBuffers,
@@ -158,23 +146,24 @@ def decode_select(
     gate: torch.Tensor | None = None,
 ) -> None:
     """Fill buf.logits / part_m / part_l / pooled / sel_pos / sel_slot for this step: entries
-    [0, topk[b]) of each (request, KV head) row of sel_pos / sel_slot are its Top-k.
+    [tok_off[b], tok_off[b] + topk[b]) of each KV head's row of sel_pos / sel_slot are request
+    b's Top-k. Rows must not overlap: tok_off[b] + seq_lens[b] <= tok_off[b + 1], and the last
+    row ends within buf.tokens (the caller checks: device_path.py).
 
-    ``lscan`` (host int, kmax <= lscan <= buf.lmax): positions scanned by Top-k; the graph path
+    ``lscan`` (host int, kmax <= lscan <= buf.lmax): longest row (grid size); the graph path
     keeps the capacity ``buf.lmax``, eager callers may pass the batch's longest context.
     ``gate`` ([1] int32 on the device, default open): 0 makes every kernel return at once, so a
     captured CUDA graph runs or skips the selection by profile data (device_path.py).
     """
-    for stage in select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf,
-                               lscan, gate=gate).values():
+    for stage in select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale,
+                               buf, lscan, gate=gate).values():
         stage()
 
 
-def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, lscan=None,
-                  topk_impl="triton", v_pool=None, gate=None):
+def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf,
+                  lscan=None, v_pool=None, gate=None):
     """The stages of ``decode_select`` as closures, in order (benchmarks time each).
 
-    ``topk_impl="torch"`` swaps the radix select for torch.topk (sorted) + ``_slots_kernel``.
     ``v_pool`` given (layer 0): the score stage also writes dense split-K partials into
     buf.dense_o / buf.dense_lse (see decode_dense_triton.py)."""
     b_sz, hq, d = q.shape
@@ -182,19 +171,17 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
     g = hq // hkv
     lscan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
     n_chunks = min(buf.chunks, math.ceil(lscan / buf.chunk))
-    lg, pm, pl, kmax = buf.logits, buf.part_m, buf.part_l, buf.kmax
+    lg, pm, pl = buf.logits, buf.part_m, buf.part_l
     gate = always(q.device) if gate is None else gate
 
     def score():
-        if v_pool is None:  # anchor: logits only (dense_* and V pointers unused)
-            vp, o, e = k_pool, buf.dense_o, buf.dense_lse
-        else:
-            vp, o, e = v_pool, buf.dense_o, buf.dense_lse
+        vp = k_pool if v_pool is None else v_pool  # anchor: logits only (V pointers unused)
+        o, e = buf.dense_o, buf.dense_lse
         _score_kernel[(n_chunks, hkv, b_sz)](
-            q, k_pool, req_to_token, req_idx, seq_lens, lg, pm, pl, vp, o, e, gate,
+            q, k_pool, req_to_token, req_idx, seq_lens, tok_off, lg, pm, pl, vp, o, e, gate,
             scale * LOG2E,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), req_to_token.stride(0),
-            lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
+            lg.stride(0), lg.stride(1), lg.stride(2),
             pm.stride(0), pm.stride(1), pm.stride(2),
             vp.stride(0), vp.stride(1), o.stride(0), o.stride(1), o.stride(2),
             e.stride(0), e.stride(1),
@@ -205,29 +192,14 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, topk, scale, buf, 
     def pool():
         block_p = 1024
         _pool_kernel[(triton.cdiv(lscan, block_p), hkv, b_sz)](
-            lg, pm, pl, seq_lens, buf.pooled, gate, n_chunks, lscan,
-            lg.stride(0), lg.stride(1), lg.stride(2), lg.stride(3),
-            pm.stride(0), pm.stride(1), pm.stride(2),
-            buf.pooled.stride(0), buf.pooled.stride(1),
+            lg, pm, pl, seq_lens, tok_off, buf.pooled, gate, n_chunks,
+            lg.stride(0), lg.stride(1), lg.stride(2),
+            pm.stride(0), pm.stride(1), pm.stride(2), buf.pooled.stride(0),
             G=g, BLOCK_G=triton.next_power_of_2(g), BLOCK_C=64, BLOCK_P=block_p, num_warps=4,
         )
 
     def radix_topk():
-        topk_select(buf.pooled[:b_sz], seq_lens, topk, req_to_token, req_idx, buf.topk_hist,
-                    buf.topk_ctr, buf.sel_pos[:b_sz], buf.sel_slot[:b_sz], lscan, gate=gate)
+        topk_select(buf.pooled, seq_lens, topk, req_to_token, req_idx, buf.topk_hist,
+                    buf.topk_ctr, buf.sel_pos, buf.sel_slot, lscan, gate=gate, tok_off=tok_off)
 
-    def torch_topk():
-        torch.topk(buf.pooled[:b_sz, :, :lscan], kmax, dim=-1, sorted=True,
-                   out=(buf.top_val[:b_sz], buf.top_idx[:b_sz]))
-
-    def slots():
-        block = 1024
-        _slots_kernel[(triton.cdiv(kmax, block), hkv, b_sz)](
-            buf.top_idx, req_to_token, req_idx, buf.sel_pos, buf.sel_slot, kmax,
-            buf.top_idx.stride(0), buf.top_idx.stride(1), req_to_token.stride(0),
-            BLOCK=block, num_warps=4,
-        )
-
-    if topk_impl == "torch":
-        return dict(score=score, pool=pool, topk=torch_topk, slots=slots)
     return dict(score=score, pool=pool, topk=radix_topk)

@@ -11,6 +11,10 @@ next kernel descends the histograms to the threshold. The last kernel writes eve
 the threshold and as many positions equal to it as the budget still needs (ties), as positions and
 as pool slots, in no set order: entries [0, topk[b]) of a row are the selection.
 
+Rows are either uniform (``scores`` [B, Hkv, L], ``pos`` [B, Hkv, kmax]: prefill tiles) or
+token-indexed (``tok_off`` given: ``scores`` and ``pos`` [Hkv, tokens], request b's row of KV head
+h starting at ``[h, tok_off[b]]``: the decode buffers of decode_plan.py).
+
 Why not torch.topk: measured on the H100 (docs/results/kernels-h100.md) it took 160 us (B=1) and
 490 us (B=16) at 128K keys and k = 13,108, a third of an anchor layer; its sorted output is not
 needed. FlashInfer's radix top-k takes one k for all rows, so ragged budgets would not fit.
@@ -62,10 +66,21 @@ def _descend(hist_ptr, row, n_rows, k, NPASS: tl.constexpr):
 
 
 @triton.jit
+def _row_start(tok_off_ptr, b, row, hkv, s_h, RAGGED: tl.constexpr):
+    """Element offset of row (request b, KV head row % hkv): token-indexed rows start at
+    tok_off[b] within their head's run of s_h entries; uniform rows at row * s_h."""
+    if RAGGED:
+        start = tl.load(tok_off_ptr + b).to(tl.int64) + (row % hkv).to(tl.int64) * s_h
+    else:
+        start = row.to(tl.int64) * s_h
+    return start
+
+
+@triton.jit
 def _hist_kernel(
-    score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, gate_ptr, n_rows, hkv, s_sr,
+    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, gate_ptr, n_rows, hkv, s_sr,
     PASS: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, HI_SHIFT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
     c, row = tl.program_id(0), tl.program_id(1)
     b = row // hkv
@@ -73,13 +88,13 @@ def _hist_kernel(
     start = c * CHUNK
     if (start < n) & (tl.load(gate_ptr) != 0):
         k = tl.load(topk_ptr + b)
+        s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
         prefix, k_rem = _descend(hist_ptr, row, n_rows, k, PASS)
         acc = tl.zeros([256], tl.int32)
         for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             ok = j < n
-            key = tl.load(score_ptr + row * s_sr + j, mask=ok, other=0.0).to(tl.int32,
-                                                                              bitcast=True)
+            key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
             hit = ok & ((key >> HI_SHIFT) == prefix)
             digit = tl.where(hit, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
             acc += tl.histogram(digit, 256)
@@ -90,9 +105,9 @@ def _hist_kernel(
 
 @triton.jit
 def _compact_kernel(
-    score_ptr, seq_lens_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
+    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
     pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
     c, row = tl.program_id(0), tl.program_id(1)
     b = row // hkv
@@ -103,11 +118,12 @@ def _compact_kernel(
         thr, k_rem = _descend(hist_ptr, row, n_rows, k, 4)  # threshold key, ties still needed
         n_gt_total = k - k_rem
         req_row = tl.load(req_idx_ptr + b).to(tl.int64)
+        s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
+        p_base = _row_start(tok_off_ptr, b, row, hkv, s_pr, RAGGED)
         for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             ok = j < n
-            key = tl.load(score_ptr + row * s_sr + j, mask=ok, other=0.0).to(tl.int32,
-                                                                              bitcast=True)
+            key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
             gt = ok & (key > thr)
             eq = ok & (key == thr)
             gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
@@ -119,28 +135,37 @@ def _compact_kernel(
             dst = tl.where(gt, r_gt, n_gt_total + r_eq)
             keep = gt | take_eq
             slot = tl.load(r2t_ptr + req_row * s_r2t + j, mask=keep, other=0)
-            tl.store(pos_ptr + row * s_pr + dst, j, mask=keep)
-            tl.store(slot_ptr + row * s_pr + dst, slot, mask=keep)
+            tl.store(pos_ptr + p_base + dst, j, mask=keep)
+            tl.store(slot_ptr + p_base + dst, slot, mask=keep)
 
 
 def topk_select(
-    scores: torch.Tensor,  # [B, Hkv, lmax] fp32 >= 0 where position < seq_lens[b]
+    scores: torch.Tensor,  # [B, Hkv, L] fp32 >= 0 where position < seq_lens[b]; [Hkv, T] ragged
     seq_lens: torch.Tensor,  # [B] int32
     topk: torch.Tensor,  # [B] int32, 1 <= topk[b] <= seq_lens[b]
     req_to_token: torch.Tensor,  # [R, C] int32
     req_idx: torch.Tensor,  # [B] int
     hist: torch.Tensor,  # [4, >= B*Hkv, 256] int32 scratch
     ctr: torch.Tensor,  # [>= B*Hkv, 2] int32 scratch
-    pos: torch.Tensor,  # [B, Hkv, kmax] int32 out: positions, entries [0, topk[b]) valid
-    slot: torch.Tensor,  # [B, Hkv, kmax] int32 out: pool slots of those positions
+    pos: torch.Tensor,  # [B, Hkv, kmax] ([Hkv, T] ragged) int32 out: positions, topk[b] valid
+    slot: torch.Tensor,  # pos's shape, int32 out: pool slots of those positions
     lscan: int,  # host bound on seq_lens (grid size)
     launch: dict | None = None,  # override CHUNK / BLOCK / num_warps (tuning)
     gate: torch.Tensor | None = None,  # [1] int32 on the device: 0 = do nothing (CUDA graphs)
+    tok_off: torch.Tensor | None = None,  # [B] int64: token-indexed rows (module docstring)
 ) -> None:
-    b_sz, hkv, _ = scores.shape
+    ragged = tok_off is not None
+    b_sz = seq_lens.shape[0]
+    hkv = scores.shape[0] if ragged else scores.shape[1]
     rows = b_sz * hkv
     gate = always(scores.device) if gate is None else gate
-    assert scores.stride(1) * hkv == scores.stride(0) and pos.stride(1) * hkv == pos.stride(0)
+    if ragged:
+        assert scores.dim() == 2 and pos.shape == scores.shape and slot.shape == scores.shape
+        s_sr, s_pr = scores.stride(0), pos.stride(0)
+    else:
+        assert scores.stride(1) * hkv == scores.stride(0) and pos.stride(1) * hkv == pos.stride(0)
+        s_sr, s_pr = scores.stride(1), pos.stride(1)
+    off = tok_off if ragged else seq_lens  # unread when uniform
     n_rows = hist.shape[1]
     hist.zero_()
     ctr.zero_()
@@ -149,10 +174,11 @@ def topk_select(
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
     for p in range(NPASS):
         _hist_kernel[grid](
-            scores, seq_lens, topk, hist, gate, n_rows, hkv, scores.stride(1),
-            PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p], **cfg,
+            scores, seq_lens, off, topk, hist, gate, n_rows, hkv, s_sr,
+            PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
+            RAGGED=ragged, **cfg,
         )
     _compact_kernel[grid](
-        scores, seq_lens, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-        n_rows, hkv, scores.stride(1), pos.stride(1), req_to_token.stride(0), **cfg,
+        scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
+        n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), RAGGED=ragged, **cfg,
     )

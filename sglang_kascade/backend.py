@@ -23,7 +23,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import sglang_adapter as sa
 from .backend_stats import BackendStats
-from .device_path import DevicePath
+from .device_path import POLICIES, DevicePath
 from .config import BudgetConfig, KascadeOptions, PolicyConfig, dense_prefill_below, env_flag
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
@@ -72,6 +72,7 @@ def layer_roles(profile: AnchorProfile) -> tuple:
 
 
 class KascadeAttnBackend(AttentionBackend):
+    kascade_backend = True  # recognised by sglang_adapter's graph-runner hook
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
                  profile: AnchorProfile, budget: BudgetConfig, device,
                  dense_fallback: dict | None = None, policy: PolicyConfig = PolicyConfig(),
@@ -96,6 +97,8 @@ class KascadeAttnBackend(AttentionBackend):
         # (a measurement / operating mode, docs/results/e2e-h100.md).
         self.dense_prefill_below = dense_prefill_below(options, device)
         self.dense_prefill = env_flag("SGLANG_KASCADE_DENSE_PREFILL")
+        self.graphs_unused = False  # decode graphs captured dense for a non-Triton policy
+        self._eager_overflow_logged = False
         self.set_profile(profile, budget, policy)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
@@ -147,14 +150,45 @@ class KascadeAttnBackend(AttentionBackend):
     def _prefill_runs_dense(self, seq_lens) -> bool:
         return self.dense_prefill or max(seq_lens) < self.dense_prefill_below
 
-    # ---- CUDA graphs (decode only; SGLANG_KASCADE_CUDA_GRAPH=1, see sglang_adapter.py) ---------
+    # ---- CUDA graphs (decode only, on CUDA by default; see sglang_adapter.py) -------------------
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        """Plan the decode graphs: rows of up to the request-pool width, and as many keys in all
+        as the KV pool holds, plus one per padded row (token-indexed buffers, device_path.py)."""
         self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
         r2t = self.req_to_token_pool.req_to_token
-        lmax = min(int(r2t.shape[1]), int(getattr(self.token_to_kv_pool, "size", r2t.shape[1])))
+        pool = int(getattr(self.token_to_kv_pool, "size", r2t.shape[0] * r2t.shape[1]))
+        lmax = min(int(r2t.shape[1]), pool)
+        pad_keys = max_bs * max(1, int(self.get_cuda_graph_seq_len_fill_value() or 1))
         self._at_batch_boundary()  # a profile staged during start-up: the graphs are made for it
-        self.device_path.init_graph_state(max_bs, lmax, self.budget)
+        self.graphs_unused = not self.device_path.applies(True, self.policy, self.budget)
+        if self.graphs_unused:  # captured dense (harmless), never replayed: can_run_graph
+            logger.warning(
+                "kascade: decode CUDA graphs unused: they run the Triton path, which serves the "
+                "policies %s at token granularity, and this server has policy %r, granularity "
+                "%r; decode runs eagerly. Start with --disable-cuda-graph to skip capturing them.",
+                ", ".join(POLICIES), self.policy.name, self.budget.granularity)
+            return
+        self.device_path.init_graph_state(max_bs, lmax, pool + pad_keys, pad_keys, self.budget)
+
+    def can_run_graph(self, forward_batch) -> bool:
+        """Whether a decode batch SGLang would replay fits the captured buffers (its summed
+        lengths within the KV pool: not so when requests share a radix-cached prefix beyond
+        it); SGLang runs the others eagerly (sglang_adapter.py hooks its graph runner)."""
+        if self.graphs_unused:
+            return False
+        seq_sum = getattr(forward_batch, "seq_lens_sum", None)
+        cpu = getattr(forward_batch, "seq_lens_cpu", None)
+        lens = cpu if cpu is not None else forward_batch.seq_lens
+        if seq_sum is None:
+            seq_sum = int(lens.sum())
+        fits = self.device_path.graph_fits(int(seq_sum), int(lens.max()))
+        if not fits and not self._eager_overflow_logged:
+            self._eager_overflow_logged = True
+            logger.info("kascade: a decode batch of %d keys in all exceeds the CUDA-graph "
+                        "buffers (sized by the KV pool; requests share a cached prefix): it "
+                        "runs eagerly (logged once)", int(seq_sum))
+        return fits
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Capture or replay of a decode graph: a staged profile applied (its roles and head
@@ -164,13 +198,17 @@ class KascadeAttnBackend(AttentionBackend):
         self._at_batch_boundary()
         self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         fb = forward_batch
+        self.plan = None
+        self._plan_args = None
+        self.device_fwd = None
+        self.dense_forward = self.graphs_unused  # captured dense, never replayed
+        if self.graphs_unused:
+            return
         if not fb.forward_mode.is_decode() or self.device_path.graph_state is None or not (
                 self.device_path.applies(True, self.policy, self.budget)):
             raise RuntimeError("kascade: CUDA graphs only for decode under a token-granularity "
-                               "Top-k policy on CUDA (set SGLANG_KASCADE_CUDA_GRAPH=0)")
+                               "Top-k policy on CUDA (start with --disable-cuda-graph)")
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-        self.plan = None
-        self._plan_args = None
         self.device_fwd = self.device_path.plan_graph(fb.req_pool_indices, fb.seq_lens, seq,
                                                       self.budget)
         if not in_capture:
@@ -248,7 +286,7 @@ class KascadeAttnBackend(AttentionBackend):
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
         layer_id = layer.layer_id
         role = self.roles[layer_id]
-        if not decode and self.dense_forward:  # a short prefill (_prefill_runs_dense)
+        if self.dense_forward:  # a short prefill (_prefill_runs_dense), or unused graphs
             return self._dense(q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs)
         why_dense = sa.layer_needs_dense_fallback(layer)
         if why_dense:

@@ -14,8 +14,10 @@ Decode (``plan`` / ``forward``):
     docs/results/kernels-h100.md); one that does not select: SGLang's dense backend;
   * anchor: ``decode_select`` then the sparse attention over stored logits + selected V;
   * reuse: the sparse attention over the latest anchor's ``sel_slot`` through the layer's head map.
-  The latest selection lives in ``DecodeBuffers.sel_pos / sel_slot``. Buffers are allocated once
-  and grown (to a power of two) when a batch, context or budget exceeds them.
+  The latest selection lives in ``DecodeBuffers.sel_pos / sel_slot``, token-indexed: request b's
+  run starts at ``tok_off[b]`` (the exclusive cumsum of the step's lengths, planned on the host).
+  Eager buffers are allocated once and grown (to a power of two) when a batch, context, budget
+  or summed context exceeds them; CUDA-graph buffers are sized once by the KV pool.
 Prefill (``plan_prefill`` / the same ``forward``): query tiles of the ragged batch planned on the
 host (kernels/prefill_plan.py), then per layer:
   * dense_anchor that selects: ``prefill_select`` (kernels/prefill_select_triton.py), and the
@@ -31,9 +33,12 @@ SGLang's dense backend, as on the PyTorch path. Triton is imported only on first
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger("sglang_kascade")
 
 POLICIES = ("kascade", "kascade_identity", "oracle")  # token-granularity per-KV-head pooled Top-k
 
@@ -68,10 +73,12 @@ class DeviceForward:
 
     req_idx: torch.Tensor  # [B] int64 rows of req_to_token
     seq_lens: torch.Tensor  # [B] int32
+    tok_off: torch.Tensor  # [B] int64 row starts in the token-indexed buffers
     topk: torch.Tensor  # [B] int32 budgets, 1 <= topk <= seq_lens
     batch: int
     lmax: int  # longest context of the batch
     kmax: int  # largest budget of the batch
+    tokens: int  # summed context of the batch (the token-indexed buffers hold it)
     all_dense: bool  # every request selects all its keys
     has_selection: bool = False  # a layer of this forward selected (buf.sel_* are current)
     layers_run: int = 0  # layers of this forward the kernels computed
@@ -115,12 +122,16 @@ class DevicePath:
     # ---- what a captured decode graph launches per layer -----------------------------------------
 
     @staticmethod
-    def graph_kinds_of(roles) -> list:
+    def graph_kinds_of(roles, budget) -> list:
         """Per layer, the kernels a decode graph captures for these roles: "dense" (SGLang's
         dense backend), "fused" (layer 0: dense + selection in one pass, always selecting) or
         "sparse" (the selection gated by ``graph_selects``, then attention through
         ``head_map_table``). Anchors and reuse layers look alike, so profiles that differ only
-        in which layers select, their head maps and the budget share one capture."""
+        in which layers select, their head maps and the budget share one capture. A budget of
+        every key (fraction 1.0) captures every layer dense: FlashInfer, as eager decode runs
+        it (the same tokens as ``--attention-backend flashinfer``)."""
+        if budget.topk_fraction >= 1.0:
+            return ["dense"] * len(roles)
         kinds, selected = [], False
         for role in roles:
             if role == "dense_anchor":
@@ -138,11 +149,12 @@ class DevicePath:
         None (also when graphs are off)."""
         if self.graph_kinds is None:
             return None
-        kinds = self.graph_kinds_of(roles)
+        kinds = self.graph_kinds_of(roles, budget)
         if kinds != self.graph_kinds:
             diff = [i for i, (a, b) in enumerate(zip(kinds, self.graph_kinds)) if a != b]
             return (f"decode CUDA graphs were captured with other dense layers (layers {diff} "
-                    f"would change kernels); restart with this profile")
+                    f"would change kernels; a Top-k fraction of 1.0 captures every layer "
+                    f"dense); restart with this profile")
         if budget.granularity != "token":
             return "decode CUDA graphs run token-granularity Top-k only"
         g = self.graph_state
@@ -158,13 +170,17 @@ class DevicePath:
                 and policy.name in POLICIES and budget.granularity == "token")
 
     def plan(self, pools, seq_lens, budget) -> DeviceForward:
+        from .kernels.decode_plan import row_offsets
+
         ks = [budget.k_for(s) for s in seq_lens]
         dev = self.device
         return DeviceForward(
             req_idx=torch.tensor(pools, dtype=torch.int64).to(dev, non_blocking=True),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            tok_off=torch.tensor(row_offsets(seq_lens), dtype=torch.int64).to(
+                dev, non_blocking=True),
             topk=torch.tensor(ks, dtype=torch.int32).to(dev, non_blocking=True),
-            batch=len(seq_lens), lmax=max(seq_lens), kmax=max(ks),
+            batch=len(seq_lens), lmax=max(seq_lens), kmax=max(ks), tokens=sum(seq_lens),
             all_dense=all(k >= s for k, s in zip(ks, seq_lens)))
 
     def plan_prefill(self, pools, prefix_lens, extend_lens, budget) -> DevicePrefill:
@@ -183,38 +199,60 @@ class DevicePath:
 
     # ---- CUDA graphs (decode) --------------------------------------------------------------------
 
-    def init_graph_state(self, max_bs: int, lmax: int, budget) -> None:
-        """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys,
-        and what the captures will launch per layer (``graph_kinds``, from the profile now).
-        Replays copy each step's plan into them (plan_graph); the kernels' grids are sized for
-        the capacity and their loops by the lengths they load, so one capture serves every
-        step. The graph buffers (allocated at the first capture) hold ``kmax`` (the budget at
-        ``lmax``, to a power of two); about 22 MiB per request row at lmax 128K on
-        Llama-3.1-8B shapes (logits 16, pooled 4, Top-k 2), times ``max_bs`` (SGLang's
-        ``--cuda-graph-max-bs-decode``). From here on hot swaps are checked against both
-        (graph_swap_problem)."""
+    def init_graph_state(self, max_bs: int, lmax: int, tokens: int, pad_keys: int,
+                         budget) -> None:
+        """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys
+        and ``tokens`` keys in all (``pad_keys`` of them for rows SGLang pads a batch with),
+        and what the captures will launch per layer
+        (``graph_kinds``, from the profile now). Replays copy each step's plan into them
+        (plan_graph); the kernels' grids are sized for the capacity and their loops by the
+        lengths they load, so one capture serves every step. The graph buffers (allocated at
+        the first capture) are token-indexed (kernels/decode_plan.py): ``tokens`` is the KV
+        pool plus the padded rows, so only batches whose summed lengths exceed the pool (radix-
+        shared prefixes) cannot replay (``graph_fits``; SGLang then runs them eagerly). Their
+        Top-k capacity ``kmax`` is the budget at ``lmax``. From here on hot swaps are checked
+        against both (graph_swap_problem)."""
         dev = self.device
-        self.graph_kinds = self.graph_kinds_of(self.roles)
+        self.graph_kinds = self.graph_kinds_of(self.roles, budget)
         self.graph_state = dict(
-            max_bs=max_bs, lmax=lmax, kmax=min(lmax, _pow2(budget.k_for(lmax), 256)),
+            max_bs=max_bs, lmax=lmax, tokens=tokens, pad_keys=pad_keys,
+            kmax=min(lmax, _pow2(budget.k_for(lmax), 256)),
             req_idx=torch.zeros(max_bs, dtype=torch.int64, device=dev),
             seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
+            tok_off=torch.zeros(max_bs, dtype=torch.int64, device=dev),
             topk=torch.ones(max_bs, dtype=torch.int32, device=dev))
+
+    def graph_fits(self, seq_lens_sum: int, max_seq_len: int) -> bool:
+        """Whether a decode batch of these lengths fits the captured buffers, whatever rows
+        SGLang pads it with (``pad_keys``: keys of max_bs padded rows, counted in ``tokens``)."""
+        g = self.graph_state
+        return g is None or (seq_lens_sum + g["pad_keys"] <= g["tokens"]
+                             and max_seq_len <= g["lmax"])
 
     def plan_graph(self, req_pool_indices, seq_lens, seq_lens_cpu: list, budget) -> DeviceForward:
         """Plan of a captured or replayed decode forward: this step's rows copied into the
         static tensors (outside the graph). Every request goes through the kernels (k == seq_len
         selects every key: the dense result), since a graph cannot switch paths per step."""
+        from .kernels.decode_plan import row_offsets
+
         g = self.graph_state
         bs = len(seq_lens_cpu)
+        total = sum(seq_lens_cpu)
+        if total > g["tokens"] or max(seq_lens_cpu) > g["lmax"]:  # graph_fits sends these eager
+            raise RuntimeError(f"kascade: decode batch of {total} keys (longest "
+                               f"{max(seq_lens_cpu)}) exceeds the CUDA-graph buffers "
+                               f"({g['tokens']} keys, rows of {g['lmax']})")
         # k_for grows with the length, so k <= kmax; the clamp only guards the buffers (hot
         # swaps to a budget beyond kmax are refused: graph_swap_problem)
         ks = [max(1, min(budget.k_for(s), g["kmax"])) for s in seq_lens_cpu]
         g["req_idx"][:bs].copy_(req_pool_indices, non_blocking=True)
         g["seq_lens"][:bs].copy_(seq_lens, non_blocking=True)
+        g["tok_off"][:bs].copy_(torch.tensor(row_offsets(seq_lens_cpu), dtype=torch.int64),
+                                non_blocking=False)
         g["topk"][:bs].copy_(torch.tensor(ks, dtype=torch.int32), non_blocking=False)
         return DeviceForward(req_idx=g["req_idx"][:bs], seq_lens=g["seq_lens"][:bs],
-                             topk=g["topk"][:bs], batch=bs, lmax=g["lmax"], kmax=g["kmax"],
+                             tok_off=g["tok_off"][:bs], topk=g["topk"][:bs], batch=bs,
+                             lmax=g["lmax"], kmax=g["kmax"], tokens=g["tokens"],
                              all_dense=False, graph=True)
 
     def _buffers(self, fwd: DeviceForward, hq: int, hkv: int, d: int):
@@ -225,17 +263,24 @@ class DevicePath:
             if buf is None:
                 g = self.graph_state
                 buf = self.graph_buffers = DecodeBuffers(g["max_bs"], hq, hkv, d, g["lmax"],
-                                                         g["kmax"], self.device)
+                                                         g["kmax"], self.device,
+                                                         tokens=g["tokens"])
+                logger.info("kascade: decode CUDA-graph buffers %.1f MiB (%d rows, %d keys in "
+                            "all, rows of up to %d keys, Top-k up to %d)", buf.nbytes() / 2**20,
+                            g["max_bs"], g["tokens"], g["lmax"], g["kmax"])
             return buf
         buf = self.buffers
         if (buf is None or buf.q_heads != hq or buf.kv_heads != hkv or buf.head_dim != d
-                or buf.batch < fwd.batch or buf.lmax < fwd.lmax or buf.kmax < fwd.kmax):
-            old = (0, 0, 0) if buf is None else (buf.batch, buf.lmax, buf.kmax)
+                or buf.batch < fwd.batch or buf.lmax < fwd.lmax or buf.kmax < fwd.kmax
+                or buf.tokens < fwd.tokens):
+            old = (0, 0, 0, 0) if buf is None else (buf.batch, buf.lmax, buf.kmax, buf.tokens)
             batch = _pow2(max(fwd.batch, old[0]), 8)
             lmax = _pow2(max(fwd.lmax, old[1]), 1024)
             kmax = min(_pow2(max(fwd.kmax, old[2]), 256), lmax)
+            tokens = _pow2(max(fwd.tokens, old[3]), 4096)
             self.buffers = None  # free the old buffers first
-            buf = self.buffers = DecodeBuffers(batch, hq, hkv, d, lmax, kmax, self.device)
+            buf = self.buffers = DecodeBuffers(batch, hq, hkv, d, lmax, kmax, self.device,
+                                               tokens=tokens)
         return buf
 
     # ---- per layer -------------------------------------------------------------------------------
@@ -267,22 +312,22 @@ class DevicePath:
         q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
         if role == "dense_anchor":
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
-                                fwd.topk, scale, buf, out, lscan=fwd.lmax)
+                                fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
             fwd.has_selection = True
             return out
         if role == "anchor":
-            decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale,
-                          buf, lscan=fwd.lmax)
+            decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off,
+                          fwd.topk, scale, buf, lscan=fwd.lmax)
             fwd.has_selection = True
-            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
-                                           self.head_map_table[layer_id], scale, buf, out,
-                                           sel_pos=buf.sel_pos,
-                                           logits=buf.logits)
+            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off,
+                                           fwd.topk, self.head_map_table[layer_id], scale, buf,
+                                           out, sel_pos=buf.sel_pos, logits=buf.logits)
         if role == "reuse":
             if not fwd.has_selection:  # its anchor ran dense (a fallback layer): as the torch path
                 return None
-            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
-                                           self.head_map_table[layer_id], scale, buf, out)
+            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off,
+                                           fwd.topk, self.head_map_table[layer_id], scale, buf,
+                                           out)
         raise ValueError(f"role {role!r} has no device path")
 
     def _begin_layer(self, fwd: DeviceForward, q3, k_buf, v_buf):
@@ -310,11 +355,11 @@ class DevicePath:
         q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
         if kind == "fused":
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
-                                fwd.topk, scale, buf, out, lscan=fwd.lmax)
+                                fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
             return out
-        decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.topk, scale, buf,
-                      lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
-        return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.topk,
+        decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk,
+                      scale, buf, lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
+        return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
                                        self.head_map_table[layer_id], scale, buf, out)
 
     def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
@@ -352,6 +397,6 @@ class DevicePath:
 
     def selection(self, fwd: DeviceForward, r: int):
         """(pos [Hkv, k] int64, k) of request r's latest selection (tests; reads the device)."""
-        k = int(fwd.topk[r])
+        k, off = int(fwd.topk[r]), int(fwd.tok_off[r])
         buf = self.graph_buffers if fwd.graph else self.buffers
-        return buf.sel_pos[r, :, :k].long(), k
+        return buf.sel_pos[:, off:off + k].long(), k

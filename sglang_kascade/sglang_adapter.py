@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import OPTION_TABLE, KascadeConfigError, KascadeOptions, env_flag
@@ -105,20 +106,23 @@ def _around_support_triton(original, backend, *args, **kwargs):
 
 
 def decode_graphs_wanted(server_args) -> bool:
-    """Decode CUDA graphs for kascade: opt-in (SGLANG_KASCADE_CUDA_GRAPH=1) on CUDA only. The
-    device path (device_path.py) is capturable, profile hot-swaps included; opt-in because its
-    graph buffers are sized per captured request row at the full context (~22 MiB per row at
-    128K on Llama-3.1-8B shapes), too much for SGLang's default capture sizes."""
+    """Decode CUDA graphs for kascade: on for CUDA devices (SGLang's default capture settings;
+    ``--disable-cuda-graph`` still turns every graph off), off with SGLANG_KASCADE_CUDA_GRAPH=0.
+    The device path (device_path.py) is capturable, profile hot-swaps included; its graph
+    buffers are token-indexed, sized by the KV pool (backend.init_cuda_graph_state)."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
-    return env_flag("SGLANG_KASCADE_CUDA_GRAPH") and device.startswith("cuda")
+    raw = os.environ.get("SGLANG_KASCADE_CUDA_GRAPH")
+    wanted = True if raw is None or raw.strip() == "" else env_flag("SGLANG_KASCADE_CUDA_GRAPH")
+    return wanted and device.startswith("cuda")
 
 
 def _log_graphs(decode_graphs: bool) -> None:
     if decode_graphs:
-        logger.warning("kascade: decode CUDA graphs on (SGLANG_KASCADE_CUDA_GRAPH=1: device "
-                       "path); prefill CUDA graphs off (the PyTorch path is not capturable)")
+        logger.info("kascade: decode CUDA graphs on (device path); prefill CUDA graphs off "
+                    "(SGLANG_KASCADE_CUDA_GRAPH=0 turns decode graphs off)")
     else:
-        logger.warning("kascade: CUDA graphs are disabled (the PyTorch path is not capturable)")
+        logger.warning("kascade: CUDA graphs are off (the PyTorch path is not capturable, or "
+                       "SGLANG_KASCADE_CUDA_GRAPH=0)")
 
 
 def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
@@ -153,6 +157,19 @@ def _cuda_graphs_off_server_args_method(result, self, *args, **kwargs):
     return result
 
 
+def _around_decode_graph_can_run(original, runner, forward_batch, *args, **kwargs):
+    # Reason: kascade's captured decode graphs hold token-indexed buffers sized by the KV pool; a
+    # batch whose summed lengths exceed it (requests sharing a radix-cached prefix) must run
+    # eagerly. SGLang asks the attention backend only with padding disabled (backend.can_run),
+    # so the runner's own check is extended here. Same method in 0.5.17 and 0.5.21.
+    ok = original(runner, forward_batch, *args, **kwargs)
+    backend = getattr(runner, "attn_backend", None) or getattr(
+        getattr(runner, "model_runner", None), "attn_backend", None)
+    if ok and getattr(backend, "kascade_backend", False):
+        return bool(backend.can_run_graph(forward_batch))
+    return ok
+
+
 def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -162,6 +179,9 @@ def register_hooks() -> None:
                           _after_from_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.utils.common.support_triton",
                           _around_support_triton, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+        ".can_run_graph", _around_decode_graph_can_run, HookType.AROUND)
     import importlib.util
 
     if importlib.util.find_spec("sglang.srt.arg_groups.attention_hook") is not None:

@@ -1,6 +1,7 @@
 """Triton decode kernels (kernels/decode_*_triton.py) against the PyTorch reference and the
 float64 oracle, on fresh random inputs: ragged batches, paged and shuffled pools (page 1/16/32/64),
-bf16/fp16, head dim 64/128, group sizes 1..8, head maps.
+bf16/fp16, head dim 64/128, group sizes 1..8, head maps. The token-indexed buffers hold the rows
+with gaps between them (decode_inputs.ROW_GAP): entries outside every row must stay poisoned.
 
 Marker ``gpu``: runs on CUDA; without one it is skipped, unless TRITON_INTERPRET=1 (Triton's CPU
 interpreter; small cases only). Buffers and outputs are poisoned with NaN before each run.
@@ -41,7 +42,7 @@ if INTERPRET:  # the interpreter is slow and mis-reads bf16: small fp16 cases on
     DTYPES = [torch.float16]
 
 
-def _run(case, dtype, seed, topk_impl="triton", gate=None):
+def _run(case, dtype, seed, gate=None):
     from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
     from sglang_kascade.kernels.decode_plan import DecodeBuffers
     from sglang_kascade.kernels.decode_select_triton import select_stages
@@ -50,44 +51,64 @@ def _run(case, dtype, seed, topk_impl="triton", gate=None):
     batch = make_decode_batch(seq_lens, topk, hkv, g, d, dtype, page, DEVICE, seed)
     scale = d ** -0.5
     buf = DecodeBuffers(batch=len(seq_lens) + 1, q_heads=hkv * g, kv_heads=hkv, head_dim=d,
-                        lmax=max(seq_lens) + 3, kmax=max(topk), device=torch.device(DEVICE))
+                        lmax=max(seq_lens) + 3, kmax=max(topk), device=torch.device(DEVICE),
+                        tokens=batch.tokens + 5)
     for t in (buf.logits, buf.part_m, buf.part_l, buf.pooled, buf.attn_o, buf.attn_lse):
         t.fill_(float("nan"))
     buf.sel_slot.fill_(-7)
     buf.sel_pos.fill_(-7)
     for stage in select_stages(batch.q, batch.k_pool, batch.req_to_token, batch.req_idx,
-                               batch.seq_lens, batch.topk, scale, buf,
-                               topk_impl=topk_impl, gate=gate).values():
+                               batch.seq_lens, batch.tok_off, batch.topk, scale, buf,
+                               gate=gate).values():
         stage()
     return batch, buf, scale, decode_sparse_attention
 
 
-@pytest.mark.parametrize("topk_impl", ["triton", "torch"])
+def _rows(buf_tensor, batch, width):
+    """[B, Hkv, width] runs of a token-indexed buffer (entries past a row's length: not its)."""
+    from sglang_kascade.kernels.decode_plan import gather_rows
+
+    return gather_rows(buf_tensor, batch.tok_off, width)
+
+
+def _outside_rows(batch, tokens):
+    """[tokens] bool: entries of no request's run (the gaps and the tail)."""
+    out = torch.ones(tokens, dtype=torch.bool)
+    for off, n in zip(batch.tok_off.tolist(), batch.seq_lens.tolist()):
+        out[off:off + n] = False
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[0]}-h{c[2]}g{c[3]}d{c[4]}p{c[5]}")
-def test_decode_select_and_attention(case, dtype, topk_impl):
+def test_decode_select_and_attention(case, dtype):
     from sglang_kascade.kernels.decode_torch import decode_pooled_scores_torch
 
-    seed = zlib.crc32(f"{case}{dtype}{topk_impl}".encode()) % 1000
-    batch, buf, scale, attend = _run(case, dtype, seed, topk_impl)
+    seed = zlib.crc32(f"{case}{dtype}".encode()) % 1000
+    batch, buf, scale, attend = _run(case, dtype, seed)
     b_sz, hq, d = batch.q.shape
     hkv = batch.k_pool.shape[1]
     lmax = max(case[0])
-    # Stage 2 against the reference: pooled probabilities (-1 past each request's end).
+    # Stage 2 against the reference: pooled probabilities within each request's run.
     want = decode_pooled_scores_torch(batch.q, batch.k_pool, batch.req_to_token, batch.req_idx,
                                       batch.seq_lens, scale, lmax)
-    torch.testing.assert_close(buf.pooled[:b_sz, :, :lmax], want, atol=1e-5, rtol=1e-3)
-    # Stage 3/4: a valid Top-k under the float64 oracle, slots that match the positions.
+    inside = (torch.arange(lmax, device=DEVICE)[None, None] < batch.seq_lens[:, None, None])
+    inside = inside.expand(b_sz, hkv, lmax)
+    got = _rows(buf.pooled, batch, lmax)
+    torch.testing.assert_close(got[inside], want[inside], atol=1e-5, rtol=1e-3)
+    outside = _outside_rows(batch, buf.tokens).to(DEVICE)
+    for t in (buf.pooled, buf.logits):  # nothing written outside the rows' runs
+        assert t[:, outside].isnan().all()
+    # Stage 3: a valid Top-k under the float64 oracle, slots that match the positions.
     kmax = buf.kmax
     valid = torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None]
     valid = valid.expand(b_sz, hkv, kmax)
-    pos = buf.sel_pos[:b_sz]
+    pos = _rows(buf.sel_pos, batch, kmax)
     assert_valid_topk(pos, valid, batch, scale)
     rows = batch.req_to_token[batch.req_idx.long()]  # [B, C]
     want_slots = torch.gather(rows[:, None].expand(-1, hkv, -1), 2, pos.long().clamp(min=0))
-    assert bool((buf.sel_slot[:b_sz] == want_slots)[valid].all())
-    if topk_impl == "torch":  # the radix select writes slots itself; torch's path looks them up
-        return
+    assert bool((_rows(buf.sel_slot, batch, kmax) == want_slots)[valid].all())
+    assert bool((buf.sel_pos[:, outside] == -7).all())
     oracle = oracle_sparse_out(batch, pos, valid, scale)
     gen = torch.Generator().manual_seed(3)
     head_map = torch.randint(0, hkv, (hkv,), generator=gen).to(torch.int32).to(DEVICE)
@@ -95,15 +116,15 @@ def test_decode_select_and_attention(case, dtype, topk_impl):
     for use_logits in (True, False):  # anchor (stored logits, V only) and reuse (K and V)
         out = torch.full_like(batch.q, float("nan"))
         buf.attn_o.fill_(float("nan"))
-        attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:b_sz], batch.topk, ident,
-               scale, buf, out, sel_pos=pos if use_logits else None,
+        attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk,
+               ident, scale, buf, out, sel_pos=buf.sel_pos if use_logits else None,
                logits=buf.logits if use_logits else None)
         assert not out.isnan().any()
         assert rel_err(out.cpu(), oracle) < REL[dtype], f"use_logits={use_logits}"
     # Reuse through a head map: KV head h attends at the positions chosen for head head_map[h].
     out = torch.full_like(batch.q, float("nan"))
-    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:b_sz], batch.topk, head_map,
-           scale, buf, out)
+    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk,
+           head_map, scale, buf, out)
     assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale, head_map)) < REL[dtype]
 
 
@@ -117,7 +138,7 @@ def test_closed_gate_selects_nothing():
         assert t.isnan().all()
     assert bool((buf.sel_slot == -7).all()) and bool((buf.sel_pos == -7).all())
     _, buf, _, _ = _run(case, torch.float16, 5, gate=closed + 1)
-    assert not bool((buf.sel_pos[:len(case[0])] == -7).all())
+    assert not bool((buf.sel_pos == -7).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,18 +153,20 @@ def test_everything_selected_is_dense_attention(dtype):
     batch, buf, scale, attend = _run(case, dtype, seed=11)
     out = torch.full_like(batch.q, float("nan"))
     ident = torch.arange(2, dtype=torch.int32, device=DEVICE)
-    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot[:len(seq_lens)], batch.topk, ident,
-           scale, buf, out, sel_pos=buf.sel_pos[:len(seq_lens)], logits=buf.logits)
+    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk, ident,
+           scale, buf, out, sel_pos=buf.sel_pos, logits=buf.logits)
     for b, n in enumerate(seq_lens):
         k, v = request_kv(batch, b)
         want = ref.dense_attention(batch.q[b:b + 1].cpu(), k, v, [n - 1], scale)
         assert rel_err(out[b:b + 1].cpu(), want) < REL[dtype]
 
 
+@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "token-indexed"])
 @pytest.mark.parametrize("n,k", [(5000, 500), (3000, 3000), (9000, 1), (20000, 2001)])
-def test_radix_topk_with_ties_matches_torch_topk(n, k):
+def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged):
     """Scores with many exact ties (and zeros): the chosen set holds every score above the k-th
-    largest and exactly enough of the ties, like torch.topk; ragged rows; slots looked up."""
+    largest and exactly enough of the ties, like torch.topk; ragged lengths; slots looked up.
+    Rows uniform ([B, Hkv, L]: prefill tiles) or token-indexed ([Hkv, T] from tok_off: decode)."""
     from sglang_kascade.kernels.topk_triton import topk_select
 
     if INTERPRET:
@@ -159,23 +182,42 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k):
     r2t = torch.randperm(3 * lmax, generator=gen).to(torch.int32).view(3, lmax)
     req_idx = torch.tensor([2, 0, 1], dtype=torch.int32)
     dev = DEVICE
-    pos = torch.full((3, hkv, k), -7, dtype=torch.int32, device=dev)
-    slot = torch.full_like(pos, -7)
     hist = torch.empty(4, 3 * hkv, 256, dtype=torch.int32, device=dev)
     ctr = torch.empty(3 * hkv, 2, dtype=torch.int32, device=dev)
-    topk_select(scores.to(dev), torch.tensor(lens, dtype=torch.int32, device=dev),
+    offs = [5, 5 + lens[0] + 2, 5 + lens[0] + lens[1] + 4]  # runs with gaps between them
+    if ragged:
+        total = offs[-1] + lens[-1] + 3
+        flat = torch.full((hkv, total), float("nan"))
+        for b, m in enumerate(lens):
+            flat[:, offs[b]:offs[b] + m] = scores[b, :, :m]
+        pos = torch.full((hkv, total), -7, dtype=torch.int32, device=dev)
+        src, tok_off = flat.to(dev), torch.tensor(offs, dtype=torch.int64, device=dev)
+    else:
+        pos = torch.full((3, hkv, k), -7, dtype=torch.int32, device=dev)
+        src, tok_off = scores.to(dev), None
+    slot = torch.full_like(pos, -7)
+    topk_select(src, torch.tensor(lens, dtype=torch.int32, device=dev),
                 torch.tensor(budgets, dtype=torch.int32, device=dev), r2t.to(dev),
-                req_idx.to(dev), hist, ctr, pos, slot, lmax)
+                req_idx.to(dev), hist, ctr, pos, slot, lmax, tok_off=tok_off)
     pos, slot = pos.cpu().long(), slot.cpu()
     for b, (m, kb) in enumerate(zip(lens, budgets)):
         for h in range(hkv):
             row = scores[b, h, :m]
-            got = pos[b, h, :kb]
+            if ragged:
+                got, got_slot = pos[h, offs[b]:offs[b] + kb], slot[h, offs[b]:offs[b] + kb]
+            else:
+                got, got_slot = pos[b, h, :kb], slot[b, h, :kb]
             assert got.unique().numel() == kb and int(got.min()) >= 0 and int(got.max()) < m
             kth = row.topk(kb).values[-1]
             assert bool((row[got] >= kth).all())
             assert int((row > kth).sum()) == int((row[got] > kth).sum())
-            assert bool((slot[b, h, :kb] == r2t[int(req_idx[b]), got]).all())
+            assert bool((got_slot == r2t[int(req_idx[b]), got]).all())
+    if ragged:  # entries between and after the runs' selections stay untouched
+        for h in range(hkv):
+            written = torch.zeros(pos.shape[1], dtype=torch.bool)
+            for b, kb in enumerate(budgets):
+                written[offs[b]:offs[b] + kb] = True
+            assert bool((pos[h, ~written] == -7).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -196,14 +238,15 @@ def test_layer0_dense_output_and_selection_in_one_pass(dtype):
     buf.sel_pos.fill_(-7)
     out = torch.full_like(batch.q, float("nan"))
     decode_dense_select(batch.q, batch.k_pool, batch.v_pool, batch.req_to_token, batch.req_idx,
-                        batch.seq_lens, batch.topk, scale, buf, out)
+                        batch.seq_lens, batch.tok_off, batch.topk, scale, buf, out)
     for b, n in enumerate(case[0]):
         k, v = request_kv(batch, b)
         want = ref.dense_attention(batch.q[b:b + 1].cpu(), k, v, [n - 1], scale)
         assert rel_err(out[b:b + 1].cpu(), want) < REL[dtype]
     b_sz, kmax = len(case[0]), buf.kmax
     valid = (torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None])
-    assert_valid_topk(buf.sel_pos[:b_sz], valid.expand(b_sz, case[2], kmax), batch, scale)
+    assert_valid_topk(_rows(buf.sel_pos, batch, kmax), valid.expand(b_sz, case[2], kmax), batch,
+                      scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -221,7 +264,7 @@ def test_decode_step_replays_under_a_cuda_graph_with_new_lengths():
     second = make_decode_batch([1200, 64], [120, 64], hkv, g, d, torch.bfloat16, 16, DEVICE, 2)
     pool_slots = max(first.k_pool.shape[0], second.k_pool.shape[0])
     static = {}
-    for name in ("q", "req_idx", "seq_lens", "topk"):
+    for name in ("q", "req_idx", "seq_lens", "tok_off", "topk"):
         static[name] = getattr(first, name).clone()
     k_pool = torch.zeros(pool_slots, hkv, d, dtype=torch.bfloat16, device=DEVICE)
     v_pool = torch.zeros_like(k_pool)
@@ -238,20 +281,22 @@ def test_decode_step_replays_under_a_cuda_graph_with_new_lengths():
 
     scale = d ** -0.5
     buf = DecodeBuffers(batch=2, q_heads=hkv * g, kv_heads=hkv, head_dim=d, lmax=1300,
-                        kmax=128, device=torch.device(DEVICE))
+                        kmax=128, device=torch.device(DEVICE), tokens=1300 * 2)
     head_map = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
     ident = torch.arange(hkv, dtype=torch.int32, device=DEVICE)
     outs = [torch.empty_like(static["q"]) for _ in range(3)]
     a = static
 
     def step():
-        decode_dense_select(a["q"], k_pool, v_pool, r2t, a["req_idx"], a["seq_lens"], a["topk"],
-                            scale, buf, outs[0])
-        decode_select(a["q"], k_pool, r2t, a["req_idx"], a["seq_lens"], a["topk"], scale, buf)
-        decode_sparse_attention(a["q"], k_pool, v_pool, buf.sel_slot, a["topk"], ident, scale,
-                                buf, outs[1], sel_pos=buf.sel_pos, logits=buf.logits)
-        decode_sparse_attention(a["q"], k_pool, v_pool, buf.sel_slot, a["topk"], head_map, scale,
-                                buf, outs[2])
+        decode_dense_select(a["q"], k_pool, v_pool, r2t, a["req_idx"], a["seq_lens"],
+                            a["tok_off"], a["topk"], scale, buf, outs[0])
+        decode_select(a["q"], k_pool, r2t, a["req_idx"], a["seq_lens"], a["tok_off"], a["topk"],
+                      scale, buf)
+        decode_sparse_attention(a["q"], k_pool, v_pool, buf.sel_slot, a["tok_off"], a["topk"],
+                                ident, scale, buf, outs[1], sel_pos=buf.sel_pos,
+                                logits=buf.logits)
+        decode_sparse_attention(a["q"], k_pool, v_pool, buf.sel_slot, a["tok_off"], a["topk"],
+                                head_map, scale, buf, outs[2])
 
     load(first)
     step()  # compile outside the capture
@@ -268,7 +313,7 @@ def test_decode_step_replays_under_a_cuda_graph_with_new_lengths():
         b_sz, kmax = 2, buf.kmax
         valid = (torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None])
         valid = valid.expand(b_sz, hkv, kmax)
-        pos = buf.sel_pos[:b_sz]
+        pos = _rows(buf.sel_pos, batch, kmax)
         assert_valid_topk(pos, valid, batch, scale)
         for o, hm in ((outs[1], None), (outs[2], head_map)):
             want = decode_sparse_attention_torch(batch.q, batch.k_pool, batch.v_pool,

@@ -1,6 +1,6 @@
 """Host-side pieces of the device path that need no GPU: when it applies, the prefill plan (tiles,
-budgets), the graph plan (static tensors, budgets, capacity clamp), the opt-in switch for decode
-CUDA graphs, and which prefills run dense (SGLANG_KASCADE_DENSE_PREFILL, --kascade-dense-prefill-
+budgets), the graph plan (static tensors, row offsets, budgets, capacity clamp, which batches
+fit), the default-on switch for decode CUDA graphs, and which prefills run dense (SGLANG_KASCADE_DENSE_PREFILL, --kascade-dense-prefill-
 below)."""
 
 from __future__ import annotations
@@ -46,15 +46,18 @@ def test_plan_prefill_tiles_budgets_and_rows():
 def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
     dp = DevicePath("cpu")
     budget = BudgetConfig(topk_fraction=0.1, k_min=16)
-    dp.init_graph_state(max_bs=4, lmax=4096, budget=budget)
+    dp.init_graph_state(max_bs=4, lmax=4096, tokens=6004, pad_keys=4, budget=budget)
     seq = [100, 5, 4096]
     fwd = dp.plan_graph(torch.tensor([3, 1, 2]), torch.tensor(seq), seq, budget)
     g = dp.graph_state
     assert fwd.graph and not fwd.all_dense and fwd.batch == 3
     assert fwd.lmax == 4096 and fwd.kmax == g["kmax"] == 512  # k_for(4096) = 410 -> pow2 512
+    assert fwd.tokens == 6004  # the captured capacity, not this step's sum
     assert fwd.req_idx.data_ptr() == g["req_idx"].data_ptr()  # views of the static tensors
+    assert fwd.tok_off.data_ptr() == g["tok_off"].data_ptr()
     assert g["req_idx"][:3].tolist() == [3, 1, 2]
     assert g["seq_lens"][:3].tolist() == seq
+    assert g["tok_off"][:3].tolist() == [0, 100, 105]  # exclusive cumsum: the rows' runs
     assert g["topk"][:3].tolist() == [16, 5, 410]
     # a larger budget later (hot swap) is clamped to the captured capacity
     fwd = dp.plan_graph(torch.tensor([0]), torch.tensor([4096]), [4096], BudgetConfig(
@@ -62,13 +65,41 @@ def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
     assert fwd.topk.tolist() == [512]
 
 
-def test_decode_graphs_are_opt_in_and_cuda_only(monkeypatch):
+def test_graph_fits_only_batches_within_the_captured_tokens():
+    """Summed lengths beyond the pool (radix-shared prefixes) or a row beyond lmax: eager."""
+    dp = DevicePath("cpu")
+    budget = BudgetConfig(topk_fraction=0.1, k_min=16)
+    assert dp.graph_fits(10**9, 10**9)  # no graphs planned: nothing to check
+    dp.init_graph_state(max_bs=4, lmax=4096, tokens=6004, pad_keys=4, budget=budget)
+    assert dp.graph_fits(6000, 4096)
+    assert not dp.graph_fits(6001, 4096)  # the pad rows' keys would not fit
+    assert not dp.graph_fits(5000, 4097)
+    seq = [4096, 4096]  # 8192 > 6004: plan_graph refuses rather than overrun the buffers
+    try:
+        dp.plan_graph(torch.tensor([0, 1]), torch.tensor(seq), seq, budget)
+    except RuntimeError as e:
+        assert "exceeds the CUDA-graph buffers" in str(e)
+    else:
+        raise AssertionError("an overflowing batch was planned")
+
+
+def test_row_offsets_and_gather_rows():
+    from sglang_kascade.kernels.decode_plan import gather_rows, row_offsets
+
+    assert row_offsets([3, 1, 2]) == [0, 3, 4]
+    t = torch.arange(2 * 6).view(2, 6)  # [Hkv=2, tokens=6]
+    rows = gather_rows(t, torch.tensor([0, 3, 4]), 2)
+    assert rows.shape == (3, 2, 2)
+    assert rows[1].tolist() == [[3, 4], [9, 10]] and rows[2].tolist() == [[4, 5], [10, 11]]
+
+
+def test_decode_graphs_default_on_for_cuda_only(monkeypatch):
     args = SimpleNamespace(device="cuda")
     monkeypatch.delenv("SGLANG_KASCADE_CUDA_GRAPH", raising=False)
-    assert not decode_graphs_wanted(args)
-    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
     assert decode_graphs_wanted(args)
     assert not decode_graphs_wanted(SimpleNamespace(device="cpu"))
+    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
+    assert decode_graphs_wanted(args)
     monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "0")
     assert not decode_graphs_wanted(args)
 
@@ -127,3 +158,61 @@ def test_dense_prefill_below_sends_short_prefills_dense_and_long_ones_sparse(mon
     dense.calls.clear()
     _prefill(be, tb, scn, 80)  # 80: the profile's roles (sparse layers skip the dense backend)
     assert len(dense.calls) < tb.NUM_LAYERS and be.plan is not None
+
+
+def test_graphs_for_a_policy_the_triton_path_does_not_serve_are_captured_dense_and_unused(
+        caplog):
+    """Decode graphs are on by default on CUDA; where the device path does not apply (here: the
+    CPU device; on a GPU: quest, streaming, kascade_pooled or page granularity) the backend
+    captures every layer dense and tells SGLang never to replay them, with a warning."""
+    import test_backend_vs_reference as tb
+
+    class GraphDense(tb.FakeDenseBackend):
+        def init_cuda_graph_state(self, max_bs, max_num_tokens):
+            self.graph_state = (max_bs, max_num_tokens)
+
+        def init_forward_metadata_out_graph(self, fb, in_capture=False):
+            pass
+
+    scn = tb.build(tb.CASES[0])
+    be, _ = _cpu_backend(tb, scn)
+    be.dense = GraphDense(be.req_to_token_pool, be.token_to_kv_pool)
+    with caplog.at_level("WARNING", logger="sglang_kascade"):
+        be.init_cuda_graph_state(4, 4)
+    assert be.graphs_unused and be.device_path.graph_state is None
+    assert "decode CUDA graphs unused" in caplog.text
+    fb = tb.FakeForwardBatch(tb.FakeForwardMode(True), torch.tensor([0]), torch.tensor([90]),
+                             torch.tensor([90]), None, None, scn.slots["A"][89:90])
+    assert not be.can_run_graph(fb)
+    be.init_forward_metadata_out_graph(fb, in_capture=True)
+    assert be.dense_forward and be.device_fwd is None  # every layer to the dense backend
+
+
+def test_graph_runner_hook_asks_the_kascade_backend():
+    """sglang_adapter's AROUND hook on DecodeCudaGraphRunner.can_run_graph: SGLang's answer,
+    narrowed by the kascade backend's (a batch beyond the captured buffers runs eagerly)."""
+    from sglang_kascade.sglang_adapter import _around_decode_graph_can_run
+
+    class Kascade:
+        kascade_backend = True
+
+        def __init__(self, fits):
+            self.fits, self.asked = fits, 0
+
+        def can_run_graph(self, fb):
+            self.asked += 1
+            return self.fits
+
+    def runner(backend):
+        return SimpleNamespace(attn_backend=backend)
+
+    yes, no = (lambda r, fb: True), (lambda r, fb: False)
+    fits, full = Kascade(True), Kascade(False)
+    assert _around_decode_graph_can_run(yes, runner(fits), "fb") is True
+    assert _around_decode_graph_can_run(yes, runner(full), "fb") is False
+    assert _around_decode_graph_can_run(no, runner(fits), "fb") is False
+    assert fits.asked == 1  # not asked when SGLang already said no
+    other = SimpleNamespace(can_run_graph=lambda fb: False)  # not kascade: SGLang decides
+    assert _around_decode_graph_can_run(yes, runner(other), "fb") is True
+    via_model_runner = SimpleNamespace(model_runner=SimpleNamespace(attn_backend=full))
+    assert _around_decode_graph_can_run(yes, via_model_runner, "fb") is False

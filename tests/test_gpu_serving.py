@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server_utils import STARTUP_TIMEOUT_S, generate, running_server
+from server_utils import STARTUP_TIMEOUT_S, assert_greedy_runs_agree, generate, running_server
 from sglang_kascade.eval import launch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.server,
@@ -29,15 +29,19 @@ def prompts():
 
 
 def test_fraction_one_matches_flashinfer_and_sparse_serves():
+    """Both with SGLang's default CUDA-graph settings (kascade's decode graphs on by default;
+    at fraction 1.0 they capture FlashInfer in every layer)."""
     ps = prompts()
     with running_server("kascade", COMMON + ["--kascade-topk", "1.0"], MODEL, "cuda") as url:
         dense_path = [generate(url, input_ids=p, max_new_tokens=16)["output_ids"] for p in ps]
-    with running_server("flashinfer", COMMON + ["--disable-cuda-graph"], MODEL, "cuda") as url:
+    with running_server("flashinfer", COMMON, MODEL, "cuda") as url:
         flashinfer = [generate(url, input_ids=p, max_new_tokens=16)["output_ids"] for p in ps]
     assert dense_path == flashinfer
-    # sparse prefill at every length (Triton path), in chunks of 1024 (cached-prefix offsets)
+    # sparse prefill at every length (Triton path), in chunks of 1024 (cached-prefix offsets),
+    # eager decode (SGLANG_KASCADE_CUDA_GRAPH=0 is read by the server process: --disable-cuda-graph
+    # has the same effect here)
     sparse_args = COMMON + ["--kascade-k-min", "32", "--kascade-dense-prefill-below", "0",
-                            "--chunked-prefill-size", "1024"]
+                            "--chunked-prefill-size", "1024", "--disable-cuda-graph"]
     with launch.running_server("kascade", sparse_args, MODEL, "cuda",
                                startup_timeout_s=STARTUP_TIMEOUT_S) as server:
         sparse = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps + ps[2:]]
@@ -49,15 +53,30 @@ def test_fraction_one_matches_flashinfer_and_sparse_serves():
     assert "kascade: device decode path active" in log, log[-3000:]
 
 
-def test_sparse_decode_in_cuda_graphs(monkeypatch):
-    """SGLANG_KASCADE_CUDA_GRAPH=1: decode graphs captured with the device path and replayed."""
-    monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
+def test_sparse_decode_in_cuda_graphs_by_default():
+    """The stock command: decode graphs captured with the device path at SGLang's default
+    capture sizes and replayed; greedy tokens equal the same server's eager decode. A batch of
+    two requests sharing a cached 3000-token prefix in a 4096-token KV pool exceeds the graph
+    buffers: it runs eagerly (the graph runner hook) and completes. Greedy decode equals the
+    same server's eager decode up to a near tie (random weights: flat logits)."""
     ps = prompts()
-    extra = COMMON + ["--kascade-k-min", "32", "--cuda-graph-max-bs-decode", "8"]
+    extra = COMMON + ["--kascade-k-min", "32", "--max-total-tokens", "4096"]
     with launch.running_server("kascade", extra, MODEL, "cuda",
                                startup_timeout_s=STARTUP_TIMEOUT_S) as server:
-        out = [generate(server.url, input_ids=p, max_new_tokens=16) for p in ps]
+        out = [generate(server.url, input_ids=p, max_new_tokens=16, top_logprobs=2) for p in ps]
+        shared = [ps[2] + [7, 8, 9], ps[2] + [10, 11]]  # ps[2] is cached by now
+        both = generate(server.url, input_ids=shared, max_new_tokens=16)
         log = server.log.read_text(errors="replace")
     assert all(len(o["output_ids"]) == 16 for o in out)
     assert "decode CUDA graphs on" in log, log[-3000:]
     assert "Triton kernels in a CUDA graph" in log, log[-3000:]
+    assert "CUDA-graph buffers" in log, log[-3000:]  # buffer size logged at capture
+    assert [len(o["output_ids"]) for o in both] == [16, 16]
+    assert min(o["meta_info"]["cached_tokens"] for o in both) >= 2048
+    assert "runs eagerly" in log, log[-3000:]
+    with launch.running_server("kascade", extra + ["--disable-cuda-graph"], MODEL, "cuda",
+                               startup_timeout_s=STARTUP_TIMEOUT_S) as server:
+        eager = [generate(server.url, input_ids=p, max_new_tokens=16, top_logprobs=2)
+                 for p in ps]
+    for g, e in zip(out, eager):  # same kernels, other split sizes: equal up to a near tie
+        assert_greedy_runs_agree(g, e, min_agree=1)

@@ -134,7 +134,7 @@ def _graph_backend(pd, kmax=64, lmax=512):
     profile = profile_from_dict(pd)
     be = KascadeAttnBackend(None, None, None, profile, profile.budget, "cpu")
     dp = be.device_path
-    dp.graph_kinds = dp.graph_kinds_of(be.roles)
+    dp.graph_kinds = dp.graph_kinds_of(be.roles, be.budget)
     dp.graph_state = {"lmax": lmax, "kmax": kmax}
     return be
 
@@ -159,6 +159,8 @@ def test_graph_swaps_need_the_same_dense_layers_and_room_in_the_buffers():
     assert "exceeds the captured buffers" in be.hot_swap_problem(big)
     page = variant([0], [0, 2, 4], granularity="page")
     assert "token-granularity" in be.hot_swap_problem(page)
+    every_key = variant([0], [0, 2, 4], topk_fraction=1.0)  # captured dense: other kernels
+    assert "fraction of 1.0" in be.hot_swap_problem(every_key)
     dense3 = variant([0, 3], [0, 2])
     be.device_path.graph_kinds = None  # nothing captured (graphs off): anything goes
     assert be.hot_swap_problem(dense3) is None

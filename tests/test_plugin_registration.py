@@ -66,3 +66,13 @@ def test_support_triton_follows_the_dense_backend_on_cpu(loaded):
         pytest.skip("CPU-only check")
     assert common.support_triton("kascade") is False
     assert common.support_triton("triton") is True
+
+
+def test_decode_graph_runner_hook_applied(loaded):
+    """The hook that sends batches beyond kascade's captured buffers to eager decode resolves
+    against this SGLang (a moved or renamed runner would leave it unapplied)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    target = ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+              ".can_run_graph")
+    assert target in HookRegistry._patched
