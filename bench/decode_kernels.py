@@ -155,7 +155,7 @@ def bench_point(batch: int, L: int, dtype, fraction: float, k_min: int,
     gbs = lambda nbytes, ms: nbytes / (ms * 1e-3) / 1e9  # noqa: E731
     return dict(
         batch=batch, context=L, topk=k, dtype=str(dtype).replace("torch.", ""),
-        splits=buf.splits, dense_flashinfer_tensor_cores=dense_tc,
+        splits=buf.step(batch).splits, dense_flashinfer_tensor_cores=dense_tc,
         dense_baseline="flashinfer" if flashinfer else "triton_gather_all",
         ms=dict(dense=dense_t, triton_gather_all=t_triton_dense, layer0=t_layer0,
                 layer0_fi_select=t_layer0_fi, anchor=t_anchor, reuse=t_reuse, select=t_select,

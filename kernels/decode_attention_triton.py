@@ -147,8 +147,9 @@ def decode_sparse_attention(
     use_logits = logits is not None
     lg = logits if use_logits else buf.logits  # unread without USE_LOGITS
     pos = sel_pos if use_logits else sel_slot
-    po, pe = buf.attn_o, buf.attn_lse
-    splits = buf.splits
+    st = buf.step(b_sz)
+    po, pe = st.attn_o, st.attn_lse
+    splits = st.splits
     _sparse_decode_kernel[(splits, hkv, b_sz)](
         q, k_pool, v_pool, sel_slot, pos, tok_off, topk, head_map, lg, po, pe,
         scale * LOG2E,

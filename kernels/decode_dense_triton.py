@@ -37,8 +37,9 @@ def decode_dense_select(
                            lscan, v_pool=v_pool)
     stages["score"]()
     scan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
-    n_chunks = min(buf.chunks, math.ceil(scan / buf.chunk))
-    combine_splits(buf.dense_o, buf.dense_lse, n_chunks, out)
+    st = buf.step(q.shape[0])
+    n_chunks = min(st.chunks, math.ceil(scan / st.chunk))
+    combine_splits(st.dense_o, st.dense_lse, n_chunks, out)
     stages["pool"]()
     stages["topk"]()
     return out

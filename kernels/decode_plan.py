@@ -30,7 +30,8 @@ def block_g(group: int) -> int:
 
 
 def score_chunk(batch: int, kv_heads: int, lmax: int, num_sms: int = NUM_SMS_H100) -> int:
-    """Largest chunk that still gives about four waves of scoring programs at the capacity."""
+    """Largest chunk that still gives about four waves of scoring programs for ``batch`` rows of
+    ``lmax`` keys."""
     for chunk in reversed(SCORE_CHUNKS):
         if batch * kv_heads * -(-lmax // chunk) >= 4 * num_sms:
             return chunk
@@ -43,11 +44,13 @@ def num_splits(batch: int, kv_heads: int, kmax: int, num_sms: int = NUM_SMS_H100
     Four waves and >= 2 steps was measured too (H100, docs/results/kernels-h100.md): 8% slower
     reuse layers at batch 16, 128K, and no gain at batch 1, 128K.
 
-    A function of the capacity only (not of this step's lengths), so a captured graph keeps it.
+    A function of the batch size and the Top-k capacity (not of this step's lengths), so a
+    graph captured for ``batch`` rows keeps it; a power of two (few kernel variants).
     """
     want = max(1, (2 * num_sms + batch * kv_heads - 1) // (batch * kv_heads))
     most = max(1, kmax // (4 * ATTN_BLOCK_N))
-    return max(1, min(want, most, 64))
+    n = max(1, min(want, most, 64))
+    return 1 << (n.bit_length() - 1)
 
 
 def row_offsets(seq_lens: list) -> list:
@@ -69,8 +72,25 @@ def gather_rows(t: torch.Tensor, tok_off: torch.Tensor, width: int) -> torch.Ten
 
 
 @dataclass
+class StepLayout:
+    """Per-row scratch of a step of ``batch`` requests: views of DecodeBuffers' flat storage,
+    with the score chunk and split counts chosen for that batch size (a CUDA graph captured for
+    it keeps them; eager steps get them per step)."""
+
+    chunk: int  # keys per scoring program
+    chunks: int  # scoring programs per row: ceil(lmax / chunk)
+    splits: int  # split-K factor of the sparse attention
+    part_m: torch.Tensor  # [B, Hkv, G, chunks] running max per score chunk
+    part_l: torch.Tensor  # [B, Hkv, G, chunks] running sum per score chunk
+    dense_o: torch.Tensor  # [B, Hq, chunks, D] fp32 layer-0 split partials
+    dense_lse: torch.Tensor  # [B, Hq, chunks] fp32, log2 units
+    attn_o: torch.Tensor  # [B, Hq, splits, D] fp32 split partials
+    attn_lse: torch.Tensor  # [B, Hq, splits] fp32, log2 units
+
+
+@dataclass
 class DecodeBuffers:
-    """Static device buffers of one decode step for a capacity (batch, lmax, kmax, tokens)."""
+    """Static device buffers of decode steps for a capacity (batch, lmax, kmax, tokens)."""
 
     batch: int
     q_heads: int
@@ -80,8 +100,6 @@ class DecodeBuffers:
     kmax: int  # largest Top-k served
     device: torch.device
     tokens: int = 0  # summed context of a batch (token-indexed buffers; 0: batch * lmax)
-    splits: int = 0  # split-K factor of the attention (0: num_splits())
-    chunk: int = 0  # keys per scoring program (0: score_chunk())
     # Token-indexed: request b's entries of KV head h at [h, tok_off[b] + i], i < seq_lens[b].
     logits: torch.Tensor = field(init=False)  # [Hkv, tokens, G] fp32, log2 units (G-minor:
     # the anchor's attention reads a selected key's G logits from one 32-byte sector)
@@ -89,46 +107,69 @@ class DecodeBuffers:
     sel_pos: torch.Tensor = field(init=False)  # [Hkv, tokens] int32 positions, i < topk[b]
     sel_slot: torch.Tensor = field(init=False)  # [Hkv, tokens] int32 pool slots, i < topk[b]
     # Per request row:
-    part_m: torch.Tensor = field(init=False)  # [B, Hkv, G, chunks] running max per score chunk
-    part_l: torch.Tensor = field(init=False)  # [B, Hkv, G, chunks] running sum per score chunk
     topk_hist: torch.Tensor = field(init=False)  # [4, B*Hkv, 256] int32 radix-select scratch
     topk_ctr: torch.Tensor = field(init=False)  # [B*Hkv, 2] int32 compaction counters
-    dense_o: torch.Tensor = field(init=False)  # [B, Hq, chunks, D] fp32 layer-0 split partials
-    dense_lse: torch.Tensor = field(init=False)  # [B, Hq, chunks] fp32, log2 units
-    attn_o: torch.Tensor = field(init=False)  # [B, Hq, splits, D] fp32 split partials
-    attn_lse: torch.Tensor = field(init=False)  # [B, Hq, splits] fp32, log2 units
+    # Flat storage of the StepLayout views (sized for the worst batch size up to ``batch``):
+    scratch: dict = field(init=False)  # name -> 1-D fp32 tensor
+    _layouts: dict = field(init=False, repr=False)  # batch size -> StepLayout
 
     def __post_init__(self):
         b, hkv, g, dev = self.batch, self.kv_heads, self.q_heads // self.kv_heads, self.device
         if self.kmax > self.lmax:
             raise ValueError(f"kmax {self.kmax} > lmax {self.lmax}")
-        if not self.splits:
-            self.splits = num_splits(b, hkv, self.kmax)
-        if not self.chunk:
-            self.chunk = score_chunk(b, hkv, self.lmax)
         if not self.tokens:
             self.tokens = b * self.lmax
-        chunks = (self.lmax + self.chunk - 1) // self.chunk
         f32 = dict(dtype=torch.float32, device=dev)
         t = self.tokens
         self.logits = torch.empty(hkv, t, g, **f32)
         self.pooled = torch.empty(hkv, t, **f32)
         self.sel_pos = torch.empty(hkv, t, dtype=torch.int32, device=dev)
         self.sel_slot = torch.empty(hkv, t, dtype=torch.int32, device=dev)
-        self.part_m = torch.empty(b, hkv, g, chunks, **f32)
-        self.part_l = torch.empty(b, hkv, g, chunks, **f32)
         self.topk_hist = torch.empty(4, b * hkv, 256, dtype=torch.int32, device=dev)
         self.topk_ctr = torch.empty(b * hkv, 2, dtype=torch.int32, device=dev)
-        self.dense_o = torch.empty(b, self.q_heads, chunks, self.head_dim, **f32)
-        self.dense_lse = torch.empty(b, self.q_heads, chunks, **f32)
-        self.attn_o = torch.empty(b, self.q_heads, self.splits, self.head_dim, **f32)
-        self.attn_lse = torch.empty(b, self.q_heads, self.splits, **f32)
+        chunk_rows = max(n * self._chunks(n)[1] for n in range(1, b + 1))
+        split_rows = max(n * num_splits(n, hkv, self.kmax) for n in range(1, b + 1))
+        hq, d = self.q_heads, self.head_dim
+        sizes = dict(part_m=chunk_rows * hkv * g, part_l=chunk_rows * hkv * g,
+                     dense_o=chunk_rows * hq * d, dense_lse=chunk_rows * hq,
+                     attn_o=split_rows * hq * d, attn_lse=split_rows * hq)
+        self.scratch = {name: torch.empty(n, **f32) for name, n in sizes.items()}
+        self._layouts = {}
 
-    @property
-    def chunks(self) -> int:
-        return self.part_m.shape[-1]
+    def _chunks(self, batch: int) -> tuple:
+        chunk = score_chunk(batch, self.kv_heads, self.lmax)
+        return chunk, -(-self.lmax // chunk)
+
+    def step(self, batch: int) -> StepLayout:
+        """The scratch views of a step of ``batch`` rows (1 <= batch <= self.batch)."""
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"a step of {batch} rows; the buffers hold 1..{self.batch}")
+        lay = self._layouts.get(batch)
+        if lay is None:
+            hkv, hq, d = self.kv_heads, self.q_heads, self.head_dim
+            g = hq // hkv
+            chunk, chunks = self._chunks(batch)
+            splits = num_splits(batch, hkv, self.kmax)
+            sc = self.scratch
+
+            def view(name, *shape):
+                n = 1
+                for x in shape:
+                    n *= x
+                return sc[name][:n].view(*shape)
+
+            lay = self._layouts[batch] = StepLayout(
+                chunk=chunk, chunks=chunks, splits=splits,
+                part_m=view("part_m", batch, hkv, g, chunks),
+                part_l=view("part_l", batch, hkv, g, chunks),
+                dense_o=view("dense_o", batch, hq, chunks, d),
+                dense_lse=view("dense_lse", batch, hq, chunks),
+                attn_o=view("attn_o", batch, hq, splits, d),
+                attn_lse=view("attn_lse", batch, hq, splits))
+        return lay
 
     def nbytes(self) -> int:
         """Device bytes held by the buffers (logged for the CUDA-graph capacity)."""
-        return sum(t.numel() * t.element_size() for t in vars(self).values()
-                   if isinstance(t, torch.Tensor))
+        tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        tensors += list(self.scratch.values())
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -145,7 +145,7 @@ def decode_select(
     lscan: int | None = None,
     gate: torch.Tensor | None = None,
 ) -> None:
-    """Fill buf.logits / part_m / part_l / pooled / sel_pos / sel_slot for this step: entries
+    """Fill buf.logits / pooled / sel_pos / sel_slot (and the step's scratch) for this step: entries
     [tok_off[b], tok_off[b] + topk[b]) of each KV head's row of sel_pos / sel_slot are request
     b's Top-k. Rows must not overlap: tok_off[b] + seq_lens[b] <= tok_off[b + 1], and the last
     row ends within buf.tokens (the caller checks: device_path.py).
@@ -164,19 +164,20 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, sca
                   lscan=None, v_pool=None, gate=None):
     """The stages of ``decode_select`` as closures, in order (benchmarks time each).
 
-    ``v_pool`` given (layer 0): the score stage also writes dense split-K partials into
-    buf.dense_o / buf.dense_lse (see decode_dense_triton.py)."""
+    ``v_pool`` given (layer 0): the score stage also writes dense split-K partials into the
+    step's dense_o / dense_lse (buf.step(B); see decode_dense_triton.py)."""
     b_sz, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
     lscan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
-    n_chunks = min(buf.chunks, math.ceil(lscan / buf.chunk))
-    lg, pm, pl = buf.logits, buf.part_m, buf.part_l
+    st = buf.step(b_sz)
+    n_chunks = min(st.chunks, math.ceil(lscan / st.chunk))
+    lg, pm, pl = buf.logits, st.part_m, st.part_l
     gate = always(q.device) if gate is None else gate
 
     def score():
         vp = k_pool if v_pool is None else v_pool  # anchor: logits only (V pointers unused)
-        o, e = buf.dense_o, buf.dense_lse
+        o, e = st.dense_o, st.dense_lse
         _score_kernel[(n_chunks, hkv, b_sz)](
             q, k_pool, req_to_token, req_idx, seq_lens, tok_off, lg, pm, pl, vp, o, e, gate,
             scale * LOG2E,
@@ -185,7 +186,7 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, sca
             pm.stride(0), pm.stride(1), pm.stride(2),
             vp.stride(0), vp.stride(1), o.stride(0), o.stride(1), o.stride(2),
             e.stride(0), e.stride(1),
-            G=g, BLOCK_G=block_g(g), D=d, DV=vp.shape[-1], BLOCK_N=128, CHUNK=buf.chunk,
+            G=g, BLOCK_G=block_g(g), D=d, DV=vp.shape[-1], BLOCK_N=128, CHUNK=st.chunk,
             WITH_V=v_pool is not None, num_warps=4 if v_pool is None else 8, num_stages=3,
         )
 

@@ -167,8 +167,8 @@ def topk_select(
         s_sr, s_pr = scores.stride(1), pos.stride(1)
     off = tok_off if ragged else seq_lens  # unread when uniform
     n_rows = hist.shape[1]
-    hist.zero_()
-    ctr.zero_()
+    hist[:, :rows].zero_()  # this step's rows only (graph buffers hold many more)
+    ctr[:rows].zero_()
     cfg = dict(CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4)
     cfg.update(launch or {})
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)

@@ -53,7 +53,7 @@ def _run(case, dtype, seed, gate=None):
     buf = DecodeBuffers(batch=len(seq_lens) + 1, q_heads=hkv * g, kv_heads=hkv, head_dim=d,
                         lmax=max(seq_lens) + 3, kmax=max(topk), device=torch.device(DEVICE),
                         tokens=batch.tokens + 5)
-    for t in (buf.logits, buf.part_m, buf.part_l, buf.pooled, buf.attn_o, buf.attn_lse):
+    for t in (buf.logits, buf.pooled, *buf.scratch.values()):
         t.fill_(float("nan"))
     buf.sel_slot.fill_(-7)
     buf.sel_pos.fill_(-7)
@@ -115,7 +115,7 @@ def test_decode_select_and_attention(case, dtype):
     ident = torch.arange(hkv, dtype=torch.int32, device=DEVICE)
     for use_logits in (True, False):  # anchor (stored logits, V only) and reuse (K and V)
         out = torch.full_like(batch.q, float("nan"))
-        buf.attn_o.fill_(float("nan"))
+        buf.scratch["attn_o"].fill_(float("nan"))
         attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk,
                ident, scale, buf, out, sel_pos=buf.sel_pos if use_logits else None,
                logits=buf.logits if use_logits else None)
@@ -134,7 +134,7 @@ def test_closed_gate_selects_nothing():
     case = CASES[0]
     closed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     _, buf, _, _ = _run(case, torch.float16, 5, gate=closed)
-    for t in (buf.logits, buf.part_m, buf.part_l, buf.pooled):
+    for t in (buf.logits, buf.pooled, buf.scratch["part_m"], buf.scratch["part_l"]):
         assert t.isnan().all()
     assert bool((buf.sel_slot == -7).all()) and bool((buf.sel_pos == -7).all())
     _, buf, _, _ = _run(case, torch.float16, 5, gate=closed + 1)
@@ -233,7 +233,7 @@ def test_layer0_dense_output_and_selection_in_one_pass(dtype):
     if INTERPRET:
         case = ([300, 9], [30, 9], 1, 2, 64, 16)
     batch, buf, scale, _ = _run(case, dtype, seed=5)
-    for t in (buf.dense_o, buf.dense_lse, buf.pooled):
+    for t in (buf.scratch["dense_o"], buf.scratch["dense_lse"], buf.pooled):
         t.fill_(float("nan"))
     buf.sel_pos.fill_(-7)
     out = torch.full_like(batch.q, float("nan"))

@@ -216,3 +216,30 @@ def test_graph_runner_hook_asks_the_kascade_backend():
     assert _around_decode_graph_can_run(yes, runner(other), "fb") is True
     via_model_runner = SimpleNamespace(model_runner=SimpleNamespace(attn_backend=full))
     assert _around_decode_graph_can_run(yes, via_model_runner, "fb") is False
+
+
+def test_step_layouts_fit_the_flat_scratch_and_follow_the_batch_size():
+    """Each batch size gets its own score chunk and split count (a graph captured for 1 row
+    splits its attention wide; one for 256 rows does not), as views of one flat storage."""
+    from sglang_kascade.kernels.decode_plan import DecodeBuffers
+
+    buf = DecodeBuffers(batch=64, q_heads=32, kv_heads=8, head_dim=128, lmax=131072,
+                        kmax=16384, device=torch.device("cpu"), tokens=4096)
+    one, many = buf.step(1), buf.step(64)
+    assert one.splits == 32 and many.splits == 1
+    assert (one.chunk, many.chunk) == (1024, 2048)  # about four waves of scoring programs
+    for n in (1, 2, 3, 17, 64):
+        lay = buf.step(n)
+        assert lay.attn_o.shape == (n, 32, lay.splits, 128)
+        assert lay.dense_o.shape == (n, 32, lay.chunks, 128)
+        assert lay.part_m.shape == (n, 8, 4, lay.chunks)
+        for t in (lay.attn_o, lay.dense_o, lay.part_m, lay.part_l, lay.attn_lse, lay.dense_lse):
+            base = t.untyped_storage().data_ptr()
+            assert base in {x.untyped_storage().data_ptr() for x in buf.scratch.values()}
+    assert buf.step(5) is buf.step(5)  # cached: graphs keep the same addresses
+    try:
+        buf.step(65)
+    except ValueError as e:
+        assert "1..64" in str(e)
+    else:
+        raise AssertionError("a step beyond the capacity")

@@ -224,9 +224,8 @@ class Run:
 
 
 def poison(buf):
-    for name in ("logits", "part_m", "part_l", "pooled", "dense_o", "dense_lse",
-                 "attn_o", "attn_lse"):
-        getattr(buf, name).fill_(float("nan"))
+    for t in (buf.logits, buf.pooled, *buf.scratch.values()):
+        t.fill_(float("nan"))
     for name in ("sel_pos", "sel_slot", "topk_hist", "topk_ctr"):
         getattr(buf, name).fill_(-7)
 
