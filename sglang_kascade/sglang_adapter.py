@@ -113,7 +113,8 @@ def decode_graphs_wanted(server_args) -> bool:
     device = str(getattr(server_args, "device", "cuda") or "cuda")
     raw = os.environ.get("SGLANG_KASCADE_CUDA_GRAPH")
     wanted = True if raw is None or raw.strip() == "" else env_flag("SGLANG_KASCADE_CUDA_GRAPH")
-    return wanted and device.startswith("cuda")
+    return (wanted and device.startswith("cuda")
+            and not getattr(server_args, "disable_cuda_graph", False))
 
 
 def _log_graphs(decode_graphs: bool) -> None:
@@ -121,8 +122,8 @@ def _log_graphs(decode_graphs: bool) -> None:
         logger.info("kascade: decode CUDA graphs on (device path); prefill CUDA graphs off "
                     "(SGLANG_KASCADE_CUDA_GRAPH=0 turns decode graphs off)")
     else:
-        logger.warning("kascade: CUDA graphs are off (the PyTorch path is not capturable, or "
-                       "SGLANG_KASCADE_CUDA_GRAPH=0)")
+        logger.warning("kascade: CUDA graphs are off (no CUDA device: the PyTorch path is not "
+                       "capturable; or --disable-cuda-graph, SGLANG_KASCADE_CUDA_GRAPH=0)")
 
 
 def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):

@@ -98,6 +98,7 @@ def test_decode_graphs_default_on_for_cuda_only(monkeypatch):
     monkeypatch.delenv("SGLANG_KASCADE_CUDA_GRAPH", raising=False)
     assert decode_graphs_wanted(args)
     assert not decode_graphs_wanted(SimpleNamespace(device="cpu"))
+    assert not decode_graphs_wanted(SimpleNamespace(device="cuda", disable_cuda_graph=True))
     monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "1")
     assert decode_graphs_wanted(args)
     monkeypatch.setenv("SGLANG_KASCADE_CUDA_GRAPH", "0")
