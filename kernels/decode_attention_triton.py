@@ -34,7 +34,8 @@ def _sparse_decode_kernel(
     s_qb, s_qh, s_ks, s_kh, s_vs, s_vh, s_sh,
     s_lh, s_ln, s_lg, s_ob, s_oh, s_os, s_eb, s_eh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, USE_LOGITS: tl.constexpr,
+    SPLITS,  # split-K factor: a runtime value (one compiled kernel for every batch size)
+    BLOCK_N: tl.constexpr, USE_LOGITS: tl.constexpr,
 ):
     sp, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_b = tl.load(topk_ptr + b)

@@ -43,7 +43,8 @@ def _score_kernel(
     s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
     s_vs, s_vh, s_ob, s_oh, s_oc, s_eb, s_eh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, WITH_V: tl.constexpr,
+    CHUNK,  # keys per program: a runtime value (one compiled kernel for every batch size)
+    BLOCK_N: tl.constexpr, WITH_V: tl.constexpr,
 ):
     # WITH_V (layer 0: dense and selecting): also the chunk's attention partial over V, so one
     # pass over K and V gives both the dense output (after the split-K reduce) and the logits.
