@@ -17,11 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLE = {
     "flashinfer": ("FlashInfer (decode graphs)", "k", "o-"),
     "flashinfer-nograph": ("FlashInfer, graphs off", "0.5", "o--"),
-    "kascade": ("Kascade, graphs off (default)", "tab:orange", "s--"),
-    "kascade-graph": ("Kascade, decode graphs", "tab:blue", "s-"),
-    "kascade-graph-dp": ("Kascade, decode graphs, dense prefill", "tab:green", "^-"),
-    "kascade-graph-sp": ("Kascade, decode graphs, sparse prefill at every length", "tab:red",
-                         "D-"),
+    "kascade": ("Kascade, stock command (decode graphs, SGLang's default capture)", "tab:purple",
+                "*-"),
+    "kascade-nograph": ("Kascade, graphs off", "tab:orange", "s--"),
+    "kascade-graph": ("Kascade, decode graphs for batch 1 only", "tab:blue", "s-"),
+    "kascade-graph-dp": ("Kascade, graphs for batch 1, dense prefill", "tab:green", "^-"),
+    "kascade-graph-sp": ("Kascade, graphs for batch 1, sparse prefill at every length",
+                         "tab:red", "D-"),
 }
 
 
