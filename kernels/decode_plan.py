@@ -45,12 +45,11 @@ def num_splits(batch: int, kv_heads: int, kmax: int, num_sms: int = NUM_SMS_H100
     reuse layers at batch 16, 128K, and no gain at batch 1, 128K.
 
     A function of the batch size and the Top-k capacity (not of this step's lengths), so a
-    graph captured for ``batch`` rows keeps it; a power of two (few kernel variants).
+    graph captured for ``batch`` rows keeps it (a runtime kernel argument: no recompilation).
     """
     want = max(1, (2 * num_sms + batch * kv_heads - 1) // (batch * kv_heads))
     most = max(1, kmax // (4 * ATTN_BLOCK_N))
-    n = max(1, min(want, most, 64))
-    return 1 << (n.bit_length() - 1)
+    return max(1, min(want, most, 64))
 
 
 def row_offsets(seq_lens: list) -> list:
