@@ -73,6 +73,7 @@ def layer_roles(profile: AnchorProfile) -> tuple:
 
 class KascadeAttnBackend(AttentionBackend):
     kascade_backend = True  # recognised by sglang_adapter's graph-runner hook
+
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
                  profile: AnchorProfile, budget: BudgetConfig, device,
                  dense_fallback: dict | None = None, policy: PolicyConfig = PolicyConfig(),

@@ -203,8 +203,8 @@ class DevicePath:
                          budget) -> None:
         """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys
         and ``tokens`` keys in all (``pad_keys`` of them for rows SGLang pads a batch with),
-        and what the captures will launch per layer
-        (``graph_kinds``, from the profile now). Replays copy each step's plan into them
+        and what the captures will launch per layer (``graph_kinds``, from the profile now).
+        Replays copy each step's plan into them
         (plan_graph); the kernels' grids are sized for the capacity and their loops by the
         lengths they load, so one capture serves every step. The graph buffers (allocated at
         the first capture) are token-indexed (kernels/decode_plan.py): ``tokens`` is the KV
