@@ -20,6 +20,7 @@ STYLE = {
     "kascade": ("Kascade, stock command (decode graphs, SGLang's default capture)", "tab:purple",
                 "*-"),
     "kascade-nograph": ("Kascade, graphs off", "tab:orange", "s--"),
+    "kascade-bs1": ("Kascade, stock command with --cuda-graph-max-bs-decode 1", "tab:cyan", "v-"),
     "kascade-graph": ("Kascade, decode graphs for batch 1 only", "tab:blue", "s-"),
     "kascade-graph-dp": ("Kascade, graphs for batch 1, dense prefill", "tab:green", "^-"),
     "kascade-graph-sp": ("Kascade, graphs for batch 1, sparse prefill at every length",
