@@ -29,7 +29,8 @@ def make_decode_batch(seq_lens, topk, hkv, g, d, dtype, page, device, seed, q_sc
 
     Rows of req_to_token are shuffled too (request b lives in row req_idx[b]); slots past a
     request's length hold -1 in req_to_token and garbage keys in the pool, so reading past the
-    end shows up. Token-indexed rows start ROW_GAP entries after the previous row's end. ``q_scale`` sharpens the softmax (real attention is peaky; near-ties rarer).
+    end shows up. Token-indexed rows start ROW_GAP entries after the previous row's end.
+    ``q_scale`` sharpens the softmax (real attention is peaky; near-ties rarer).
     """
     gen = torch.Generator().manual_seed(seed)
     b_sz = len(seq_lens)

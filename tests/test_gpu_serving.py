@@ -55,10 +55,10 @@ def test_fraction_one_matches_flashinfer_and_sparse_serves():
 
 def test_sparse_decode_in_cuda_graphs_by_default():
     """The stock command: decode graphs captured with the device path at SGLang's default
-    capture sizes and replayed; greedy tokens equal the same server's eager decode. A batch of
-    two requests sharing a cached 3000-token prefix in a 4096-token KV pool exceeds the graph
-    buffers: it runs eagerly (the graph runner hook) and completes. Greedy decode equals the
-    same server's eager decode up to a near tie (random weights: flat logits)."""
+    capture sizes and replayed. A batch of two requests sharing a cached 3000-token prefix in a
+    4096-token KV pool exceeds the graph buffers: it runs eagerly (the graph runner hook) and
+    completes. Greedy decode equals the same server's eager decode up to a near tie (random
+    weights: flat logits)."""
     ps = prompts()
     extra = COMMON + ["--kascade-k-min", "32", "--max-total-tokens", "4096"]
     with launch.running_server("kascade", extra, MODEL, "cuda",
