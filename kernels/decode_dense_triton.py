@@ -9,8 +9,6 @@ Reference: ``decode_torch`` (dense = sparse attention with every key selected) a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .decode_attention_triton import combine_splits
@@ -36,9 +34,8 @@ def decode_dense_select(
     stages = select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf,
                            lscan, v_pool=v_pool)
     stages["score"]()
-    scan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
     st = buf.step(q.shape[0])
-    n_chunks = min(st.chunks, math.ceil(scan / st.chunk))
+    _, n_chunks = buf.scan(q.shape[0], lscan)  # the chunks the score stage wrote
     combine_splits(st.dense_o, st.dense_lse, n_chunks, out)
     stages["pool"]()
     stages["topk"]()

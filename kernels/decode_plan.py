@@ -167,6 +167,13 @@ class DecodeBuffers:
                 attn_lse=view("attn_lse", batch, hq, splits))
         return lay
 
+    def scan(self, batch: int, lscan: int | None) -> tuple:
+        """(keys scanned, score chunks launched) by a step of ``batch`` rows: ``lscan`` (a host
+        bound on the longest row; None: the capacity) clamped to [kmax, lmax]."""
+        lscan = self.lmax if lscan is None else max(min(lscan, self.lmax), self.kmax)
+        st = self.step(batch)
+        return lscan, min(st.chunks, -(-lscan // st.chunk))
+
     def nbytes(self) -> int:
         """Device bytes held by the buffers (logged for the CUDA-graph capacity)."""
         tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]

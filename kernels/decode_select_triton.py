@@ -22,8 +22,6 @@ docs/results/kernels-h100.md).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -170,9 +168,8 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, sca
     b_sz, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
-    lscan = buf.lmax if lscan is None else max(min(lscan, buf.lmax), buf.kmax)
+    lscan, n_chunks = buf.scan(b_sz, lscan)
     st = buf.step(b_sz)
-    n_chunks = min(st.chunks, math.ceil(lscan / st.chunk))
     lg, pm, pl = buf.logits, st.part_m, st.part_l
     gate = always(q.device) if gate is None else gate
 

@@ -204,10 +204,9 @@ class DevicePath:
         """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys
         and ``tokens`` keys in all (``pad_keys`` of them for rows SGLang pads a batch with),
         and what the captures will launch per layer (``graph_kinds``, from the profile now).
-        Replays copy each step's plan into them
-        (plan_graph); the kernels' grids are sized for the capacity and their loops by the
-        lengths they load, so one capture serves every step. The graph buffers (allocated at
-        the first capture) are token-indexed (kernels/decode_plan.py): ``tokens`` is the KV
+        Replays copy each step's plan into them (plan_graph); the kernels' grids are sized for
+        the capacity and their loops by the lengths they load, so one capture serves every
+        step. The graph buffers (allocated at the first capture) are token-indexed (kernels/decode_plan.py): ``tokens`` is the KV
         pool plus the padded rows, so only batches whose summed lengths exceed the pool (radix-
         shared prefixes) cannot replay (``graph_fits``; SGLang then runs them eagerly). Their
         Top-k capacity ``kmax`` is the budget at ``lmax``. From here on hot swaps are checked

@@ -238,6 +238,9 @@ def test_step_layouts_fit_the_flat_scratch_and_follow_the_batch_size():
             base = t.untyped_storage().data_ptr()
             assert base in {x.untyped_storage().data_ptr() for x in buf.scratch.values()}
     assert buf.step(5) is buf.step(5)  # cached: graphs keep the same addresses
+    assert buf.scan(1, None) == (131072, 128)  # the capacity, 1024-key chunks
+    assert buf.scan(1, 5000) == (16384, 16)  # never below kmax (Top-k scans that many)
+    assert buf.scan(64, 40000) == (40000, 20)  # 2048-key chunks, rounded up
     try:
         buf.step(65)
     except ValueError as e:
