@@ -1,12 +1,22 @@
-"""Launch-parameter sweep of the radix Top-k and the prefill attention (our kernels only; no
-FlashInfer), one run, median of triton.testing.do_bench. Prints one line per configuration.
+"""Launch-parameter sweeps of our kernels (no FlashInfer), one run, median of
+triton.testing.do_bench. Prints one line per configuration.
 
-Usage (GPU host): python3 -P bench/tune_kernels.py > $OUT/tune.log
+  topk      the radix Top-k (CHUNK, BLOCK, warps)
+  decode    the decode reuse attention (BLOCK_N, warps, stages, splits) and the anchor's scoring
+            pass (BLOCK_N, warps, stages), under CUDA graphs like bench/decode_kernels.py
+  prefill   the prefill sparse attention (BLOCK_N, warps, stages)
+
+Usage (GPU host): python3 -P bench/tune_kernels.py [topk decode prefill] [--batches 1 16]
+  > $OUT/tune.log
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import math
+import os
+import sys
 
 import torch
 import triton
@@ -28,8 +38,8 @@ def tune_topk(batch, L, hkv=8, frac=0.1):
     ctr = torch.empty(batch * hkv, 2, dtype=torch.int32, device=dev)
     pos = torch.empty(batch, hkv, k, dtype=torch.int32, device=dev)
     slot = torch.empty_like(pos)
-    for chunk, block, warps in itertools.product((2048, 4096, 8192, 16384), (1024, 2048),
-                                                 (4, 8)):
+    for chunk, block, warps in itertools.product((1024, 2048, 4096, 8192, 16384),
+                                                 (512, 1024, 2048), (4, 8)):
         if block > chunk:
             continue
         cfg = dict(CHUNK=chunk, BLOCK=block, num_warps=warps)
@@ -66,7 +76,61 @@ def tune_prefill(L, hkv=8, g=4, d=128, frac=0.1, k_min=128):
             print(f"prefill L={L} {cfg} failed: {type(e).__name__}", flush=True)
 
 
+def tune_decode(batch, L, frac=0.1, k_min=128):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode_kernels import D, HKV, HQ, graph_time
+
+    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
+    from sglang_kascade.kernels.decode_plan import DecodeBuffers
+    from sglang_kascade.kernels.decode_select_triton import decode_select, select_stages
+
+    dev = torch.device("cuda")
+    slots = batch * L
+    k_pool = torch.randn(slots, HKV, D, device=dev, dtype=torch.bfloat16)
+    v_pool = torch.randn_like(k_pool)
+    q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16) * 3
+    r2t = torch.arange(slots, dtype=torch.int32, device=dev).view(batch, L)
+    req = torch.arange(batch, dtype=torch.int32, device=dev)
+    seq = torch.full((batch,), L, dtype=torch.int32, device=dev)
+    k = min(L, max(k_min, math.ceil(frac * L)))
+    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
+    tok_off = torch.arange(batch, dtype=torch.int64, device=dev) * L
+    buf = DecodeBuffers(batch=batch, q_heads=HQ, kv_heads=HKV, head_dim=D, lmax=L, kmax=k,
+                        device=dev)
+    args = (q, k_pool, r2t, req, seq, tok_off, topk, D ** -0.5, buf)
+    decode_select(*args)
+    hm = torch.randperm(HKV, device=dev).to(torch.int32)
+    out = torch.empty_like(q)
+    default = buf.step(batch).splits
+    for bn, warps, stages, splits in itertools.product(
+            (32, 64, 128), (2, 4, 8), (2, 3, 4), sorted({default, max(1, default // 2)})):
+        cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages, splits=splits)
+        try:
+            t = graph_time(lambda: decode_sparse_attention(
+                q, k_pool, v_pool, buf.sel_slot, tok_off, topk, hm, D ** -0.5, buf, out,
+                launch=cfg))
+            print(f"reuse B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"reuse B={batch} L={L} {cfg} failed: {type(e).__name__}", flush=True)
+    for bn, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
+        cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        try:
+            score = select_stages(*args, launch=dict(score=cfg))["score"]
+            t = graph_time(score)
+            print(f"score B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"score B={batch} L={L} {cfg} failed: {type(e).__name__}", flush=True)
+
+
 if __name__ == "__main__":
-    tune_topk(16, 131072)
-    tune_topk(1, 131072)
-    tune_prefill(32768)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", nargs="*", default=["topk", "decode", "prefill"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 1])
+    a = ap.parse_args()
+    for b in a.batches:
+        if "topk" in a.what:
+            tune_topk(b, 131072)
+        if "decode" in a.what:
+            tune_decode(b, 131072)
+    if "prefill" in a.what:
+        tune_prefill(32768)

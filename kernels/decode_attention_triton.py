@@ -141,6 +141,7 @@ def decode_sparse_attention(
     out: torch.Tensor,  # [B, Hq, Dv], written
     sel_pos: torch.Tensor | None = None,  # [Hkv, tokens] int32, with logits
     logits: torch.Tensor | None = None,  # [Hkv, tokens, G] fp32 (anchor layers: skip K)
+    launch: dict | None = None,  # tuning: BLOCK_N / num_warps / num_stages / splits (<= default)
 ) -> torch.Tensor:
     b_sz, hq, d = q.shape
     hkv, dv = k_pool.shape[1], v_pool.shape[-1]
@@ -150,7 +151,9 @@ def decode_sparse_attention(
     pos = sel_pos if use_logits else sel_slot
     st = buf.step(b_sz)
     po, pe = st.attn_o, st.attn_lse
-    splits = st.splits
+    cfg = dict(BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=3, splits=st.splits)
+    cfg.update(launch or {})
+    splits = min(cfg.pop("splits"), st.splits)  # the step's scratch holds st.splits partials
     _sparse_decode_kernel[(splits, hkv, b_sz)](
         q, k_pool, v_pool, sel_slot, pos, tok_off, topk, head_map, lg, po, pe,
         scale * LOG2E,
@@ -158,8 +161,7 @@ def decode_sparse_attention(
         v_pool.stride(0), v_pool.stride(1), sel_slot.stride(0),
         lg.stride(0), lg.stride(1), lg.stride(2),
         po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
-        G=g, BLOCK_G=block_g(g), D=d, DV=dv, BLOCK_N=ATTN_BLOCK_N, SPLITS=splits,
-        USE_LOGITS=use_logits, num_warps=4, num_stages=3,
+        G=g, BLOCK_G=block_g(g), D=d, DV=dv, SPLITS=splits, USE_LOGITS=use_logits, **cfg,
     )
     combine_splits(po, pe, splits, out)
     return out

@@ -35,8 +35,8 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _score_kernel(
     q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, tok_off_ptr, logits_ptr, pm_ptr, pl_ptr,
-    v_ptr, o_ptr, lse_ptr, gate_ptr,
-    sm_scale_log2,
+    v_ptr, o_ptr, lse_ptr, gate_ptr, hist_ptr, ctr_ptr,
+    sm_scale_log2, n_hist_rows,
     s_qb, s_qh, s_ks, s_kh, s_r2t,
     s_lh, s_ln, s_lg, s_pb, s_ph, s_pg,
     s_vs, s_vh, s_ob, s_oh, s_oc, s_eb, s_eh,
@@ -49,6 +49,13 @@ def _score_kernel(
     # gate 0: this layer does not select (a CUDA graph serving any profile): nothing to do.
     if tl.load(gate_ptr) != 0:
         c, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if c == 0:  # this row's radix-select histograms and counters start at zero (no memsets:
+            # two fewer graph nodes per layer; topk_select runs after this kernel)
+            r = b * tl.num_programs(1) + h
+            bins = tl.arange(0, 256)
+            for p in tl.static_range(4):
+                tl.store(hist_ptr + (p * n_hist_rows + r) * 256 + bins, tl.zeros([256], tl.int32))
+            tl.store(ctr_ptr + r * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
         seq_len = tl.load(seq_lens_ptr + b)
         row = tl.load(req_idx_ptr + b).to(tl.int64)
         lg_base = h * s_lh + tl.load(tok_off_ptr + b).to(tl.int64) * s_ln  # this row's logits
@@ -160,11 +167,13 @@ def decode_select(
 
 
 def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf,
-                  lscan=None, v_pool=None, gate=None):
-    """The stages of ``decode_select`` as closures, in order (benchmarks time each).
+                  lscan=None, v_pool=None, gate=None, launch=None):
+    """The stages of ``decode_select`` as closures, in order (benchmarks time each; the score
+    stage zeroes the Top-k's histograms, so ``topk`` alone must follow a score or a zeroing).
 
     ``v_pool`` given (layer 0): the score stage also writes dense split-K partials into the
-    step's dense_o / dense_lse (buf.step(B); see decode_dense_triton.py)."""
+    step's dense_o / dense_lse (buf.step(B); see decode_dense_triton.py).
+    ``launch`` (tuning): {"score": {BLOCK_N, num_warps, num_stages}, "topk": {...}} overrides."""
     b_sz, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
@@ -172,20 +181,24 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, sca
     st = buf.step(b_sz)
     lg, pm, pl = buf.logits, st.part_m, st.part_l
     gate = always(q.device) if gate is None else gate
+    launch = launch or {}
+    score_cfg = dict(BLOCK_N=128, num_warps=4 if v_pool is None else 8, num_stages=3)
+    score_cfg.update(launch.get("score", {}))
+    hist, ctr = buf.topk_hist, buf.topk_ctr
 
     def score():
         vp = k_pool if v_pool is None else v_pool  # anchor: logits only (V pointers unused)
         o, e = st.dense_o, st.dense_lse
         _score_kernel[(n_chunks, hkv, b_sz)](
             q, k_pool, req_to_token, req_idx, seq_lens, tok_off, lg, pm, pl, vp, o, e, gate,
-            scale * LOG2E,
+            hist, ctr, scale * LOG2E, hist.shape[1],
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), req_to_token.stride(0),
             lg.stride(0), lg.stride(1), lg.stride(2),
             pm.stride(0), pm.stride(1), pm.stride(2),
             vp.stride(0), vp.stride(1), o.stride(0), o.stride(1), o.stride(2),
             e.stride(0), e.stride(1),
-            G=g, BLOCK_G=block_g(g), D=d, DV=vp.shape[-1], BLOCK_N=128, CHUNK=st.chunk,
-            WITH_V=v_pool is not None, num_warps=4 if v_pool is None else 8, num_stages=3,
+            G=g, BLOCK_G=block_g(g), D=d, DV=vp.shape[-1], CHUNK=st.chunk,
+            WITH_V=v_pool is not None, **score_cfg,
         )
 
     def pool():
@@ -198,7 +211,8 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, sca
         )
 
     def radix_topk():
-        topk_select(buf.pooled, seq_lens, topk, req_to_token, req_idx, buf.topk_hist,
-                    buf.topk_ctr, buf.sel_pos, buf.sel_slot, lscan, gate=gate, tok_off=tok_off)
+        topk_select(buf.pooled, seq_lens, topk, req_to_token, req_idx, hist, ctr, buf.sel_pos,
+                    buf.sel_slot, lscan, launch=launch.get("topk"), gate=gate, tok_off=tok_off,
+                    zeroed=True)
 
     return dict(score=score, pool=pool, topk=radix_topk)

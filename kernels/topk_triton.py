@@ -153,6 +153,7 @@ def topk_select(
     launch: dict | None = None,  # override CHUNK / BLOCK / num_warps (tuning)
     gate: torch.Tensor | None = None,  # [1] int32 on the device: 0 = do nothing (CUDA graphs)
     tok_off: torch.Tensor | None = None,  # [B] int64: token-indexed rows (module docstring)
+    zeroed: bool = False,  # hist / ctr rows already zero (decode: the score kernel zeroes them)
 ) -> None:
     ragged = tok_off is not None
     b_sz = seq_lens.shape[0]
@@ -167,8 +168,9 @@ def topk_select(
         s_sr, s_pr = scores.stride(1), pos.stride(1)
     off = tok_off if ragged else seq_lens  # unread when uniform
     n_rows = hist.shape[1]
-    hist[:, :rows].zero_()  # this step's rows only (graph buffers hold many more)
-    ctr[:rows].zero_()
+    if not zeroed:
+        hist[:, :rows].zero_()  # this step's rows only (graph buffers hold many more)
+        ctr[:rows].zero_()
     cfg = dict(CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4)
     cfg.update(launch or {})
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)

@@ -246,9 +246,11 @@ class DevicePath:
         ks = [max(1, min(budget.k_for(s), g["kmax"])) for s in seq_lens_cpu]
         g["req_idx"][:bs].copy_(req_pool_indices, non_blocking=True)
         g["seq_lens"][:bs].copy_(seq_lens, non_blocking=True)
+        # Asynchronous from pageable memory: CUDA stages the bytes before the call returns (no
+        # wait for the stream, so the host can prepare the next step while the GPU runs this one)
         g["tok_off"][:bs].copy_(torch.tensor(row_offsets(seq_lens_cpu), dtype=torch.int64),
-                                non_blocking=False)
-        g["topk"][:bs].copy_(torch.tensor(ks, dtype=torch.int32), non_blocking=False)
+                                non_blocking=True)
+        g["topk"][:bs].copy_(torch.tensor(ks, dtype=torch.int32), non_blocking=True)
         return DeviceForward(req_idx=g["req_idx"][:bs], seq_lens=g["seq_lens"][:bs],
                              tok_off=g["tok_off"][:bs], topk=g["topk"][:bs], batch=bs,
                              lmax=g["lmax"], kmax=g["kmax"], tokens=g["tokens"],

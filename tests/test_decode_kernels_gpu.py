@@ -57,6 +57,8 @@ def _run(case, dtype, seed, gate=None):
         t.fill_(float("nan"))
     buf.sel_slot.fill_(-7)
     buf.sel_pos.fill_(-7)
+    buf.topk_hist.fill_(-7)  # the score kernel zeroes its rows' histograms and counters
+    buf.topk_ctr.fill_(-7)
     for stage in select_stages(batch.q, batch.k_pool, batch.req_to_token, batch.req_idx,
                                batch.seq_lens, batch.tok_off, batch.topk, scale, buf,
                                gate=gate).values():

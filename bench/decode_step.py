@@ -1,0 +1,148 @@
+"""Whole-step decode attention in one CUDA graph: what a captured SGLang decode step launches.
+
+bench/decode_kernels.py times each kind of layer alone; a served step runs 32 layers in one
+graph, where the per-layer kernels of every layer (also the gated-off selection of reuse layers,
+which keeps hot-swapped profiles running without a recapture) pay their graph-node cost. This
+script captures the attention of all layers of one step, Llama-3.1-8B shapes (32 layers, 32 query
+heads, 8 KV heads, head dim 128, bf16), the shipped profile (profiles/llama-3.1-8b-instruct.json:
+layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in one run:
+
+  flashinfer     FlashInfer's paged decode (tensor cores) in every layer
+  kascade        DevicePath's CUDA-graph path, as the server captures it (layer 0 fused dense +
+                 selection; every other layer a selection gated by the profile, then attention)
+  kascade_exact  the eager path captured: only the profile's anchors launch a selection (what a
+                 graph without hot-swap readiness would cost)
+  gated_off      the 27 gated-off selections alone (the price of hot-swap readiness)
+
+Layers alternate between POOLS copies of the KV pool, so a layer does not find the previous
+layer's keys in L2. Times: median of triton.testing.do_bench over graph replays (ms per step).
+Also the host time of plan_graph (the per-step copy of the plan into the graph's tensors).
+
+Usage (GPU host): PYTHONPATH=/tmp/site python3 -P bench/decode_step.py --out $OUT/step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_kernels import D, HKV, HQ, flashinfer_dense, graph_time  # noqa: E402
+
+from sglang_kascade.backend import layer_roles  # noqa: E402
+from sglang_kascade.config import BudgetConfig  # noqa: E402
+from sglang_kascade.device_path import DevicePath  # noqa: E402
+from sglang_kascade.profile import load_profile  # noqa: E402
+
+POOLS = 2
+
+
+def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(batch * 7919 + L)
+    profile = load_profile("llama-3.1-8b-instruct")
+    roles, selects = layer_roles(profile)
+    n_layers = len(roles)
+    budget = BudgetConfig(topk_fraction=fraction, k_min=k_min)
+    slots = batch * L
+    pools = [(torch.randn(slots, HKV, D, device=dev, dtype=dtype, generator=gen),
+              torch.randn(slots, HKV, D, device=dev, dtype=dtype, generator=gen))
+             for _ in range(POOLS)]
+    q = torch.randn(batch, HQ, D, device=dev, dtype=dtype, generator=gen) * 3
+    req_to_token = torch.arange(slots, dtype=torch.int32, device=dev).view(batch, L)
+    req_idx = torch.arange(batch, dtype=torch.int64, device=dev)
+    seq_lens = torch.full((batch,), L, dtype=torch.int32, device=dev)
+    lens = [L] * batch
+    scale = D ** -0.5
+
+    dense = [flashinfer_dense(q, k, v, batch, L, True) for k, v in pools]
+
+    def run_layers(dp, fwd):
+        for i, role in enumerate(roles):
+            k, v = pools[i % POOLS]
+            if dp.forward(fwd, role, i, q, k, v, req_to_token, scale) is None:
+                dense[i % POOLS]()
+
+    # the server's graph path: capacity = this batch (pool = its keys)
+    dp = DevicePath(dev)
+    dp.set_profile(profile, roles, selects)
+    dp.init_graph_state(batch, L, slots, 0, budget)
+    fwd = dp.plan_graph(req_idx, seq_lens, lens, budget)
+    t_kascade = graph_time(lambda: run_layers(dp, fwd))
+    plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
+
+    # the eager path (only the anchors select), captured
+    de = DevicePath(dev)
+    de.set_profile(profile, roles, selects)
+    efwd = de.plan(req_idx.tolist(), lens, budget)
+    t_exact = graph_time(lambda: run_layers(de, efwd))
+
+    # the gated-off selections of the reuse layers alone
+    from sglang_kascade.kernels.decode_select_triton import decode_select
+
+    buf = dp.graph_buffers
+    off = [i for i, s in enumerate(selects) if not s and dp.graph_kinds[i] == "sparse"]
+    t_gated = graph_time(lambda: [decode_select(
+        q, pools[0][0], req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk, scale,
+        buf, lscan=fwd.lmax, gate=dp.graph_selects[i:i + 1]) for i in off])
+
+    t_fi = graph_time(lambda: [dense[i % POOLS]() for i in range(n_layers)])
+    return dict(batch=batch, context=L, topk=budget.k_for(L), layers=n_layers,
+                anchors=[i for i, s in enumerate(selects) if s], gated_off_layers=len(off),
+                ms=dict(flashinfer=t_fi, kascade=t_kascade, kascade_exact=t_exact,
+                        gated_off=t_gated),
+                plan_graph_host_us=plan_us,
+                speedup=t_fi / t_kascade, speedup_exact=t_fi / t_exact)
+
+
+def host_us(fn, n: int = 200) -> float:
+    """Median host microseconds of fn() (the GPU idle: each call waits for the previous)."""
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    return sorted(ts)[n // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--k-min", type=int, default=128)
+    args = ap.parse_args()
+    rows = []
+    for b in args.batches:
+        for L in args.contexts:
+            if b * L * HKV * D * 2 * 2 * POOLS > 0.6 * torch.cuda.get_device_properties(0).total_memory:
+                continue
+            r = step_point(b, L, args.fraction, args.k_min)
+            rows.append(r)
+            m = r["ms"]
+            print(f"B={b:3d} L={L:7d} flashinfer {m['flashinfer']:.3f} ms | kascade "
+                  f"{m['kascade']:.3f} ({r['speedup']:.2f}x) | exact {m['kascade_exact']:.3f} "
+                  f"({r['speedup_exact']:.2f}x) | gated-off x{r['gated_off_layers']} "
+                  f"{m['gated_off']:.3f} | plan_graph {r['plan_graph_host_us']:.0f} us",
+                  flush=True)
+            torch.cuda.empty_cache()
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, profile="llama-3.1-8b-instruct", pools=POOLS,
+                fraction=args.fraction, k_min=args.k_min)
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    assert all(math.isfinite(r["ms"]["kascade"]) for r in rows)
+
+
+if __name__ == "__main__":
+    main()
