@@ -9,10 +9,13 @@ layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in
 
   flashinfer     FlashInfer's paged decode (tensor cores) in every layer
   kascade        DevicePath's CUDA-graph path, as the server captures it (layer 0 fused dense +
-                 selection; every other layer a selection gated by the profile, then attention)
-  kascade_exact  the eager path captured: only the profile's anchors launch a selection (what a
-                 graph without hot-swap readiness would cost)
-  gated_off      the 27 gated-off selections alone (the price of hot-swap readiness)
+                 selection; every other layer two conditional IF nodes on the profile's flags:
+                 select and attend from the logits, or attend over the latest selection)
+  kascade_gated  the same without conditional nodes (SGLANG_KASCADE_GRAPH_CONDITIONAL=0): every
+                 layer launches the selection's kernels, gated off on the device where the
+                 profile does not select
+  kascade_exact  the eager path captured: only the profile's anchors launch a selection (a graph
+                 that could not follow a hot-swapped profile)
 
 Layers alternate between POOLS copies of the KV pool, so a layer does not find the previous
 layer's keys in L2. Times: median of triton.testing.do_bench over graph replays (ms per step).
@@ -38,7 +41,7 @@ from decode_kernels import D, HKV, HQ, flashinfer_dense, graph_time  # noqa: E40
 
 from sglang_kascade.backend import layer_roles  # noqa: E402
 from sglang_kascade.config import BudgetConfig  # noqa: E402
-from sglang_kascade.device_path import DevicePath  # noqa: E402
+from sglang_kascade.device_path import DevicePath, conditional_nodes_available  # noqa: E402
 from sglang_kascade.profile import load_profile  # noqa: E402
 
 POOLS = 2
@@ -71,36 +74,31 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
             if dp.forward(fwd, role, i, q, k, v, req_to_token, scale) is None:
                 dense[i % POOLS]()
 
-    # the server's graph path: capacity = this batch (pool = its keys)
-    dp = DevicePath(dev)
-    dp.set_profile(profile, roles, selects)
-    dp.init_graph_state(batch, L, slots, 0, budget)
-    fwd = dp.plan_graph(req_idx, seq_lens, lens, budget)
-    t_kascade = graph_time(lambda: run_layers(dp, fwd))
-    plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
+    def graph_path(conditional: bool):
+        dp = DevicePath(dev)
+        dp.conditional = conditional
+        dp.set_profile(profile, roles, selects)
+        dp.init_graph_state(batch, L, slots, 0, budget)
+        fwd = dp.plan_graph(req_idx, seq_lens, lens, budget)
+        return dp, fwd
 
-    # the eager path (only the anchors select), captured
-    de = DevicePath(dev)
+    times = {}
+    for name, cond in (("kascade", True), ("kascade_gated", False)):
+        if cond and not conditional_nodes_available():
+            continue
+        dp, fwd = graph_path(cond)
+        times[name] = graph_time(lambda: run_layers(dp, fwd))
+        plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
+    de = DevicePath(dev)  # the eager path (only the anchors select), captured
     de.set_profile(profile, roles, selects)
     efwd = de.plan(req_idx.tolist(), lens, budget)
-    t_exact = graph_time(lambda: run_layers(de, efwd))
-
-    # the gated-off selections of the reuse layers alone
-    from sglang_kascade.kernels.decode_select_triton import decode_select
-
-    buf = dp.graph_buffers
-    off = [i for i, s in enumerate(selects) if not s and dp.graph_kinds[i] == "sparse"]
-    t_gated = graph_time(lambda: [decode_select(
-        q, pools[0][0], req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk, scale,
-        buf, lscan=fwd.lmax, gate=dp.graph_selects[i:i + 1]) for i in off])
-
-    t_fi = graph_time(lambda: [dense[i % POOLS]() for i in range(n_layers)])
+    times["kascade_exact"] = graph_time(lambda: run_layers(de, efwd))
+    times["flashinfer"] = graph_time(lambda: [dense[i % POOLS]() for i in range(n_layers)])
     return dict(batch=batch, context=L, topk=budget.k_for(L), layers=n_layers,
-                anchors=[i for i, s in enumerate(selects) if s], gated_off_layers=len(off),
-                ms=dict(flashinfer=t_fi, kascade=t_kascade, kascade_exact=t_exact,
-                        gated_off=t_gated),
+                anchors=[i for i, s in enumerate(selects) if s], ms=times,
                 plan_graph_host_us=plan_us,
-                speedup=t_fi / t_kascade, speedup_exact=t_fi / t_exact)
+                speedup={k: times["flashinfer"] / v for k, v in times.items()
+                         if k != "flashinfer"})
 
 
 def host_us(fn, n: int = 200) -> float:
@@ -129,19 +127,17 @@ def main():
                 continue
             r = step_point(b, L, args.fraction, args.k_min)
             rows.append(r)
-            m = r["ms"]
-            print(f"B={b:3d} L={L:7d} flashinfer {m['flashinfer']:.3f} ms | kascade "
-                  f"{m['kascade']:.3f} ({r['speedup']:.2f}x) | exact {m['kascade_exact']:.3f} "
-                  f"({r['speedup_exact']:.2f}x) | gated-off x{r['gated_off_layers']} "
-                  f"{m['gated_off']:.3f} | plan_graph {r['plan_graph_host_us']:.0f} us",
-                  flush=True)
+            m, sp = r["ms"], r["speedup"]
+            print(f"B={b:3d} L={L:7d} flashinfer {m['flashinfer']:.3f} ms | " + " | ".join(
+                f"{k} {m[k]:.3f} ({sp[k]:.2f}x)" for k in sp)
+                + f" | plan_graph {r['plan_graph_host_us']:.0f} us", flush=True)
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, profile="llama-3.1-8b-instruct", pools=POOLS,
                 fraction=args.fraction, k_min=args.k_min)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    assert all(math.isfinite(r["ms"]["kascade"]) for r in rows)
+    assert all(math.isfinite(t) for r in rows for t in r["ms"].values())
 
 
 if __name__ == "__main__":
