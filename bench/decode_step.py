@@ -9,13 +9,11 @@ layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in
 
   flashinfer     FlashInfer's paged decode (tensor cores) in every layer
   kascade        DevicePath's CUDA-graph path, as the server captures it (layer 0 fused dense +
-                 selection; every other layer two conditional IF nodes on the profile's flags:
-                 select and attend from the logits, or attend over the latest selection)
-  kascade_gated  the same without conditional nodes (SGLANG_KASCADE_GRAPH_CONDITIONAL=0): every
-                 layer launches the selection's kernels, gated off on the device where the
-                 profile does not select
-  kascade_exact  the eager path captured: only the profile's anchors launch a selection (a graph
-                 that could not follow a hot-swapped profile)
+                 selection; every other layer launches the selection's kernels, gated off on the
+                 device where the profile does not select, then attends over the selection)
+  kascade_exact  the eager path captured: only the profile's anchors launch a selection, and
+                 they attend from their logits (a graph that could not follow a hot-swapped
+                 profile: the difference is the price of hot-swap readiness)
 
 Layers alternate between POOLS copies of the KV pool, so a layer does not find the previous
 layer's keys in L2. Times: median of triton.testing.do_bench over graph replays (ms per step).
@@ -41,7 +39,7 @@ from decode_kernels import D, HKV, HQ, flashinfer_dense, graph_time  # noqa: E40
 
 from sglang_kascade.backend import layer_roles  # noqa: E402
 from sglang_kascade.config import BudgetConfig  # noqa: E402
-from sglang_kascade.device_path import DevicePath, conditional_nodes_available  # noqa: E402
+from sglang_kascade.device_path import DevicePath  # noqa: E402
 from sglang_kascade.profile import load_profile  # noqa: E402
 
 POOLS = 2
@@ -74,21 +72,12 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
             if dp.forward(fwd, role, i, q, k, v, req_to_token, scale) is None:
                 dense[i % POOLS]()
 
-    def graph_path(conditional: bool):
-        dp = DevicePath(dev)
-        dp.conditional = conditional
-        dp.set_profile(profile, roles, selects)
-        dp.init_graph_state(batch, L, slots, 0, budget)
-        fwd = dp.plan_graph(req_idx, seq_lens, lens, budget)
-        return dp, fwd
-
-    times = {}
-    for name, cond in (("kascade", True), ("kascade_gated", False)):
-        if cond and not conditional_nodes_available():
-            continue
-        dp, fwd = graph_path(cond)
-        times[name] = graph_time(lambda: run_layers(dp, fwd))
-        plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
+    dp = DevicePath(dev)  # the server's graph path: capacity = this batch (pool = its keys)
+    dp.set_profile(profile, roles, selects)
+    dp.init_graph_state(batch, L, slots, 0, budget)
+    fwd = dp.plan_graph(req_idx, seq_lens, lens, budget)
+    times = {"kascade": graph_time(lambda: run_layers(dp, fwd))}
+    plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
     de = DevicePath(dev)  # the eager path (only the anchors select), captured
     de.set_profile(profile, roles, selects)
     efwd = de.plan(req_idx.tolist(), lens, budget)

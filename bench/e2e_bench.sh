@@ -6,8 +6,7 @@
 # Backend names: flashinfer (decode CUDA graphs on, SGLang's default), flashinfer-nograph
 # (--disable-cuda-graph), kascade (the stock command: the shipped profile SGLang resolves for this
 # architecture, topk 0.10, k_min 128, decode CUDA graphs on with SGLang's default capture sizes),
-# kascade-nograph (SGLANG_KASCADE_CUDA_GRAPH=0), kascade-gated (decode graphs without conditional
-# nodes: SGLANG_KASCADE_GRAPH_CONDITIONAL=0), kascade-bs1 (decode graphs for batch 1 only:
+# kascade-nograph (SGLANG_KASCADE_CUDA_GRAPH=0), kascade-bs1 (decode graphs for batch 1 only:
 # --cuda-graph-max-bs-decode 1), kascade-dp (SGLANG_KASCADE_DENSE_PREFILL=1:
 # prefill dense through FlashInfer), kascade-sp (SGLANG_KASCADE_DENSE_PREFILL_BELOW=0: sparse
 # prefill at every length instead of dense below the default threshold).
@@ -29,7 +28,6 @@ for len in $lens; do
       flashinfer-nograph) attn=flashinfer; extra+=(--disable-cuda-graph) ;;
       kascade) attn=kascade ;;
       kascade-nograph) attn=kascade; envs=(SGLANG_KASCADE_CUDA_GRAPH=0) ;;
-      kascade-gated) attn=kascade; envs=(SGLANG_KASCADE_GRAPH_CONDITIONAL=0) ;;
       kascade-bs1) attn=kascade; extra+=(--cuda-graph-max-bs-decode 1) ;;
       kascade-dp) attn=kascade; envs=(SGLANG_KASCADE_DENSE_PREFILL=1) ;;
       kascade-sp) attn=kascade; envs=(SGLANG_KASCADE_DENSE_PREFILL_BELOW=0) ;;

@@ -34,8 +34,6 @@ SGLang's dense backend, as on the PyTorch path. Triton is imported only on first
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,36 +45,6 @@ POLICIES = ("kascade", "kascade_identity", "oracle")  # token-granularity per-KV
 
 def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
-
-
-def conditional_nodes_available() -> bool:
-    """Whether decode graphs put each layer's branch under CUDA-graph conditional IF nodes
-    (torch's ``begin_capture_to_if_node``, CUDA >= 12.4); SGLANG_KASCADE_GRAPH_CONDITIONAL=0
-    turns them off (the kernels are then gated on the device: every layer pays the selection's
-    launches)."""
-    if os.environ.get("SGLANG_KASCADE_GRAPH_CONDITIONAL", "").strip().lower() in ("0", "false",
-                                                                                "no", "off"):
-        return False
-    cls = getattr(torch._C, "_CUDAGraph", None)
-    cuda = torch.version.cuda
-    if cls is None or cuda is None or not all(
-            hasattr(cls, n) for n in ("get_currently_capturing_graph", "begin_capture_to_if_node",
-                                      "end_capture_to_conditional_node")):
-        return False
-    major, minor = (int(x) for x in cuda.split(".")[:2])
-    return (major, minor) >= (12, 4)
-
-
-@contextmanager
-def if_node(pred: torch.Tensor):
-    """Capture the body into a conditional IF node of the graph being captured: at replay it
-    runs only when ``pred`` (a one-element bool tensor on the device, read at replay) is true."""
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-    graph.begin_capture_to_if_node(pred)
-    try:
-        yield
-    finally:
-        graph.end_capture_to_conditional_node()
 
 
 @dataclass
@@ -131,9 +99,6 @@ class DevicePath:
         # The profile as device data, updated in place by set_profile (captured graphs read
         # these addresses, so a hot-swapped profile reaches them without a recapture):
         self.graph_selects = None  # [L] int32: 1 = the layer selects (gates decode_select)
-        self.graph_select_flags = None  # [L] bool, the same (conditional nodes' predicates)
-        self.graph_reuse_flags = None  # [L] bool: not graph_select_flags
-        self.conditional = conditional_nodes_available()  # branch graphs by IF nodes
         self.head_map_table = None  # [L, Hkv] int32: reuse rows = the head map, others identity
         self.graph_kinds: list | None = None  # per layer, what the capture launched (graph_kind)
 
@@ -150,13 +115,9 @@ class DevicePath:
                            for r, role in zip(profile.head_map, roles)], dtype=torch.int32)
         if self.graph_selects is None or self.head_map_table.shape != hm.shape:
             self.graph_selects, self.head_map_table = sel.to(self.device), hm.to(self.device)
-            self.graph_select_flags = (sel != 0).to(self.device)
-            self.graph_reuse_flags = (sel == 0).to(self.device)
         else:  # in place: captured graphs read these addresses
             self.graph_selects.copy_(sel)
             self.head_map_table.copy_(hm)
-            self.graph_select_flags.copy_(sel != 0)
-            self.graph_reuse_flags.copy_(sel == 0)
 
     # ---- what a captured decode graph launches per layer -----------------------------------------
 
@@ -164,9 +125,8 @@ class DevicePath:
     def graph_kinds_of(roles, budget) -> list:
         """Per layer, the kernels a decode graph captures for these roles: "dense" (SGLang's
         dense backend), "fused" (layer 0: dense + selection in one pass, always selecting) or
-        "sparse" (two branches on the layer's flag in ``graph_selects``: select, then attend
-        from the logits and the selected V; or attend over the latest selection through
-        ``head_map_table``: _forward_graph). Anchors and reuse layers look alike, so profiles that differ only
+        "sparse" (the selection gated by ``graph_selects``, then attention through
+        ``head_map_table``). Anchors and reuse layers look alike, so profiles that differ only
         in which layers select, their head maps and the budget share one capture. A budget of
         every key (fraction 1.0) captures every layer dense: FlashInfer, as eager decode runs
         it (the same tokens as ``--attention-backend flashinfer``)."""
@@ -385,15 +345,7 @@ class DevicePath:
     def _forward_graph(self, fwd: DeviceForward, role, layer_id, q3, k_buf, v_buf,
                        req_to_token, scale):
         """One layer of a decode forward being captured (replays rerun these kernels with the
-        profile tables as they are then). What it launches: ``graph_kinds`` (init_graph_state).
-
-        A "sparse" layer is captured as two conditional IF nodes on its flags (device data that
-        hot swaps rewrite): selecting, it runs the selection and attends from the stored logits
-        and the selected V (as eager anchors do); otherwise it attends over the latest selection
-        (K and V). At replay only the taken branch runs: a reuse layer costs its attention and
-        two condition nodes, not the selection's seven launches (measured with
-        bench/decode_step.py). Without conditional nodes (conditional_nodes_available) the
-        selection's kernels are gated on the device instead and every layer attends from K."""
+        profile tables as they are then). What it launches: ``graph_kinds`` (init_graph_state)."""
         from .kernels.decode_attention_triton import decode_sparse_attention
         from .kernels.decode_dense_triton import decode_dense_select
         from .kernels.decode_select_triton import decode_select
@@ -406,38 +358,10 @@ class DevicePath:
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
                                 fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
             return out
-        attn = (q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
-                self.head_map_table[layer_id], scale, buf, out)
-
-        def select():
-            decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off,
-                          fwd.topk, scale, buf, lscan=fwd.lmax,
-                          gate=self.graph_selects[layer_id:layer_id + 1])
-
-        def attend_anchor():
-            decode_sparse_attention(*attn, sel_pos=buf.sel_pos, logits=buf.logits)
-
-        def attend_reuse():
-            decode_sparse_attention(*attn)
-
-        if not self.conditional:
-            select()
-            attend_reuse()
-        elif torch.cuda.is_current_stream_capturing():
-            with if_node(self.graph_select_flags[layer_id]):
-                select()
-                attend_anchor()
-            with if_node(self.graph_reuse_flags[layer_id]):
-                attend_reuse()
-        else:  # a warm-up run before the capture: compile both branches, compute the taken one
-            if self.selects[layer_id]:
-                attend_reuse()
-                select()
-                attend_anchor()
-            else:
-                attend_anchor()  # (reads stale logits: overwritten below)
-                attend_reuse()
-        return out
+        decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk,
+                      scale, buf, lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
+        return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
+                                       self.head_map_table[layer_id], scale, buf, out)
 
     def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
                          req_to_token, scale):

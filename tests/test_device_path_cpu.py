@@ -247,25 +247,3 @@ def test_step_layouts_fit_the_flat_scratch_and_follow_the_batch_size():
         assert "1..64" in str(e)
     else:
         raise AssertionError("a step beyond the capacity")
-
-
-def test_conditional_graph_nodes_follow_torch_and_the_switch(monkeypatch):
-    """Decode graphs branch by conditional IF nodes when torch has the capture API and was
-    built for CUDA >= 12.4; SGLANG_KASCADE_GRAPH_CONDITIONAL=0 turns them off (the replay test
-    on the GPU runs both ways: tests/test_device_path_gpu.py)."""
-    from sglang_kascade import device_path as dpm
-
-    has_api = all(hasattr(torch._C._CUDAGraph, n) for n in (
-        "get_currently_capturing_graph", "begin_capture_to_if_node",
-        "end_capture_to_conditional_node")) if hasattr(torch._C, "_CUDAGraph") else False
-    cuda = torch.version.cuda
-    want = has_api and cuda is not None and tuple(int(x) for x in cuda.split(".")[:2]) >= (12, 4)
-    monkeypatch.delenv("SGLANG_KASCADE_GRAPH_CONDITIONAL", raising=False)
-    assert dpm.conditional_nodes_available() == want
-    monkeypatch.setattr(dpm.torch.version, "cuda", "12.4")
-    assert dpm.conditional_nodes_available() == has_api
-    monkeypatch.setattr(dpm.torch.version, "cuda", "12.2")
-    assert not dpm.conditional_nodes_available()
-    monkeypatch.setattr(dpm.torch.version, "cuda", "13.0")
-    monkeypatch.setenv("SGLANG_KASCADE_GRAPH_CONDITIONAL", "0")
-    assert not dpm.conditional_nodes_available()
