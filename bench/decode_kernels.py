@@ -85,25 +85,39 @@ def triton_dense(q, k_pool, v_pool, batch, L, scale, topk_all):
                                            ident, scale, buf, out)
 
 
-def bench_point(batch: int, L: int, dtype, fraction: float, k_min: int,
-                flashinfer: bool = True) -> dict:
+def point_inputs(batch: int, L: int, dtype, fraction: float, k_min: int) -> dict:
+    """Inputs of one point, seeded by (batch, L): pools of batch * L random K/V rows (each
+    request's slots contiguous), queries, req_to_token, lengths L, budgets
+    k = min(L, max(k_min, ceil(fraction L))), row offsets, buffers sized for them, and a random
+    head map. Shared by the decode benchmarks (decode_tilelang.py, tune_kernels.py)."""
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(batch * 1000003 + L)
     slots = batch * L
     k_pool = torch.randn(slots, HKV, D, device=dev, dtype=dtype, generator=gen)
     v_pool = torch.randn(slots, HKV, D, device=dev, dtype=dtype, generator=gen)
     q = torch.randn(batch, HQ, D, device=dev, dtype=dtype, generator=gen) * 3
-    req_to_token = torch.arange(slots, dtype=torch.int32, device=dev).view(batch, L)
-    req_idx = torch.arange(batch, dtype=torch.int32, device=dev)
-    seq_lens = torch.full((batch,), L, dtype=torch.int32, device=dev)
     k = min(L, max(k_min, math.ceil(fraction * L)))
-    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
-    tok_off = torch.arange(batch, dtype=torch.int64, device=dev) * L
-    scale = D ** -0.5
-    buf = DecodeBuffers(batch=batch, q_heads=HQ, kv_heads=HKV, head_dim=D, lmax=L, kmax=k,
-                        device=dev)
+    return dict(
+        q=q, k_pool=k_pool, v_pool=v_pool, k=k, scale=D ** -0.5,
+        req_to_token=torch.arange(slots, dtype=torch.int32, device=dev).view(batch, L),
+        req_idx=torch.arange(batch, dtype=torch.int32, device=dev),
+        seq_lens=torch.full((batch,), L, dtype=torch.int32, device=dev),
+        topk=torch.full((batch,), k, dtype=torch.int32, device=dev),
+        tok_off=torch.arange(batch, dtype=torch.int64, device=dev) * L,
+        buf=DecodeBuffers(batch=batch, q_heads=HQ, kv_heads=HKV, head_dim=D, lmax=L, kmax=k,
+                          device=dev),
+        head_map=torch.randperm(HKV, device=dev, generator=gen).to(torch.int32))
+
+
+def bench_point(batch: int, L: int, dtype, fraction: float, k_min: int,
+                flashinfer: bool = True) -> dict:
+    p = point_inputs(batch, L, dtype, fraction, k_min)
+    q, k_pool, v_pool, k, scale, buf = (p[n] for n in ("q", "k_pool", "v_pool", "k", "scale",
+                                                        "buf"))
+    req_to_token, req_idx, seq_lens, topk, tok_off, head_map = (p[n] for n in (
+        "req_to_token", "req_idx", "seq_lens", "topk", "tok_off", "head_map"))
+    dev = q.device
     ident = torch.arange(HKV, dtype=torch.int32, device=dev)
-    head_map = torch.randperm(HKV, device=dev, generator=gen).to(torch.int32)
     out = torch.empty_like(q)
     sel_args = (q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf)
     decode_select(*sel_args)  # a real selection

@@ -21,7 +21,6 @@ import argparse
 import functools
 import itertools
 import json
-import math
 import os
 import sys
 
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from decode_kernels import D, HKV, HQ, graph_time  # noqa: E402
+from decode_kernels import D, HKV, HQ, graph_time, point_inputs  # noqa: E402
 
 from sglang_kascade.kernels.decode_attention_tilelang import (  # noqa: E402
     decode_sparse_attention_tilelang,
@@ -39,7 +38,7 @@ from sglang_kascade.kernels.decode_attention_triton import (  # noqa: E402
     combine_splits,
     decode_sparse_attention,
 )
-from sglang_kascade.kernels.decode_plan import DecodeBuffers, gather_rows  # noqa: E402
+from sglang_kascade.kernels.decode_plan import gather_rows  # noqa: E402
 from sglang_kascade.kernels.decode_select_triton import decode_select  # noqa: E402
 from sglang_kascade.kernels.decode_torch import decode_sparse_attention_torch  # noqa: E402
 
@@ -52,26 +51,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_point(batch: int, L: int, fraction: float, dtype=torch.bfloat16) -> dict:
-    """Inputs of one point, as bench_point makes them, with decode_select's selection."""
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(batch * 1000003 + L)
-    slots = batch * L
-    k_pool = torch.randn(slots, HKV, D, device=dev, dtype=dtype, generator=gen)
-    v_pool = torch.randn(slots, HKV, D, device=dev, dtype=dtype, generator=gen)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=dtype, generator=gen) * 3
-    req_to_token = torch.arange(slots, dtype=torch.int32, device=dev).view(batch, L)
-    req_idx = torch.arange(batch, dtype=torch.int32, device=dev)
-    seq_lens = torch.full((batch,), L, dtype=torch.int32, device=dev)
-    k = min(L, math.ceil(fraction * L))
-    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
-    tok_off = torch.arange(batch, dtype=torch.int64, device=dev) * L
-    scale = D ** -0.5
-    buf = DecodeBuffers(batch=batch, q_heads=HQ, kv_heads=HKV, head_dim=D, lmax=L, kmax=k,
-                        device=dev)
-    head_map = torch.randperm(HKV, device=dev, generator=gen).to(torch.int32)
-    decode_select(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf)
-    return dict(q=q, k_pool=k_pool, v_pool=v_pool, req_to_token=req_to_token, req_idx=req_idx,
-                tok_off=tok_off, topk=topk, k=k, scale=scale, buf=buf, head_map=head_map)
+    """Inputs of one point (decode_kernels.point_inputs, no k_min) with decode_select's
+    selection."""
+    p = point_inputs(batch, L, dtype, fraction, 0)
+    decode_select(*(p[n] for n in ("q", "k_pool", "req_to_token", "req_idx", "seq_lens",
+                                   "tok_off", "topk", "scale", "buf")))
+    return p
 
 
 def reuse_fns(p: dict, configs: list) -> tuple:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 
@@ -78,28 +77,18 @@ def tune_prefill(L, hkv=8, g=4, d=128, frac=0.1, k_min=128):
 
 def tune_decode(batch, L, frac=0.1, k_min=128):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode_kernels import D, HKV, HQ, graph_time
+    from decode_kernels import D, graph_time, point_inputs
 
     from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
-    from sglang_kascade.kernels.decode_plan import DecodeBuffers
     from sglang_kascade.kernels.decode_select_triton import decode_select, select_stages
 
-    dev = torch.device("cuda")
-    slots = batch * L
-    k_pool = torch.randn(slots, HKV, D, device=dev, dtype=torch.bfloat16)
-    v_pool = torch.randn_like(k_pool)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=torch.bfloat16) * 3
-    r2t = torch.arange(slots, dtype=torch.int32, device=dev).view(batch, L)
-    req = torch.arange(batch, dtype=torch.int32, device=dev)
-    seq = torch.full((batch,), L, dtype=torch.int32, device=dev)
-    k = min(L, max(k_min, math.ceil(frac * L)))
-    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
-    tok_off = torch.arange(batch, dtype=torch.int64, device=dev) * L
-    buf = DecodeBuffers(batch=batch, q_heads=HQ, kv_heads=HKV, head_dim=D, lmax=L, kmax=k,
-                        device=dev)
-    args = (q, k_pool, r2t, req, seq, tok_off, topk, D ** -0.5, buf)
+    p = point_inputs(batch, L, torch.bfloat16, frac, k_min)
+    q, k_pool, v_pool, tok_off, topk, buf = (p[n] for n in ("q", "k_pool", "v_pool", "tok_off",
+                                                             "topk", "buf"))
+    args = (q, k_pool, p["req_to_token"], p["req_idx"], p["seq_lens"], tok_off, topk, D ** -0.5,
+            buf)
     decode_select(*args)
-    hm = torch.randperm(HKV, device=dev).to(torch.int32)
+    hm = p["head_map"]
     out = torch.empty_like(q)
     default = buf.step(batch).splits
     for bn, warps, stages, splits in itertools.product(
