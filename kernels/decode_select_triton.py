@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .decode_plan import DecodeBuffers, block_g
-from .topk_triton import always, topk_select
+from .topk_triton import NPASS, always, topk_select
 
 LOG2E = 1.4426950408889634
 
@@ -43,7 +43,7 @@ def _score_kernel(
     s_vs, s_vh, s_ob, s_oh, s_oc, s_eb, s_eh,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     CHUNK,  # keys per program: a runtime value (one compiled kernel for every batch size)
-    BLOCK_N: tl.constexpr, WITH_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, WITH_V: tl.constexpr, NPASS: tl.constexpr,
 ):
     # WITH_V (layer 0: dense and selecting): also the chunk's attention partial over V, so one
     # pass over K and V gives both the dense output (after the split-K reduce) and the logits.
@@ -54,7 +54,7 @@ def _score_kernel(
             # two fewer graph nodes per layer; topk_select runs after this kernel)
             r = b * tl.num_programs(1) + h
             bins = tl.arange(0, 256)
-            for p in tl.static_range(4):
+            for p in tl.static_range(NPASS):
                 tl.store(hist_ptr + (p * n_hist_rows + r) * 256 + bins, tl.zeros([256], tl.int32))
             tl.store(ctr_ptr + r * 2 + tl.arange(0, 2), tl.zeros([2], tl.int32))
         seq_len = tl.load(seq_lens_ptr + b)
@@ -199,7 +199,7 @@ def select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, sca
             vp.stride(0), vp.stride(1), o.stride(0), o.stride(1), o.stride(2),
             e.stride(0), e.stride(1),
             G=g, BLOCK_G=block_g(g), D=d, DV=vp.shape[-1], CHUNK=st.chunk,
-            WITH_V=v_pool is not None, **score_cfg,
+            WITH_V=v_pool is not None, NPASS=NPASS, **score_cfg,
         )
 
     def pool():

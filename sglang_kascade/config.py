@@ -166,9 +166,11 @@ def dense_prefill_below(options: KascadeOptions, device) -> int:
     return DEFAULT_CUDA_DENSE_PREFILL_BELOW if str(device).startswith("cuda") else 0
 
 
-def env_flag(name: str) -> bool:
-    """An on/off environment switch: "1", "true" or "yes" (any case) is on; unset is off."""
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off environment switch: "1", "true" or "yes" (any case) is on; unset or blank is
+    ``default``; anything else is off."""
+    raw = os.environ.get(name, "")
+    return default if not raw.strip() else raw.lower() in ("1", "true", "yes")
 
 
 def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import OPTION_TABLE, KascadeConfigError, KascadeOptions, env_flag
@@ -111,9 +110,7 @@ def decode_graphs_wanted(server_args) -> bool:
     The device path (device_path.py) is capturable, profile hot-swaps included; its graph
     buffers are token-indexed, sized by the KV pool (backend.init_cuda_graph_state)."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
-    raw = os.environ.get("SGLANG_KASCADE_CUDA_GRAPH")
-    wanted = True if raw is None or raw.strip() == "" else env_flag("SGLANG_KASCADE_CUDA_GRAPH")
-    return (wanted and device.startswith("cuda")
+    return (env_flag("SGLANG_KASCADE_CUDA_GRAPH", default=True) and device.startswith("cuda")
             and not getattr(server_args, "disable_cuda_graph", False))
 
 
