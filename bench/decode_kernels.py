@@ -37,8 +37,9 @@ HQ, HKV, D = 32, 8, 128
 N_LAYERS, N_ANCHORS = 32, 4  # layer 0 dense + 4 anchors + 27 reuse
 
 
-def graph_time(fn) -> float:
-    """Median ms of one replay of a CUDA graph holding fn() (L2 flushed before each replay)."""
+def graph_time(fn, adopt=None) -> float:
+    """Median ms of one replay of a CUDA graph holding fn() (L2 flushed before each replay).
+    ``adopt`` (graph_nodes.adopt): the graph is kept and handed over, as the server's is."""
     fn()  # compile / warm up outside the capture
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -46,9 +47,11 @@ def graph_time(fn) -> float:
     with torch.cuda.stream(s):
         fn()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
+    g = torch.cuda.CUDAGraph(keep_graph=adopt is not None)
     with torch.cuda.graph(g):
         fn()
+    if adopt is not None:
+        assert adopt(g)
     torch.cuda.synchronize()
     return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
 

@@ -9,8 +9,11 @@ layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in
 
   flashinfer     FlashInfer's paged decode (tensor cores) in every layer
   kascade        DevicePath's CUDA-graph path, as the server captures it (layer 0 fused dense +
-                 selection; every other layer launches the selection's kernels, gated off on the
-                 device where the profile does not select, then attends over the selection)
+                 selection; every other layer captures the selection's kernels, then attends over
+                 the selection); the graph handed to graph_nodes.adopt, which disables the
+                 selection nodes of the layers that do not select
+  kascade_gated  the same graph with the node switch off (SGLANG_KASCADE_NODE_SWITCH=0): the
+                 selection kernels of every sparse layer launch, gated off on the device
   kascade_exact  the eager path captured: only the profile's anchors launch a selection, and
                  they attend from their logits (a graph that could not follow a hot-swapped
                  profile: the difference is the price of hot-swap readiness)
@@ -37,6 +40,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_kernels import D, HKV, HQ, flashinfer_dense, graph_time  # noqa: E402
 
+from sglang_kascade import graph_nodes  # noqa: E402
 from sglang_kascade.backend import layer_roles  # noqa: E402
 from sglang_kascade.config import BudgetConfig  # noqa: E402
 from sglang_kascade.device_path import DevicePath  # noqa: E402
@@ -72,12 +76,19 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
             if dp.forward(fwd, role, i, q, k, v, req_to_token, scale) is None:
                 dense[i % POOLS]()
 
-    dp = DevicePath(dev)  # the server's graph path: capacity = this batch (pool = its keys)
-    dp.set_profile(profile, roles, selects)
-    dp.init_graph_state(batch, L, slots, 0, budget)
-    fwd = dp.plan_graph(req_idx, seq_lens, lens, budget)
-    times = {"kascade": graph_time(lambda: run_layers(dp, fwd))}
+    def graph_path(node_switch: bool):  # the server's: capacity = this batch (pool = its keys)
+        os.environ["SGLANG_KASCADE_NODE_SWITCH"] = "1" if node_switch else "0"
+        dp = DevicePath(dev)
+        dp.set_profile(profile, roles, selects)
+        dp.init_graph_state(batch, L, slots, 0, budget)
+        return dp, dp.plan_graph(req_idx, seq_lens, lens, budget)
+
+    dp, fwd = graph_path(True)
+    times = {"kascade": graph_time(lambda: run_layers(dp, fwd), adopt=graph_nodes.adopt)}
+    nodes_off = dp.node_switch.disabled_nodes()
     plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
+    dg, gfwd = graph_path(False)
+    times["kascade_gated"] = graph_time(lambda: run_layers(dg, gfwd))
     de = DevicePath(dev)  # the eager path (only the anchors select), captured
     de.set_profile(profile, roles, selects)
     efwd = de.plan(req_idx.tolist(), lens, budget)
@@ -85,7 +96,7 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
     times["flashinfer"] = graph_time(lambda: [dense[i % POOLS]() for i in range(n_layers)])
     return dict(batch=batch, context=L, topk=budget.k_for(L), layers=n_layers,
                 anchors=[i for i, s in enumerate(selects) if s], ms=times,
-                plan_graph_host_us=plan_us,
+                plan_graph_host_us=plan_us, selection_nodes_off=nodes_off,
                 speedup={k: times["flashinfer"] / v for k, v in times.items()
                          if k != "flashinfer"})
 
@@ -119,7 +130,8 @@ def main():
             m, sp = r["ms"], r["speedup"]
             print(f"B={b:3d} L={L:7d} flashinfer {m['flashinfer']:.3f} ms | " + " | ".join(
                 f"{k} {m[k]:.3f} ({sp[k]:.2f}x)" for k in sp)
-                + f" | plan_graph {r['plan_graph_host_us']:.0f} us", flush=True)
+                + f" | plan_graph {r['plan_graph_host_us']:.0f} us"
+                + f" | {r['selection_nodes_off']} nodes off", flush=True)
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, profile="llama-3.1-8b-instruct", pools=POOLS,

@@ -12,8 +12,8 @@ starts at ``sel_slot[row, tok_off[b]]``), gathers ``block_n`` K and V rows from 
 (``[slots, Hkv, D]``) into shared memory with per-row index loads in a ``T.Parallel`` copy, and
 keeps an online softmax for the G query heads of the KV head at once, as the rows of two
 ``T.gemm`` (padded to ``block_g(G)`` >= 16 rows). The split partials go to
-``buf.step(B).attn_o`` / ``attn_lse`` and the Triton reduce (``combine_splits``) merges them, so a
-measurement differs only in the split kernel.
+``buf.step(B).attn_o`` / ``attn_lse`` and the Triton reduce (``combine_splits``) merges them (the
+Triton kernel merges in its last split since session 8; the TileLang one was measured before).
 
 Compiled once per (Hkv, G, D, dtype, block_n, num_stages, num_threads): batch, splits, pool slots
 and tokens are symbolic (``T.dynamic``) and topk / tok_off / head_map / the scale are read at run

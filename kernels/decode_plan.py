@@ -108,6 +108,7 @@ class DecodeBuffers:
     # Per request row:
     topk_hist: torch.Tensor = field(init=False)  # [4, B*Hkv, 256] int32 radix-select scratch
     topk_ctr: torch.Tensor = field(init=False)  # [B*Hkv, 2] int32 compaction counters
+    attn_ctr: torch.Tensor = field(init=False)  # [B*Hkv] int32 splits arrived; 0 between launches
     # Flat storage of the StepLayout views (sized for the worst batch size up to ``batch``):
     scratch: dict = field(init=False)  # name -> 1-D fp32 tensor
     _layouts: dict = field(init=False, repr=False)  # batch size -> StepLayout
@@ -126,6 +127,7 @@ class DecodeBuffers:
         self.sel_slot = torch.empty(hkv, t, dtype=torch.int32, device=dev)
         self.topk_hist = torch.empty(4, b * hkv, 256, dtype=torch.int32, device=dev)
         self.topk_ctr = torch.empty(b * hkv, 2, dtype=torch.int32, device=dev)
+        self.attn_ctr = torch.zeros(b * hkv, dtype=torch.int32, device=dev)
         chunk_rows = max(n * self._chunks(n)[1] for n in range(1, b + 1))
         split_rows = max(n * num_splits(n, hkv, self.kmax) for n in range(1, b + 1))
         hq, d = self.q_heads, self.head_dim

@@ -101,6 +101,7 @@ class DevicePath:
         self.graph_selects = None  # [L] int32: 1 = the layer selects (gates decode_select)
         self.head_map_table = None  # [L, Hkv] int32: reuse rows = the head map, others identity
         self.graph_kinds: list | None = None  # per layer, what the capture launched (graph_kind)
+        self.node_switch = None  # graph_nodes.NodeSwitch: selection nodes off where not selecting
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -118,6 +119,8 @@ class DevicePath:
         else:  # in place: captured graphs read these addresses
             self.graph_selects.copy_(sel)
             self.head_map_table.copy_(hm)
+        if self.node_switch is not None:  # after the gates: a disabled node's gate is 0
+            self.node_switch.apply(self.selects)
 
     # ---- what a captured decode graph launches per layer -----------------------------------------
 
@@ -211,8 +214,13 @@ class DevicePath:
         shared prefixes) cannot replay (``graph_fits``; SGLang then runs them eagerly). Their
         Top-k capacity ``kmax`` is the budget at ``lmax``. From here on hot swaps are checked
         against both (graph_swap_problem)."""
+        from .graph_nodes import NodeSwitch
+
         dev = self.device
         self.graph_kinds = self.graph_kinds_of(self.roles, budget)
+        if self.node_switch is None:
+            self.node_switch = NodeSwitch()
+            self.node_switch.apply(self.selects)
         self.graph_state = dict(
             max_bs=max_bs, lmax=lmax, tokens=tokens, pad_keys=pad_keys,
             kmax=min(lmax, _pow2(budget.k_for(lmax), 256)),
@@ -225,6 +233,8 @@ class DevicePath:
         """Whether a decode batch of these lengths fits the captured buffers, whatever rows
         SGLang pads it with (``pad_keys``: keys of max_bs padded rows, counted in ``tokens``)."""
         g = self.graph_state
+        if self.node_switch is not None and self.node_switch.stuck:  # graph_nodes.py
+            return False
         return g is None or (seq_lens_sum + g["pad_keys"] <= g["tokens"]
                              and max_seq_len <= g["lmax"])
 
@@ -358,8 +368,11 @@ class DevicePath:
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
                                 fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
             return out
+        mark = self.node_switch.mark() if self.node_switch is not None else None
         decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk,
                       scale, buf, lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
+        if mark is not None:  # this layer's selection nodes, switched by profile once adopted
+            self.node_switch.record(layer_id, mark)
         return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
                                        self.head_map_table[layer_id], scale, buf, out)
 

@@ -168,6 +168,46 @@ def _around_decode_graph_can_run(original, runner, forward_batch, *args, **kwarg
     return ok
 
 
+def _graphs_can_be_kept(torch) -> bool:
+    """torch >= 2.9: CUDAGraph(keep_graph=...) with raw_cuda_graph / raw_cuda_graph_exec."""
+    import inspect
+
+    try:
+        params = inspect.signature(torch.cuda.CUDAGraph.__new__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "keep_graph" in params and hasattr(torch.cuda.CUDAGraph, "raw_cuda_graph_exec")
+
+
+def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **kwargs):
+    # Reason: switching a captured graph's selection nodes off by profile (graph_nodes.py) needs
+    # the graph's cudaGraph_t after instantiation, which torch destroys unless the CUDAGraph was
+    # made with keep_graph=True; FullCudaGraphBackend.capture_one makes it with
+    # ``torch.cuda.CUDAGraph()`` and keeps it in ``_graphs[shape_key]`` (same in 0.5.17 and
+    # 0.5.21). Only while a kascade NodeSwitch is live; other backends capture as before.
+    import torch
+
+    from . import graph_nodes
+
+    if not graph_nodes.wanted() or not _graphs_can_be_kept(torch):
+        return original(graph_backend, shape_key, *args, **kwargs)
+    plain = torch.cuda.CUDAGraph
+
+    class KeptGraph(plain):
+        def __new__(cls, keep_graph: bool = True):
+            return super().__new__(cls, keep_graph)
+
+    torch.cuda.CUDAGraph = KeptGraph
+    try:
+        result = original(graph_backend, shape_key, *args, **kwargs)
+    finally:
+        torch.cuda.CUDAGraph = plain
+    graph = getattr(graph_backend, "_graphs", {}).get(shape_key)
+    if isinstance(graph, KeptGraph):
+        graph_nodes.adopt(graph)  # instantiates it (as capture_end would have)
+    return result
+
+
 def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -180,6 +220,9 @@ def register_hooks() -> None:
     HookRegistry.register(
         "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
         ".can_run_graph", _around_decode_graph_can_run, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
+        ".capture_one", _around_full_graph_capture_one, HookType.AROUND)
     import importlib.util
 
     if importlib.util.find_spec("sglang.srt.arg_groups.attention_hook") is not None:

@@ -33,6 +33,7 @@ import torch
 
 import reference as ref
 from test_backend_vs_reference import FakeLayer as Layer
+from sglang_kascade import graph_nodes
 from sglang_kascade.backend import KascadeAttnBackend
 from sglang_kascade.config import PolicyConfig
 from sglang_kascade.device_path import POLICIES
@@ -463,16 +464,22 @@ def swapped_profile(profile, prof):
     return profile_from_dict(d)
 
 
+@pytest.mark.parametrize("nodes", ["switched", "gated"])
 @pytest.mark.parametrize("swap", [False, True], ids=["captured-profile", "hot-swapped"])
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=case_id)
-def test_cuda_graph_replay_equals_eager(case, swap):
+def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
     """One decode forward captured (the backend's capture hooks, as SGLang's decode graph runner
     calls them), replayed for two steps of different lengths and inputs; each replay equals the
     eager device path on a twin backend (same pools, same inputs). The second step is shorter
     than the first, so stale buffer contents past a request's end would show. ``swap``: after
     the capture the graph backend gets another profile (same dense layers; other anchors, head
     maps and budget) through the control channel's staging, and the eager twin runs that
-    profile: the replays must follow it with no recapture."""
+    profile: the replays must follow it with no recapture. ``nodes``: "switched" captures as
+    SGLang's runner does through the adapter (keep_graph, graph_nodes.adopt), so the selection
+    nodes of layers that do not select are disabled in the executable graph (checked through
+    the driver); "gated" turns the switch off (SGLANG_KASCADE_NODE_SWITCH=0): gates alone."""
+    if nodes == "gated":
+        monkeypatch.setenv("SGLANG_KASCADE_NODE_SWITCH", "0")
     setup = build(case)
     prof, policy, lens, hkv, g, d, page, dtype, *_ = case
     hq = hkv * g
@@ -550,9 +557,13 @@ def test_cuda_graph_replay_equals_eager(case, swap):
     with torch.cuda.stream(s):
         body()  # warm-up (compiles); writes the same KV the replay writes
     torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=nodes == "switched")
     with torch.cuda.graph(graph):
         outs = body()
+    sw = be.device_path.node_switch
+    assert sw.active == (nodes == "switched")
+    if nodes == "switched":
+        assert graph_nodes.adopt(graph)
     poison(be.device_path.graph_buffers)
     if swap:
         assert be.hot_swap_problem(new) is None
@@ -570,6 +581,15 @@ def test_cuda_graph_replay_equals_eager(case, swap):
     assert be.stats.device_forwards == len(steps)
     if swap:
         assert be.profile.name == "swapped" and be.stats.swaps_applied == 1
+    if nodes == "switched":  # the executable's selection nodes follow the profile now served
+        ex = graph.raw_cuda_graph_exec()
+        (cap,) = sw.graphs
+        sparse = [i for i, k in enumerate(be.device_path.graph_kinds) if k == "sparse"]
+        per_layer = {len(cap.nodes[i]) for i in sparse}  # the selection's kernel launches
+        assert sorted(cap.nodes) == sparse and len(per_layer) == 1 and min(per_layer) >= 3
+        for i in sparse:
+            assert all(sw.driver.enabled(ex, n) == bool(be.selects[i]) for n in cap.nodes[i]), i
+        assert sw.disabled_nodes() == min(per_layer) * sum(not be.selects[i] for i in sparse)
 
 
 class StagedOnce:

@@ -71,6 +71,7 @@ def test_sparse_decode_in_cuda_graphs_by_default():
     assert "decode CUDA graphs on" in log, log[-3000:]
     assert "Triton kernels in a CUDA graph" in log, log[-3000:]
     assert "CUDA-graph buffers" in log, log[-3000:]  # buffer size logged at capture
+    assert "switch selection kernels by profile" in log, log[-3000:]  # graph_nodes.adopt
     assert [len(o["output_ids"]) for o in both] == [16, 16]
     assert min(o["meta_info"]["cached_tokens"] for o in both) >= 2048
     assert "runs eagerly" in log, log[-3000:]

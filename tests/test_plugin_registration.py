@@ -68,11 +68,17 @@ def test_support_triton_follows_the_dense_backend_on_cpu(loaded):
     assert common.support_triton("triton") is True
 
 
-def test_decode_graph_runner_hook_applied(loaded):
-    """The hook that sends batches beyond kascade's captured buffers to eager decode resolves
-    against this SGLang (a moved or renamed runner would leave it unapplied)."""
+@pytest.mark.parametrize("target", [
+    # batches beyond kascade's captured buffers go to eager decode
+    "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+    ".can_run_graph",
+    # captured graphs kept for switching their selection nodes (graph_nodes.py)
+    "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
+    ".capture_one",
+])
+def test_graph_runner_hooks_applied(loaded, target):
+    """The graph-runner hooks resolve against this SGLang (a moved or renamed runner would leave
+    them unapplied)."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    target = ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
-              ".can_run_graph")
     assert target in HookRegistry._patched
