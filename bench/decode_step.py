@@ -84,8 +84,15 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
         return dp, dp.plan_graph(req_idx, seq_lens, lens, budget)
 
     dp, fwd = graph_path(True)
-    times = {"kascade": graph_time(lambda: run_layers(dp, fwd), adopt=graph_nodes.adopt)}
-    nodes_off = dp.node_switch.disabled_nodes()
+    nodes_off = []
+
+    def adopt(g):  # the server's hand-over; count while the graph lives
+        taken = graph_nodes.adopt(g)
+        nodes_off.append(dp.node_switch.disabled_nodes())
+        return taken
+
+    times = {"kascade": graph_time(lambda: run_layers(dp, fwd), adopt=adopt)}
+    nodes_off = nodes_off[0]
     plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
     dg, gfwd = graph_path(False)
     times["kascade_gated"] = graph_time(lambda: run_layers(dg, gfwd))

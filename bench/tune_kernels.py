@@ -2,6 +2,7 @@
 triton.testing.do_bench. Prints one line per configuration.
 
   topk      the radix Top-k (CHUNK, BLOCK, warps)
+  merge     the reuse attention's split merge: in the kernel or a reduce launch (--contexts)
   decode    the decode reuse attention (BLOCK_N, warps, stages, splits) and the anchor's scoring
             pass (BLOCK_N, warps, stages), under CUDA graphs like bench/decode_kernels.py
   prefill   the prefill sparse attention (BLOCK_N, warps, stages)
@@ -75,6 +76,31 @@ def tune_prefill(L, hkv=8, g=4, d=128, frac=0.1, k_min=128):
             print(f"prefill L={L} {cfg} failed: {type(e).__name__}", flush=True)
 
 
+def tune_merge(batch, L, frac=0.1, k_min=128):
+    """The sparse attention's split merge: in the kernel (last split) or the reduce kernel, at
+    the default split count and fewer."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode_kernels import D, graph_time, point_inputs
+
+    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
+    from sglang_kascade.kernels.decode_select_triton import decode_select
+
+    p = point_inputs(batch, L, torch.bfloat16, frac, k_min)
+    q, k_pool, v_pool, tok_off, topk, buf = (p[n] for n in ("q", "k_pool", "v_pool", "tok_off",
+                                                             "topk", "buf"))
+    decode_select(q, k_pool, p["req_to_token"], p["req_idx"], p["seq_lens"], tok_off, topk,
+                  D ** -0.5, buf)
+    out = torch.empty_like(q)
+    default = buf.step(batch).splits
+    for splits in sorted({default, max(1, default // 2), max(1, default // 4), 8}):
+        for merge in (True, False):
+            cfg = dict(splits=splits, merge=merge)
+            t = graph_time(lambda: decode_sparse_attention(
+                q, k_pool, v_pool, buf.sel_slot, tok_off, topk, p["head_map"], D ** -0.5, buf,
+                out, launch=cfg))
+            print(f"merge B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
+
+
 def tune_decode(batch, L, frac=0.1, k_min=128):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode_kernels import D, graph_time, point_inputs
@@ -115,8 +141,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="*", default=["topk", "decode", "prefill"])
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 1])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[131072])  # merge only
     a = ap.parse_args()
     for b in a.batches:
+        if "merge" in a.what:
+            for L in a.contexts:
+                tune_merge(b, L)
         if "topk" in a.what:
             tune_topk(b, 131072)
         if "decode" in a.what:

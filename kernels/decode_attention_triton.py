@@ -4,11 +4,12 @@ Reference: ``decode_torch.decode_sparse_attention_torch``. One program per (spli
 request) walks its share of the first ``topk[b]`` selected slots of selection row ``head_map[h]``,
 gathers K/V rows straight from the token-major pool (``[slots, Hkv, D]``, 2*D contiguous bytes per
 row), and keeps an online softmax for the G query heads of the KV head at once (packed as rows of
-one tl.dot, padded to 16). It writes its split partial; the last split of a (request, KV head) to
-finish (a counter per pair, ``buf.attn_ctr``, reset by that program) merges the partials into the
-output (flash-decoding without a second launch: 7-8 us per layer alone in a graph, a fifth of a
-batch-1 reuse layer at 128K). ``_combine_kernel`` is the separate merge (layer 0's dense chunks,
-the TileLang kernel).
+one tl.dot, padded to 16). It writes its split partial; with few splits (``MERGE_MAX_SPLITS``)
+the last split of a (request, KV head) to finish (a counter per pair, ``buf.attn_ctr``, reset by
+that program) merges the partials into the output, which saves the reduce's launch (7-8 us alone
+in a graph); with many splits one program merging them all serially is slower than
+``_combine_kernel``'s program per query head, so that runs after the kernel (also for layer 0's
+dense chunks and the TileLang kernel). Measured: docs/results/kernels-h100.md.
 
 The selection and the logits are token-indexed (decode_plan.py): request b's row of KV head h
 starts at ``[h, tok_off[b]]``.
@@ -28,6 +29,8 @@ import triton.language as tl
 
 from .decode_plan import ATTN_BLOCK_N, DecodeBuffers, block_g
 from .decode_select_triton import LOG2E
+
+MERGE_MAX_SPLITS = 8  # merge in the kernel up to this many splits (else _combine_kernel)
 
 
 @triton.jit
@@ -76,6 +79,7 @@ def _sparse_decode_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     SPLITS,  # split-K factor: a runtime value (one compiled kernel for every batch size)
     BLOCK_N: tl.constexpr, USE_LOGITS: tl.constexpr, GP: tl.constexpr, S_CH: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     sp, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_b = tl.load(topk_ptr + b)
@@ -128,12 +132,13 @@ def _sparse_decode_kernel(
     # The last split of (b, h) to arrive merges: the barrier orders this program's partial
     # stores before its (acq_rel, GPU-scope) arrival; the merger's acquire makes every split's
     # partial visible to it.
-    tl.debug_barrier()
-    ctr = ctr_ptr + b * tl.num_programs(1) + h
-    if tl.atomic_add(ctr, 1, sem="acq_rel") == SPLITS - 1:
-        tl.atomic_xchg(ctr, 0, sem="relaxed")  # zero for the next launch (stream-ordered)
-        _merge_group(po_ptr, plse_ptr, out_ptr, b, h, SPLITS,
-                     s_ob, s_oh, s_os, s_eb, s_eh, s_outb, s_outh, G=G, GP=GP, DV=DV, S_CH=S_CH)
+    if MERGE:
+        tl.debug_barrier()
+        ctr = ctr_ptr + b * tl.num_programs(1) + h
+        if tl.atomic_add(ctr, 1, sem="acq_rel") == SPLITS - 1:
+            tl.atomic_xchg(ctr, 0, sem="relaxed")  # zero for the next launch (stream-ordered)
+            _merge_group(po_ptr, plse_ptr, out_ptr, b, h, SPLITS, s_ob, s_oh, s_os, s_eb, s_eh,
+                         s_outb, s_outh, G=G, GP=GP, DV=DV, S_CH=S_CH)
 
 
 @triton.jit
@@ -191,6 +196,7 @@ def decode_sparse_attention(
     sel_pos: torch.Tensor | None = None,  # [Hkv, tokens] int32, with logits
     logits: torch.Tensor | None = None,  # [Hkv, tokens, G] fp32 (anchor layers: skip K)
     launch: dict | None = None,  # tuning: BLOCK_N / num_warps / num_stages / splits (<= default)
+    # / merge (in the kernel: bool)
 ) -> torch.Tensor:
     b_sz, hq, d = q.shape
     hkv, dv = k_pool.shape[1], v_pool.shape[-1]
@@ -203,6 +209,7 @@ def decode_sparse_attention(
     cfg = dict(BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=3, splits=st.splits)
     cfg.update(launch or {})
     splits = min(cfg.pop("splits"), st.splits)  # the step's scratch holds st.splits partials
+    merge = cfg.pop("merge", splits <= MERGE_MAX_SPLITS)
     gp = triton.next_power_of_2(g)
     s_ch = min(max(1, 64 // gp), triton.next_power_of_2(splits))  # merge: [gp, s_ch, dv] loads
     _sparse_decode_kernel[(splits, hkv, b_sz)](
@@ -214,6 +221,8 @@ def decode_sparse_attention(
         po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
         out.stride(0), out.stride(1),
         G=g, BLOCK_G=block_g(g), D=d, DV=dv, SPLITS=splits, USE_LOGITS=use_logits,
-        GP=gp, S_CH=s_ch, **cfg,
+        GP=gp, S_CH=s_ch, MERGE=merge, **cfg,
     )
+    if not merge:
+        combine_splits(po, pe, splits, out)
     return out

@@ -42,7 +42,7 @@ if INTERPRET:  # the interpreter is slow and mis-reads bf16: small fp16 cases on
     DTYPES = [torch.float16]
 
 
-def _run(case, dtype, seed, gate=None):
+def _run(case, dtype, seed, gate=None, kmax=None):
     from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
     from sglang_kascade.kernels.decode_plan import DecodeBuffers
     from sglang_kascade.kernels.decode_select_triton import select_stages
@@ -51,7 +51,7 @@ def _run(case, dtype, seed, gate=None):
     batch = make_decode_batch(seq_lens, topk, hkv, g, d, dtype, page, DEVICE, seed)
     scale = d ** -0.5
     buf = DecodeBuffers(batch=len(seq_lens) + 1, q_heads=hkv * g, kv_heads=hkv, head_dim=d,
-                        lmax=max(seq_lens) + 3, kmax=max(topk), device=torch.device(DEVICE),
+                        lmax=max(seq_lens) + 3, kmax=kmax or max(topk), device=torch.device(DEVICE),
                         tokens=batch.tokens + 5)
     for t in (buf.logits, buf.pooled, *buf.scratch.values()):
         t.fill_(float("nan"))
@@ -129,6 +129,33 @@ def test_decode_select_and_attention(case, dtype):
            head_map, scale, buf, out)
     assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale, head_map)) < REL[dtype]
     assert not buf.attn_ctr.any()  # the merging split leaves its counter at zero for the next
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["in-kernel", "reduce-launch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[0]}-h{c[2]}g{c[3]}d{c[4]}p{c[5]}")
+def test_split_merge_in_kernel_and_by_reduce(case, merge):
+    """Buffers sized for Top-k up to the longest context (2 to 11 splits in the longer cases,
+    empty ones for the short rows): the last split's in-kernel merge and the reduce launch both
+    match the oracle, and the arrival counters end at zero."""
+    from sglang_kascade.kernels.decode_plan import ATTN_BLOCK_N
+
+    dtype = DTYPES[-1]
+    lmax = max(case[0])
+    batch, buf, scale, attend = _run(case, dtype, 17, kmax=lmax)
+    splits = buf.step(len(case[0])).splits
+    if lmax >= 8 * ATTN_BLOCK_N:
+        assert splits > 1  # the case exercises what it claims to
+    kmax = max(case[1])
+    valid = (torch.arange(kmax, device=DEVICE)[None, None] < batch.topk[:, None, None])
+    valid = valid.expand(len(case[0]), batch.k_pool.shape[1], kmax)
+    pos = _rows(buf.sel_pos, batch, kmax)
+    hm = torch.arange(batch.k_pool.shape[1], dtype=torch.int32, device=DEVICE).flip(0)
+    out = torch.full_like(batch.q, float("nan"))
+    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk, hm,
+           scale, buf, out, launch={"merge": merge})
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale, hm)) < REL[dtype]
+    assert not buf.attn_ctr.any()
 
 
 def test_closed_gate_selects_nothing():
