@@ -30,7 +30,7 @@ import triton.language as tl
 from .decode_plan import ATTN_BLOCK_N, DecodeBuffers, block_g
 from .decode_select_triton import LOG2E
 
-MERGE_MAX_SPLITS = 8  # merge in the kernel up to this many splits (else _combine_kernel)
+MERGE_MAX_SPLITS = 16  # merge in the kernel up to this many splits (else _combine_kernel)
 
 
 @triton.jit

@@ -251,6 +251,12 @@ def wanted() -> bool:
     return any(s.active for s in list(_SWITCHES))
 
 
+def give_up(err) -> None:
+    """Every live switch stops switching (its nodes back on: the gates alone decide)."""
+    for s in list(_SWITCHES):
+        s._give_up(err)
+
+
 def adopt(graph) -> bool:
     """A graph SGLang just captured with ``keep_graph=True``: instantiate it and give it to the
     switch that recorded its selection nodes. False (nothing to switch) otherwise."""

@@ -193,9 +193,12 @@ def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **
         return original(graph_backend, shape_key, *args, **kwargs)
     plain = torch.cuda.CUDAGraph
 
-    class KeptGraph(plain):
+    class KeptGraph(plain):  # torch's class passes keep_graph to both (pybind reads __init__'s)
         def __new__(cls, keep_graph: bool = True):
             return super().__new__(cls, keep_graph)
+
+        def __init__(self, keep_graph: bool = True):
+            super().__init__(keep_graph)
 
     torch.cuda.CUDAGraph = KeptGraph
     try:
@@ -204,7 +207,10 @@ def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **
         torch.cuda.CUDAGraph = plain
     graph = getattr(graph_backend, "_graphs", {}).get(shape_key)
     if isinstance(graph, KeptGraph):
-        graph_nodes.adopt(graph)  # instantiates it (as capture_end would have)
+        try:
+            graph_nodes.adopt(graph)  # instantiates it (as capture_end would have)
+        except Exception as e:  # noqa: BLE001 - never fail a capture over an optimisation
+            graph_nodes.give_up(e)  # gates only; replay instantiates the graph if need be
     return result
 
 

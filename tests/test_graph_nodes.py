@@ -172,3 +172,12 @@ def test_a_stuck_switch_sends_decode_eager():
     assert dp.graph_fits(10, 10)
     dp.node_switch.stuck = True
     assert not dp.graph_fits(10, 10)
+
+
+def test_module_give_up_stops_every_live_switch():
+    drv = FakeDriver({})
+    sw, g = switch_with(drv, {1: [11]}, handle=9, ex=90)
+    sw.apply([1, 0])
+    assert sw.disabled_nodes() == 1
+    graph_nodes.give_up(RuntimeError("adopt failed"))
+    assert not sw.active and drv.enabled(90, 11) and not sw.stuck
