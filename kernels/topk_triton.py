@@ -11,6 +11,12 @@ next kernel descends the histograms to the threshold. The last kernel writes eve
 the threshold and as many positions equal to it as the budget still needs (ties), as positions and
 as pool slots, in no set order: entries [0, topk[b]) of a row are the selection.
 
+Short rows (``seq_lens[b] <= short_row``, default SHORT_ROW) are selected whole by one program of
+the first launch: its four passes histogram in registers (re-reading the row from L2), and it
+writes the selection in position order with no atomics; the other four launches skip those rows.
+Five dependent launches cost ~40 us of latency on a few short rows (a 4K-context anchor at batch
+1), which is most of what sparse decode loses against FlashInfer there.
+
 Rows are either uniform (``scores`` [B, Hkv, L], ``pos`` [B, Hkv, kmax]: prefill tiles) or
 token-indexed (``tok_off`` given: ``scores`` and ``pos`` [Hkv, tokens], request b's row of KV head
 h starting at ``[h, tok_off[b]]``: the decode buffers of decode_plan.py).
@@ -32,6 +38,7 @@ SHIFTS = (23, 15, 7, 0)  # digit p covers bits [SHIFTS[p], SHIFTS[p] + WIDTHS[p]
 WIDTHS = (8, 8, 8, 7)
 NPASS = 4
 TOPK_CHUNK = 4096  # positions per histogram / compaction program
+SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
 
 
 _ALWAYS: dict = {}
@@ -46,6 +53,19 @@ def always(device) -> torch.Tensor:
 
 
 @triton.jit
+def _descend_digit(h, prefix, k_rem, WIDTH: tl.constexpr):
+    """One digit of the descent: h [256] the histogram of the digit among the keys matching
+    ``prefix``; the digit holding the k_rem-th largest is appended to prefix, and k_rem loses
+    the keys of larger digits."""
+    bins = tl.arange(0, 256)
+    count_ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys whose digit is >= d
+    d_star = tl.sum((count_ge >= k_rem).to(tl.int32), 0) - 1
+    ge_star = tl.sum(tl.where(bins == d_star, count_ge, 0), 0)
+    h_star = tl.sum(tl.where(bins == d_star, h, 0), 0)
+    return (prefix << WIDTH) | d_star, k_rem - (ge_star - h_star)
+
+
+@triton.jit
 def _descend(hist_ptr, row, n_rows, k, NPASS: tl.constexpr):
     """Threshold prefix and remaining budget after NPASS digits: (prefix, k_rem)."""
     bins = tl.arange(0, 256)
@@ -53,16 +73,59 @@ def _descend(hist_ptr, row, n_rows, k, NPASS: tl.constexpr):
     k_rem = k
     for p in tl.static_range(NPASS):
         h = tl.load(hist_ptr + (p * n_rows + row) * 256 + bins)
-        count_ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys whose digit is >= d
-        d_star = tl.sum((count_ge >= k_rem).to(tl.int32), 0) - 1
-        ge_star = tl.sum(tl.where(bins == d_star, count_ge, 0), 0)
-        h_star = tl.sum(tl.where(bins == d_star, h, 0), 0)
-        k_rem = k_rem - (ge_star - h_star)
-        if p < 3:
-            prefix = (prefix << 8) | d_star
-        else:
-            prefix = (prefix << 7) | d_star
+        prefix, k_rem = _descend_digit(h, prefix, k_rem, 8 if p < 3 else 7)
     return prefix, k_rem
+
+
+@triton.jit
+def _digit_hist(score_ptr, s_base, start, end, prefix, SHIFT: tl.constexpr,
+                WIDTH: tl.constexpr, HI_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """[256] histogram of digit (SHIFT, WIDTH) over keys [start, end) whose bits from HI_SHIFT
+    up equal ``prefix``."""
+    acc = tl.zeros([256], tl.int32)
+    for j0 in range(start, end, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < end
+        key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+        hit = ok & ((key >> HI_SHIFT) == prefix)
+        digit = tl.where(hit, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
+        acc += tl.histogram(digit, 256)
+        acc -= tl.where(tl.arange(0, 256) == 0, tl.sum((~hit).to(tl.int32), 0), 0)
+    return acc
+
+
+@triton.jit
+def _short_row_select(score_ptr, r2t_ptr, pos_ptr, slot_ptr, s_base, p_base, r2t_base, n, k,
+                      BLOCK: tl.constexpr):
+    """The whole selection of one row in one program: four register histograms, then the
+    positions above the threshold and the first ties in position order (no atomics)."""
+    prefix, k_rem = _descend_digit(_digit_hist(score_ptr, s_base, 0, n, 0, 23, 8, 31, BLOCK),
+                                   0, k, 8)
+    prefix, k_rem = _descend_digit(_digit_hist(score_ptr, s_base, 0, n, prefix, 15, 8, 23,
+                                               BLOCK), prefix, k_rem, 8)
+    prefix, k_rem = _descend_digit(_digit_hist(score_ptr, s_base, 0, n, prefix, 7, 8, 15,
+                                               BLOCK), prefix, k_rem, 8)
+    thr, k_rem = _descend_digit(_digit_hist(score_ptr, s_base, 0, n, prefix, 0, 7, 7, BLOCK),
+                                prefix, k_rem, 7)
+    n_gt_total = k - k_rem
+    seen_gt = 0
+    seen_eq = 0
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < n
+        key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+        gt = ok & (key > thr)
+        eq = ok & (key == thr)
+        gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
+        r_gt = seen_gt + tl.cumsum(gt_i, 0) - 1
+        r_eq = seen_eq + tl.cumsum(eq_i, 0) - 1
+        keep = gt | (eq & (r_eq < k_rem))
+        dst = tl.where(gt, r_gt, n_gt_total + r_eq)
+        slot = tl.load(r2t_ptr + r2t_base + j, mask=keep, other=0)
+        tl.store(pos_ptr + p_base + dst, j, mask=keep)
+        tl.store(slot_ptr + p_base + dst, slot, mask=keep)
+        seen_gt += tl.sum(gt_i, 0)
+        seen_eq += tl.sum(eq_i, 0)
 
 
 @triton.jit
@@ -78,10 +141,12 @@ def _row_start(tok_off_ptr, b, row, hkv, s_h, RAGGED: tl.constexpr):
 
 @triton.jit
 def _hist_kernel(
-    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, gate_ptr, n_rows, hkv, s_sr,
+    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, gate_ptr, r2t_ptr, req_idx_ptr,
+    pos_ptr, slot_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
     PASS: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, HI_SHIFT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
+    # Pass 0 also selects the short rows whole (program 0 of the row); later passes skip them.
     c, row = tl.program_id(0), tl.program_id(1)
     b = row // hkv
     n = tl.load(seq_lens_ptr + b)
@@ -89,31 +154,31 @@ def _hist_kernel(
     if (start < n) & (tl.load(gate_ptr) != 0):
         k = tl.load(topk_ptr + b)
         s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
-        prefix, k_rem = _descend(hist_ptr, row, n_rows, k, PASS)
-        acc = tl.zeros([256], tl.int32)
-        for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            ok = j < n
-            key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-            hit = ok & ((key >> HI_SHIFT) == prefix)
-            digit = tl.where(hit, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
-            acc += tl.histogram(digit, 256)
-            acc -= tl.where(tl.arange(0, 256) == 0, tl.sum((~hit).to(tl.int32), 0), 0)
-        tl.atomic_add(hist_ptr + (PASS * n_rows + row) * 256 + tl.arange(0, 256), acc,
-                      sem="relaxed")
+        if n <= short_row:
+            if PASS == 0 and c == 0:
+                req_row = tl.load(req_idx_ptr + b).to(tl.int64)
+                _short_row_select(score_ptr, r2t_ptr, pos_ptr, slot_ptr, s_base,
+                                  _row_start(tok_off_ptr, b, row, hkv, s_pr, RAGGED),
+                                  req_row * s_r2t, n, k, BLOCK)
+        else:
+            prefix, k_rem = _descend(hist_ptr, row, n_rows, k, PASS)
+            acc = _digit_hist(score_ptr, s_base, start, tl.minimum(start + CHUNK, n), prefix,
+                              SHIFT, WIDTH, HI_SHIFT, BLOCK)
+            tl.atomic_add(hist_ptr + (PASS * n_rows + row) * 256 + tl.arange(0, 256), acc,
+                          sem="relaxed")
 
 
 @triton.jit
 def _compact_kernel(
     score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
-    pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t,
+    pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
     c, row = tl.program_id(0), tl.program_id(1)
     b = row // hkv
     n = tl.load(seq_lens_ptr + b)
     start = c * CHUNK
-    if (start < n) & (tl.load(gate_ptr) != 0):
+    if (start < n) & (n > short_row) & (tl.load(gate_ptr) != 0):
         k = tl.load(topk_ptr + b)
         thr, k_rem = _descend(hist_ptr, row, n_rows, k, 4)  # threshold key, ties still needed
         n_gt_total = k - k_rem
@@ -150,7 +215,7 @@ def topk_select(
     pos: torch.Tensor,  # [B, Hkv, kmax] ([Hkv, T] ragged) int32 out: positions, topk[b] valid
     slot: torch.Tensor,  # pos's shape, int32 out: pool slots of those positions
     lscan: int,  # host bound on seq_lens (grid size)
-    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps (tuning)
+    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps / short_row (tuning, tests)
     gate: torch.Tensor | None = None,  # [1] int32 on the device: 0 = do nothing (CUDA graphs)
     tok_off: torch.Tensor | None = None,  # [B] int64: token-indexed rows (module docstring)
     zeroed: bool = False,  # hist / ctr rows already zero (decode: the score kernel zeroes them)
@@ -171,16 +236,18 @@ def topk_select(
     if not zeroed:
         hist[:, :rows].zero_()  # this step's rows only (graph buffers hold many more)
         ctr[:rows].zero_()
-    cfg = dict(CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4)
+    cfg = dict(CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4, short_row=SHORT_ROW)
     cfg.update(launch or {})
+    short_row = cfg.pop("short_row")
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
     for p in range(NPASS):
         _hist_kernel[grid](
-            scores, seq_lens, off, topk, hist, gate, n_rows, hkv, s_sr,
+            scores, seq_lens, off, topk, hist, gate, req_to_token, req_idx, pos, slot,
+            n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row,
             PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
             RAGGED=ragged, **cfg,
         )
     _compact_kernel[grid](
         scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-        n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), RAGGED=ragged, **cfg,
+        n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, RAGGED=ragged, **cfg,
     )

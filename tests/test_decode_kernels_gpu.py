@@ -191,12 +191,15 @@ def test_everything_selected_is_dense_attention(dtype):
         assert rel_err(out[b:b + 1].cpu(), want) < REL[dtype]
 
 
+@pytest.mark.parametrize("short_row", [None, 0], ids=["short-rows-whole", "all-multipass"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "token-indexed"])
 @pytest.mark.parametrize("n,k", [(5000, 500), (3000, 3000), (9000, 1), (20000, 2001)])
-def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged):
+def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
     """Scores with many exact ties (and zeros): the chosen set holds every score above the k-th
     largest and exactly enough of the ties, like torch.topk; ragged lengths; slots looked up.
-    Rows uniform ([B, Hkv, L]: prefill tiles) or token-indexed ([Hkv, T] from tok_off: decode)."""
+    Rows uniform ([B, Hkv, L]: prefill tiles) or token-indexed ([Hkv, T] from tok_off: decode).
+    Rows up to SHORT_ROW keys are selected whole by one program (the lengths here mix both
+    kinds in one launch); ``short_row=0`` sends every row through the four passes."""
     from sglang_kascade.kernels.topk_triton import topk_select
 
     if INTERPRET:
@@ -228,7 +231,8 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged):
     slot = torch.full_like(pos, -7)
     topk_select(src, torch.tensor(lens, dtype=torch.int32, device=dev),
                 torch.tensor(budgets, dtype=torch.int32, device=dev), r2t.to(dev),
-                req_idx.to(dev), hist, ctr, pos, slot, lmax, tok_off=tok_off)
+                req_idx.to(dev), hist, ctr, pos, slot, lmax, tok_off=tok_off,
+                launch=None if short_row is None else {"short_row": short_row})
     pos, slot = pos.cpu().long(), slot.cpu()
     for b, (m, kb) in enumerate(zip(lens, budgets)):
         for h in range(hkv):
