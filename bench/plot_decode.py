@@ -20,6 +20,7 @@ LAYER = (("dense", "FlashInfer dense", "k-o"), ("anchor", "Kascade anchor", "C1-
          ("reuse", "Kascade reuse", "C2-^"), ("kascade_avg", "Kascade per-layer average", "C0-o"))
 STEP = (("flashinfer", "FlashInfer, every layer", "k-o"),
         ("kascade", "Kascade graph path (as served)", "C0-o"),
+        ("kascade_gated", "Kascade graph path, selection gated only (node switch off)", "C1-.s"),
         ("kascade_exact", "Kascade, only anchors select (no hot swap)", "C2--^"))
 
 
@@ -36,6 +37,8 @@ def main(src: str, dst: str) -> None:
             rows = list({r["context"]: r for r in rows}.values())
         x = [r["context"] // 1024 for r in rows]
         for key, label, style in series:
+            if key not in rows[0]["ms"]:  # older files: no gated variant
+                continue
             ax.plot(x, [r["ms"][key] * scale for r in rows], style, label=label)
         for xi, r in zip(x, rows):
             sp = r["speedup"][main_key] if step else r["speedup"]
