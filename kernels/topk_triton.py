@@ -14,8 +14,8 @@ as pool slots, in no set order: entries [0, topk[b]) of a row are the selection.
 Short rows (``seq_lens[b] <= short_row``, default SHORT_ROW) are selected whole by one program of
 the first launch: its four passes histogram in registers (re-reading the row from L2), and it
 writes the selection in position order with no atomics; the other four launches skip those rows.
-Five dependent launches cost ~40 us of latency on a few short rows (a 4K-context anchor at batch
-1), which is most of what sparse decode loses against FlashInfer there.
+Five dependent launches are pure latency on a few short rows (a 4K-context anchor at batch 1):
+measured 55 us less per batch-1 decode step at 4K (docs/results/kernels-h100.md, session 8).
 
 Rows are either uniform (``scores`` [B, Hkv, L], ``pos`` [B, Hkv, kmax]: prefill tiles) or
 token-indexed (``tok_off`` given: ``scores`` and ``pos`` [Hkv, tokens], request b's row of KV head
@@ -95,6 +95,27 @@ def _digit_hist(score_ptr, s_base, start, end, prefix, SHIFT: tl.constexpr,
 
 
 @triton.jit
+def _against_threshold(score_ptr, s_base, j0, n, thr, BLOCK: tl.constexpr):
+    """Positions j0 + [0, BLOCK) of a row of n keys: (j, key > thr, key == thr), masked by n."""
+    j = j0 + tl.arange(0, BLOCK)
+    ok = j < n
+    key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+    return j, ok & (key > thr), ok & (key == thr)
+
+
+@triton.jit
+def _write_selected(r2t_ptr, r2t_base, pos_ptr, slot_ptr, p_base, j, gt, eq, r_gt, r_eq, k_rem,
+                    n_gt_total):
+    """Keys above the threshold go to rank r_gt, the first k_rem ties after all of them (their
+    rank r_eq among the ties): position and pool slot."""
+    keep = gt | (eq & (r_eq < k_rem))
+    dst = tl.where(gt, r_gt, n_gt_total + r_eq)
+    slot = tl.load(r2t_ptr + r2t_base + j, mask=keep, other=0)
+    tl.store(pos_ptr + p_base + dst, j, mask=keep)
+    tl.store(slot_ptr + p_base + dst, slot, mask=keep)
+
+
+@triton.jit
 def _short_row_select(score_ptr, r2t_ptr, pos_ptr, slot_ptr, s_base, p_base, r2t_base, n, k,
                       BLOCK: tl.constexpr):
     """The whole selection of one row in one program: four register histograms, then the
@@ -111,19 +132,11 @@ def _short_row_select(score_ptr, r2t_ptr, pos_ptr, slot_ptr, s_base, p_base, r2t
     seen_gt = 0
     seen_eq = 0
     for j0 in range(0, n, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        ok = j < n
-        key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-        gt = ok & (key > thr)
-        eq = ok & (key == thr)
+        j, gt, eq = _against_threshold(score_ptr, s_base, j0, n, thr, BLOCK)
         gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
-        r_gt = seen_gt + tl.cumsum(gt_i, 0) - 1
-        r_eq = seen_eq + tl.cumsum(eq_i, 0) - 1
-        keep = gt | (eq & (r_eq < k_rem))
-        dst = tl.where(gt, r_gt, n_gt_total + r_eq)
-        slot = tl.load(r2t_ptr + r2t_base + j, mask=keep, other=0)
-        tl.store(pos_ptr + p_base + dst, j, mask=keep)
-        tl.store(slot_ptr + p_base + dst, slot, mask=keep)
+        _write_selected(r2t_ptr, r2t_base, pos_ptr, slot_ptr, p_base, j, gt, eq,
+                        seen_gt + tl.cumsum(gt_i, 0) - 1, seen_eq + tl.cumsum(eq_i, 0) - 1,
+                        k_rem, n_gt_total)
         seen_gt += tl.sum(gt_i, 0)
         seen_eq += tl.sum(eq_i, 0)
 
@@ -186,22 +199,13 @@ def _compact_kernel(
         s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
         p_base = _row_start(tok_off_ptr, b, row, hkv, s_pr, RAGGED)
         for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            ok = j < n
-            key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-            gt = ok & (key > thr)
-            eq = ok & (key == thr)
+            j, gt, eq = _against_threshold(score_ptr, s_base, j0, n, thr, BLOCK)
             gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
             base_gt = tl.atomic_add(ctr_ptr + row * 2, tl.sum(gt_i, 0), sem="relaxed")
             base_eq = tl.atomic_add(ctr_ptr + row * 2 + 1, tl.sum(eq_i, 0), sem="relaxed")
-            r_gt = base_gt + tl.cumsum(gt_i, 0) - 1
-            r_eq = base_eq + tl.cumsum(eq_i, 0) - 1
-            take_eq = eq & (r_eq < k_rem)
-            dst = tl.where(gt, r_gt, n_gt_total + r_eq)
-            keep = gt | take_eq
-            slot = tl.load(r2t_ptr + req_row * s_r2t + j, mask=keep, other=0)
-            tl.store(pos_ptr + p_base + dst, j, mask=keep)
-            tl.store(slot_ptr + p_base + dst, slot, mask=keep)
+            _write_selected(r2t_ptr, req_row * s_r2t, pos_ptr, slot_ptr, p_base, j, gt, eq,
+                            base_gt + tl.cumsum(gt_i, 0) - 1, base_eq + tl.cumsum(eq_i, 0) - 1,
+                            k_rem, n_gt_total)
 
 
 def topk_select(

@@ -169,7 +169,8 @@ def _around_decode_graph_can_run(original, runner, forward_batch, *args, **kwarg
 
 
 def _graphs_can_be_kept(torch) -> bool:
-    """torch >= 2.9: CUDAGraph(keep_graph=...) with raw_cuda_graph / raw_cuda_graph_exec."""
+    """Whether this torch has CUDAGraph(keep_graph=...) and raw_cuda_graph_exec (2.11 on the GPU
+    hosts and 2.13 on CPU machines do)."""
     import inspect
 
     try:
