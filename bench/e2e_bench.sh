@@ -11,16 +11,21 @@
 # prefill dense through FlashInfer), kascade-sp (SGLANG_KASCADE_DENSE_PREFILL_BELOW=0: sparse
 # prefill at every length instead of dense below the default threshold).
 # Appends one JSON line per run to OUT_DIR/e2e.jsonl (bench_one_batch's result file) and keeps
-# each run's log as OUT_DIR/<backend>-<len>.log.
+# each run's log as OUT_DIR/<backend>-<len>.log. REPEATS=N (default 1) runs every backend N times
+# per length, interleaved (A B A B ...: single runs on lent hosts spread by several percent), logs
+# OUT_DIR/<backend>-<len>-r<i>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?out dir}; lens=${2:-"4096 32768"}; backends=${3:-"flashinfer flashinfer-nograph kascade"}
 outlen=${OUTPUT_LEN:-32}
+repeats=${REPEATS:-1}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --upgrade --no-deps --no-build-isolation --no-index --target /tmp/site . >/dev/null
 model=bench/assets/llama-3.1-8b-config
 for len in $lens; do
+ for rep in $(seq 1 "$repeats"); do
+  tag=$len; [ "$repeats" -gt 1 ] && tag=$len-r$rep
   for b in $backends; do
     extra=(); envs=()
     case $b in
@@ -38,10 +43,11 @@ for len in $lens; do
     cmd=(env "${envs[@]}" python3 -P bench/one_batch.py --model-path "$model" --load-format dummy --dtype bfloat16
          --batch-size 1 --input-len "$len" --output-len "$outlen" --attention-backend "$attn"
          --run-name "$b" --result-filename "$out/e2e.jsonl" "${extra[@]}")
-    echo "== $b L=$len: ${cmd[*]}" | tee -a "$out/commands.txt"
+    echo "== $b L=$len (run $rep of $repeats): ${cmd[*]}" | tee -a "$out/commands.txt"
     start=$(date +%s)
-    "${cmd[@]}" >"$out/$b-$len.log" 2>&1
+    "${cmd[@]}" >"$out/$b-$tag.log" 2>&1
     echo "rc=$? wall=$(( $(date +%s) - start ))s" | tee -a "$out/commands.txt"
-    grep -E "^(Prefill|Decode\.|Total)" "$out/$b-$len.log" | tail -3
+    grep -E "^(Prefill|Decode\.|Total)" "$out/$b-$tag.log" | tail -3
   done
+ done
 done
