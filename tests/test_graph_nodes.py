@@ -181,3 +181,87 @@ def test_module_give_up_stops_every_live_switch():
     assert sw.disabled_nodes() == 1
     graph_nodes.give_up(RuntimeError("adopt failed"))
     assert not sw.active and drv.enabled(90, 11) and not sw.stuck
+
+
+class FakeTorchGraph:
+    """torch.cuda.CUDAGraph's construction contract: keep_graph reaches __new__ AND __init__ (a
+    pybind class reads it in __init__: a subclass passing it to __new__ only kept nothing)."""
+
+    def __new__(cls, keep_graph=False):
+        return super().__new__(cls)
+
+    def __init__(self, keep_graph=False):
+        self.keep = keep_graph
+        self.instantiated = False
+
+    def raw_cuda_graph(self):
+        if not self.keep:
+            raise RuntimeError("keep_graph=True required")
+        return 1234
+
+    def raw_cuda_graph_exec(self):
+        return 5678
+
+    def instantiate(self):
+        self.instantiated = True
+
+
+class FakeFullGraphBackend:
+    """SGLang's FullCudaGraphBackend as the hook sees it: capture_one makes the graph with
+    ``torch.cuda.CUDAGraph()`` and keeps it in ``_graphs[shape_key]``."""
+
+    def __init__(self):
+        self._graphs = {}
+
+    def capture_one(self, shape_key, forward_fn):
+        import torch
+
+        g = torch.cuda.CUDAGraph()
+        forward_fn()
+        self._graphs[shape_key] = g
+        return "captured"
+
+
+@pytest.fixture
+def fake_cuda_graph(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeTorchGraph)
+    return torch
+
+
+@pytest.mark.parametrize("adopt_fails", [False, True])
+def test_capture_hook_keeps_the_graph_and_hands_it_over(fake_cuda_graph, monkeypatch,
+                                                        adopt_fails):
+    from sglang_kascade.sglang_adapter import _around_full_graph_capture_one
+
+    sw = NodeSwitch(driver=FakeDriver({}))
+    sw.pending[1234] = {3: [31, 32]}
+    sw.apply([1, 1, 1, 0])
+    if adopt_fails:
+        def broken(g, handle):
+            raise DriverError("adopt failed")
+        monkeypatch.setattr(sw, "adopt", broken)
+    be = FakeFullGraphBackend()
+    out = _around_full_graph_capture_one(FakeFullGraphBackend.capture_one, be, 1, lambda: None)
+    assert out == "captured"
+    g = be._graphs[1]
+    assert g.keep and g.instantiated  # kept (both constructor halves), then instantiated
+    assert fake_cuda_graph.cuda.CUDAGraph is FakeTorchGraph  # restored after the capture
+    if adopt_fails:  # the capture still succeeds; switching stops, every node on
+        assert not sw.active and sw.graphs == []
+    else:
+        assert sw.disabled_nodes() == 2 and sw.pending == {}
+
+
+def test_capture_hook_passes_through_without_a_live_switch(fake_cuda_graph):
+    import gc
+
+    from sglang_kascade.sglang_adapter import _around_full_graph_capture_one
+
+    gc.collect()  # switches of earlier tests
+    for s in list(graph_nodes._SWITCHES):
+        s.broken = "test: inactive"
+    be = FakeFullGraphBackend()
+    _around_full_graph_capture_one(FakeFullGraphBackend.capture_one, be, 2, lambda: None)
+    assert type(be._graphs[2]) is FakeTorchGraph and not be._graphs[2].keep
