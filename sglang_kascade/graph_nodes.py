@@ -191,7 +191,7 @@ class NodeSwitch:
         if len(self.graphs) == 1 and self.active:
             off = sum(1 for on in self.graphs[0].enabled.values() if not on)
             logger.info("kascade: decode CUDA graphs switch selection kernels by profile "
-                        "(first graph: %d nodes in %d sparse layers, %d of them off)",
+                        "(first graph: %d nodes in %d sparse layers, %d of these layers off)",
                         sum(map(len, nodes.values())), len(nodes), off)
         return True
 
@@ -212,14 +212,25 @@ class NodeSwitch:
         return sum(len(c.nodes[layer]) for c in self.graphs if c.graph() is not None
                    for layer, on in c.enabled.items() if not on)
 
+    @staticmethod
+    def _exec_of(c: _Captured):
+        """The executable graph of a captured one still as adopted, or None (freed, or reset or
+        recaptured by its owner: then the recorded nodes are not its own)."""
+        g = c.graph()
+        if g is None:
+            return None
+        try:
+            return g.raw_cuda_graph_exec() if g.raw_cuda_graph() == c.handle else None
+        except RuntimeError:  # torch: reset, no graph kept
+            return None
+
     def _set_all(self, want) -> None:
         live = []
         for c in self.graphs:
-            g = c.graph()
-            if g is None or g.raw_cuda_graph() != c.handle:  # freed or reset by its owner
+            ex = self._exec_of(c)
+            if ex is None:
                 continue
             live.append(c)
-            ex = g.raw_cuda_graph_exec()
             for layer, nodes in c.nodes.items():
                 on = want(layer)
                 if c.enabled[layer] != on:

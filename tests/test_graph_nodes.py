@@ -126,6 +126,13 @@ def test_freed_or_reset_graphs_are_dropped():
     g.handle = 99  # reset and recaptured by its owner: the recorded nodes are not its own
     sw.apply([1, 0])
     assert drv.sets == 0 and sw.graphs == []
+    sw3, g3 = switch_with(drv, {1: [13]}, handle=6, ex=60)
+
+    def reset():
+        raise RuntimeError("You cannot access the raw cudaGraph_t instance")
+    g3.raw_cuda_graph = reset  # torch after CUDAGraph.reset()
+    sw3.apply([1, 0])
+    assert drv.sets == 0 and sw3.graphs == []
     sw2, g2 = switch_with(drv, {1: [12]}, handle=8, ex=80)
     del g2  # SGLang freed the graph
     sw2.apply([1, 0])
