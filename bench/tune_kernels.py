@@ -76,11 +76,11 @@ def tune_prefill(L, hkv=8, g=4, d=128, frac=0.1, k_min=128):
             print(f"prefill L={L} {cfg} failed: {type(e).__name__}", flush=True)
 
 
-def tune_merge(batch, L, frac=0.1, k_min=128):
-    """The sparse attention's split merge: in the kernel (last split) or the reduce kernel, at
-    the default split count and fewer."""
+def _reuse_point(batch, L, frac, k_min):
+    """One decode point (decode_kernels.point_inputs) with its selection made: (the selection's
+    arguments, the buffers, reuse(cfg): the reuse attention with launch overrides cfg)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode_kernels import D, graph_time, point_inputs
+    from decode_kernels import D, point_inputs
 
     from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
     from sglang_kascade.kernels.decode_select_triton import decode_select
@@ -88,42 +88,44 @@ def tune_merge(batch, L, frac=0.1, k_min=128):
     p = point_inputs(batch, L, torch.bfloat16, frac, k_min)
     q, k_pool, v_pool, tok_off, topk, buf = (p[n] for n in ("q", "k_pool", "v_pool", "tok_off",
                                                              "topk", "buf"))
-    decode_select(q, k_pool, p["req_to_token"], p["req_idx"], p["seq_lens"], tok_off, topk,
-                  D ** -0.5, buf)
+    args = (q, k_pool, p["req_to_token"], p["req_idx"], p["seq_lens"], tok_off, topk, D ** -0.5,
+            buf)
+    decode_select(*args)
     out = torch.empty_like(q)
+
+    def reuse(cfg):
+        return decode_sparse_attention(q, k_pool, v_pool, buf.sel_slot, tok_off, topk,
+                                       p["head_map"], D ** -0.5, buf, out, launch=cfg)
+
+    return args, buf, reuse
+
+
+def tune_merge(batch, L, frac=0.1, k_min=128):
+    """The sparse attention's split merge: in the kernel (last split) or the reduce kernel, at
+    the default split count and fewer."""
+    _, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+    from decode_kernels import graph_time
+
     default = buf.step(batch).splits
     for splits in sorted({default, max(1, default // 2), max(1, default // 4), 8}):
         for merge in (True, False):
             cfg = dict(splits=splits, merge=merge)
-            t = graph_time(lambda: decode_sparse_attention(
-                q, k_pool, v_pool, buf.sel_slot, tok_off, topk, p["head_map"], D ** -0.5, buf,
-                out, launch=cfg))
+            t = graph_time(lambda: reuse(cfg))
             print(f"merge B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
 
 
 def tune_decode(batch, L, frac=0.1, k_min=128):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode_kernels import D, graph_time, point_inputs
+    args, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+    from decode_kernels import graph_time
 
-    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
-    from sglang_kascade.kernels.decode_select_triton import decode_select, select_stages
+    from sglang_kascade.kernels.decode_select_triton import select_stages
 
-    p = point_inputs(batch, L, torch.bfloat16, frac, k_min)
-    q, k_pool, v_pool, tok_off, topk, buf = (p[n] for n in ("q", "k_pool", "v_pool", "tok_off",
-                                                             "topk", "buf"))
-    args = (q, k_pool, p["req_to_token"], p["req_idx"], p["seq_lens"], tok_off, topk, D ** -0.5,
-            buf)
-    decode_select(*args)
-    hm = p["head_map"]
-    out = torch.empty_like(q)
     default = buf.step(batch).splits
     for bn, warps, stages, splits in itertools.product(
             (32, 64, 128), (2, 4, 8), (2, 3), sorted({default, max(1, default // 2)})):
         cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages, splits=splits)
         try:
-            t = graph_time(lambda: decode_sparse_attention(
-                q, k_pool, v_pool, buf.sel_slot, tok_off, topk, hm, D ** -0.5, buf, out,
-                launch=cfg))
+            t = graph_time(lambda: reuse(cfg))
             print(f"reuse B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"reuse B={batch} L={L} {cfg} failed: {type(e).__name__}", flush=True)
