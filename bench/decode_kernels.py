@@ -37,9 +37,9 @@ HQ, HKV, D = 32, 8, 128
 N_LAYERS, N_ANCHORS = 32, 4  # layer 0 dense + 4 anchors + 27 reuse
 
 
-def graph_time(fn, adopt=None) -> float:
-    """Median ms of one replay of a CUDA graph holding fn() (L2 flushed before each replay).
-    ``adopt`` (graph_nodes.adopt): the graph is kept and handed over, as the server's is."""
+def capture_graph(fn, adopt=None) -> torch.cuda.CUDAGraph:
+    """A CUDA graph holding fn() (warmed up outside the capture). ``adopt``
+    (graph_nodes.adopt): the graph is kept and handed over, as the server's is."""
     fn()  # compile / warm up outside the capture
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -53,7 +53,17 @@ def graph_time(fn, adopt=None) -> float:
     if adopt is not None:
         assert adopt(g)
     torch.cuda.synchronize()
+    return g
+
+
+def replay_time(g) -> float:
+    """Median ms of one replay of graph g (L2 flushed before each replay)."""
     return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+
+
+def graph_time(fn, adopt=None) -> float:
+    """Median ms of one replay of a CUDA graph holding fn() (L2 flushed before each replay)."""
+    return replay_time(capture_graph(fn, adopt))
 
 
 def flashinfer_dense(q, k_pool, v_pool, batch, L, tensor_cores):

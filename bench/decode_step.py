@@ -38,7 +38,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_kernels import D, HKV, HQ, flashinfer_dense, graph_time  # noqa: E402
+from decode_kernels import (D, HKV, HQ, capture_graph, flashinfer_dense, graph_time,  # noqa: E402
+                            replay_time)
 
 from sglang_kascade import graph_nodes  # noqa: E402
 from sglang_kascade.backend import layer_roles  # noqa: E402
@@ -49,7 +50,30 @@ from sglang_kascade.profile import load_profile  # noqa: E402
 POOLS = 2
 
 
-def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
+def kernel_breakdown(g, replays: int = 20) -> dict:
+    """Where a replay of graph g spends its time: GPU microseconds per replay of each kernel
+    name (CUPTI through torch.profiler, kernels in place, not serialised), and ``busy`` (their
+    sum: the step time less it is node-launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+            name = e.name[:60]
+            n, t = per.get(name, (0, 0.0))
+            per[name] = (n + 1, t + e.device_time)
+    out = {name: dict(launches=n / replays, us=t / replays) for name, (n, t) in
+           sorted(per.items(), key=lambda kv: -kv[1][1])}
+    return dict(kernels=out, busy_us=sum(v["us"] for v in out.values()))
+
+
+def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool = False) -> dict:
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(batch * 7919 + L)
@@ -91,7 +115,10 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
         nodes_off.append(dp.node_switch.disabled_nodes())
         return taken
 
-    times = {"kascade": graph_time(lambda: run_layers(dp, fwd), adopt=adopt)}
+    g_served = capture_graph(lambda: run_layers(dp, fwd), adopt=adopt)
+    times = {"kascade": replay_time(g_served)}
+    kernels = kernel_breakdown(g_served) if breakdown else None
+    del g_served
     nodes_off = nodes_off[0]
     plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
     dg, gfwd = graph_path(False)
@@ -103,7 +130,7 @@ def step_point(batch: int, L: int, fraction: float, k_min: int) -> dict:
     times["flashinfer"] = graph_time(lambda: [dense[i % POOLS]() for i in range(n_layers)])
     return dict(batch=batch, context=L, topk=budget.k_for(L), layers=n_layers,
                 anchors=[i for i, s in enumerate(selects) if s], ms=times,
-                plan_graph_host_us=plan_us, selection_nodes_off=nodes_off,
+                plan_graph_host_us=plan_us, selection_nodes_off=nodes_off, kernels=kernels,
                 speedup={k: times["flashinfer"] / v for k, v in times.items()
                          if k != "flashinfer"})
 
@@ -126,19 +153,26 @@ def main():
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--k-min", type=int, default=128)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile the served graph's kernels (torch.profiler)")
     args = ap.parse_args()
     rows = []
     for b in args.batches:
         for L in args.contexts:
             if b * L * HKV * D * 2 * 2 * POOLS > 0.6 * torch.cuda.get_device_properties(0).total_memory:
                 continue
-            r = step_point(b, L, args.fraction, args.k_min)
+            r = step_point(b, L, args.fraction, args.k_min, args.breakdown)
             rows.append(r)
             m, sp = r["ms"], r["speedup"]
             print(f"B={b:3d} L={L:7d} flashinfer {m['flashinfer']:.3f} ms | " + " | ".join(
                 f"{k} {m[k]:.3f} ({sp[k]:.2f}x)" for k in sp)
                 + f" | plan_graph {r['plan_graph_host_us']:.0f} us"
                 + f" | {r['selection_nodes_off']} nodes off", flush=True)
+            if r["kernels"]:
+                print(f"  served graph: kernels busy {r['kernels']['busy_us']:.0f} us of "
+                      f"{m['kascade'] * 1e3:.0f} us per step")
+                for name, v in r["kernels"]["kernels"].items():
+                    print(f"    {v['us']:8.1f} us  {v['launches']:5.1f} x  {name}")
             torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, profile="llama-3.1-8b-instruct", pools=POOLS,

@@ -6,6 +6,10 @@ triton.testing.do_bench. Prints one line per configuration.
   decode    the decode reuse attention (BLOCK_N, warps, stages, splits) and the anchor's scoring
             pass (BLOCK_N, warps, stages), under CUDA graphs like bench/decode_kernels.py
   prefill   the prefill sparse attention (BLOCK_N, warps, stages)
+  prefetch  the sparse attention (reuse: K and V; anchor: logits and V) with the register-
+            prefetching loop against the plain one, over BLOCK_N / warps / stages
+  scale     the reuse attention against its Top-k (1.25%-20% of 128K, shipped launch): the
+            fixed cost per launch and the cost per selected key
 
 Usage (GPU host): python3 -P bench/tune_kernels.py [topk decode prefill] [--batches 1 16]
   > $OUT/tune.log
@@ -114,6 +118,58 @@ def tune_merge(batch, L, frac=0.1, k_min=128):
             print(f"merge B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
 
 
+def tune_prefetch(batch, L, frac=0.1, k_min=128):
+    args, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+    from decode_kernels import HKV, graph_time
+
+    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
+
+    q, k_pool, tok_off, topk = args[0], args[1], args[5], args[6]
+    v_pool = k_pool.clone()
+    ident = torch.arange(HKV, dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+
+    def anchor(cfg):  # the logits path's tiles: BLOCK_NL / PREFETCH_L
+        cfg = dict(cfg, BLOCK_NL=cfg["BLOCK_N"], PREFETCH_L=cfg["PREFETCH"])
+        return decode_sparse_attention(q, k_pool, v_pool, buf.sel_slot, tok_off, topk, ident,
+                                       args[7], buf, out, sel_pos=buf.sel_pos, logits=buf.logits,
+                                       launch=cfg)
+
+    cfgs = [dict(BLOCK_N=bn, num_warps=4, num_stages=st, PREFETCH=pf)
+            for bn, st, pf in itertools.product((32, 64), (1, 2, 3), (False, True))]
+    cfgs += [dict(BLOCK_N=64, num_warps=8, num_stages=st, PREFETCH=True) for st in (1, 3)]
+    for name, fn in (("reuse", reuse), ("anchor", anchor)):
+        for cfg in cfgs:
+            try:
+                t = graph_time(lambda: fn(cfg))
+                print(f"prefetch {name} B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"prefetch {name} B={batch} L={L} {cfg} failed: {type(e).__name__}",
+                      flush=True)
+
+
+def tune_scale(batch, L, k_min=128):
+    """The reuse attention at growing Top-k: time = fixed + per-key cost (printed fit)."""
+    ks, ts = [], []
+    for frac in (0.0125, 0.025, 0.05, 0.1, 0.2):
+        _, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+        from decode_kernels import graph_time
+
+        t = graph_time(lambda: reuse({})) * 1e3
+        tp = graph_time(lambda: reuse({"PREFETCH": True})) * 1e3
+        k = int(buf.kmax)
+        ks.append(k)
+        ts.append(t)
+        print(f"scale B={batch} L={L} k={k} splits={buf.step(batch).splits} {t:.1f} us "
+              f"(prefetch {tp:.1f} us)", flush=True)
+        torch.cuda.empty_cache()
+    n = len(ks)
+    mk, mt = sum(ks) / n, sum(ts) / n
+    slope = sum((k - mk) * (t - mt) for k, t in zip(ks, ts)) / sum((k - mk) ** 2 for k in ks)
+    print(f"scale B={batch} L={L} fit: {mt - slope * mk:.1f} us + {slope * 1e3:.2f} us per 1000 "
+          f"keys", flush=True)
+
+
 def tune_decode(batch, L, frac=0.1, k_min=128):
     args, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
     from decode_kernels import graph_time
@@ -153,5 +209,9 @@ if __name__ == "__main__":
             tune_topk(b, 131072)
         if "decode" in a.what:
             tune_decode(b, 131072)
+        if "prefetch" in a.what:
+            tune_prefetch(b, 131072)
+        if "scale" in a.what:
+            tune_scale(b, 131072)
     if "prefill" in a.what:
         tune_prefill(32768)

@@ -106,6 +106,9 @@ class DevicePath:
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
     def set_profile(self, profile, roles, selects) -> None:
+        if any(sel and role == "reuse" for sel, role in zip(selects, roles)):
+            raise ValueError("a reuse layer cannot select (graphs attend from a selecting "
+                             "layer's own logits, through an identity head map)")
         self.roles = list(roles)
         self.selects = list(selects)
         if self.device.type != "cuda":
@@ -369,12 +372,16 @@ class DevicePath:
                                 fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
             return out
         mark = self.node_switch.mark() if self.node_switch is not None else None
+        gate = self.graph_selects[layer_id:layer_id + 1]
         decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk,
-                      scale, buf, lscan=fwd.lmax, gate=self.graph_selects[layer_id:layer_id + 1])
+                      scale, buf, lscan=fwd.lmax, gate=gate)
         if mark is not None:  # this layer's selection nodes, switched by profile once adopted
             self.node_switch.record(layer_id, mark)
+        # A layer that selects (gate open: its head-map row is the identity) attends from its
+        # stored logits and the selected V; the others read K (decided on the device).
         return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
-                                       self.head_map_table[layer_id], scale, buf, out)
+                                       self.head_map_table[layer_id], scale, buf, out,
+                                       sel_pos=buf.sel_pos, logits=buf.logits, logits_gate=gate)
 
     def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
                          req_to_token, scale):

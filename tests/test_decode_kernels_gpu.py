@@ -131,12 +131,14 @@ def test_decode_select_and_attention(case, dtype):
     assert not buf.attn_ctr.any()  # the merging split leaves its counter at zero for the next
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["loop", "prefetch"])
 @pytest.mark.parametrize("merge", [True, False], ids=["in-kernel", "reduce-launch"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[0]}-h{c[2]}g{c[3]}d{c[4]}p{c[5]}")
-def test_split_merge_in_kernel_and_by_reduce(case, merge):
+def test_split_merge_in_kernel_and_by_reduce(case, merge, prefetch):
     """Buffers sized for Top-k up to the longest context (2 to 11 splits in the longer cases,
     empty ones for the short rows): the last split's in-kernel merge and the reduce launch both
-    match the oracle, and the arrival counters end at zero."""
+    match the oracle, with the plain loop and the register-prefetching one, for reuse layers (K
+    and V) and anchors (stored logits and V); the arrival counters end at zero."""
     from sglang_kascade.kernels.decode_plan import ATTN_BLOCK_N
 
     dtype = DTYPES[-1]
@@ -150,11 +152,29 @@ def test_split_merge_in_kernel_and_by_reduce(case, merge):
     valid = valid.expand(len(case[0]), batch.k_pool.shape[1], kmax)
     pos = _rows(buf.sel_pos, batch, kmax)
     hm = torch.arange(batch.k_pool.shape[1], dtype=torch.int32, device=DEVICE).flip(0)
+    launch = {"merge": merge, "PREFETCH": prefetch}
     out = torch.full_like(batch.q, float("nan"))
     attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk, hm,
-           scale, buf, out, launch={"merge": merge})
+           scale, buf, out, launch=launch)
     assert not out.isnan().any()
     assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale, hm)) < REL[dtype]
+    assert not buf.attn_ctr.any()
+    ident = torch.arange(batch.k_pool.shape[1], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(batch.q, float("nan"))
+    attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk, ident,
+           scale, buf, out, sel_pos=buf.sel_pos, logits=buf.logits, launch=launch)
+    assert rel_err(out.cpu(), oracle_sparse_out(batch, pos, valid, scale)) < REL[dtype]
+    assert not buf.attn_ctr.any()
+    # A captured layer (logits_gate): closed, the K path through the head map; open, the
+    # logits path, which reads no K (a pool of NaN keys leaves the output finite).
+    for gate, k_pool, heads in ((0, batch.k_pool, hm),
+                                (1, torch.full_like(batch.k_pool, float("nan")), ident)):
+        out = torch.full_like(batch.q, float("nan"))
+        attend(batch.q, k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk, heads,
+               scale, buf, out, sel_pos=buf.sel_pos, logits=buf.logits, launch=launch,
+               logits_gate=torch.full((1,), gate, dtype=torch.int32, device=DEVICE))
+        want = oracle_sparse_out(batch, pos, valid, scale, heads)
+        assert rel_err(out.cpu(), want) < REL[dtype], f"gate {gate}"
     assert not buf.attn_ctr.any()
 
 
