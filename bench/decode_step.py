@@ -10,8 +10,8 @@ layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in
   flashinfer     FlashInfer's paged decode (tensor cores) in every layer
   kascade        DevicePath's CUDA-graph path, as the server captures it (layer 0 fused dense +
                  selection; every other layer captures the selection's kernels, then attends over
-                 the selection); the graph handed to graph_nodes.adopt, which disables the
-                 selection nodes of the layers that do not select
+                 the selection); the graph handed to graph_nodes.adopt, which takes the
+                 selection kernels of the layers that do not select out of the graph
   kascade_gated  the same graph with the node switch off (SGLANG_KASCADE_NODE_SWITCH=0): the
                  selection kernels of every sparse layer launch, gated off on the device
   kascade_exact  the eager path captured: only the profile's anchors launch a selection, and

@@ -181,11 +181,11 @@ def _graphs_can_be_kept(torch) -> bool:
 
 
 def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **kwargs):
-    # Reason: switching a captured graph's selection nodes off by profile (graph_nodes.py) needs
-    # the graph's cudaGraph_t after instantiation, which torch destroys unless the CUDAGraph was
-    # made with keep_graph=True; FullCudaGraphBackend.capture_one makes it with
-    # ``torch.cuda.CUDAGraph()`` and keeps it in ``_graphs[shape_key]`` (same in 0.5.17 and
-    # 0.5.21). Only while a kascade NodeSwitch is live; other backends capture as before.
+    # Reason: taking a captured graph's selection kernels out by profile (graph_nodes.py) edits
+    # the graph's cudaGraph_t and re-instantiates it, and torch destroys the cudaGraph_t at
+    # instantiation unless the CUDAGraph was made with keep_graph=True;
+    # FullCudaGraphBackend.capture_one makes it with ``torch.cuda.CUDAGraph()`` and keeps it in
+    # ``_graphs[shape_key]`` (same in 0.5.17 and 0.5.21). Only while a kascade NodeSwitch is live; other backends capture as before.
     import torch
 
     from . import graph_nodes

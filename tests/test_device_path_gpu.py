@@ -476,8 +476,9 @@ def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
     maps and budget) through the control channel's staging, and the eager twin runs that
     profile: the replays must follow it with no recapture. ``nodes``: "switched" captures as
     SGLang's runner does through the adapter (keep_graph, graph_nodes.adopt), so the selection
-    nodes of layers that do not select are disabled in the executable graph (checked through
-    the driver); "gated" turns the switch off (SGLANG_KASCADE_NODE_SWITCH=0): gates alone."""
+    kernels of layers that do not select are taken out of the graph, which is re-instantiated
+    (node counts checked through the driver); "gated" turns the switch off
+    (SGLANG_KASCADE_NODE_SWITCH=0): gates alone."""
     if nodes == "gated":
         monkeypatch.setenv("SGLANG_KASCADE_NODE_SWITCH", "0")
     setup = build(case)
@@ -563,6 +564,7 @@ def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
     sw = be.device_path.node_switch
     assert sw.active == (nodes == "switched")
     if nodes == "switched":
+        captured_nodes = sw.driver.node_count(graph.raw_cuda_graph())
         assert graph_nodes.adopt(graph)
     poison(be.device_path.graph_buffers)
     if swap:
@@ -581,15 +583,15 @@ def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
     assert be.stats.device_forwards == len(steps)
     if swap:
         assert be.profile.name == "swapped" and be.stats.swaps_applied == 1
-    if nodes == "switched":  # the executable's selection nodes follow the profile now served
-        ex = graph.raw_cuda_graph_exec()
+    if nodes == "switched":  # the kept graph's selection chains follow the profile now served
         (cap,) = sw.graphs
         sparse = [i for i, k in enumerate(be.device_path.graph_kinds) if k == "sparse"]
-        per_layer = {len(cap.nodes[i]) for i in sparse}  # the selection's kernel launches
-        assert sorted(cap.nodes) == sparse and len(per_layer) == 1 and min(per_layer) >= 3
-        for i in sparse:
-            assert all(sw.driver.enabled(ex, n) == bool(be.selects[i]) for n in cap.nodes[i]), i
-        assert sw.disabled_nodes() == min(per_layer) * sum(not be.selects[i] for i in sparse)
+        per_layer = {len(cap.chains[i].stash) for i in sparse}  # the selection's kernels
+        assert sorted(cap.chains) == sparse and len(per_layer) == 1 and min(per_layer) >= 3
+        assert cap.live and all(cap.chains[i].on == bool(be.selects[i]) for i in sparse)
+        out = min(per_layer) * sum(not be.selects[i] for i in sparse)
+        assert sw.disabled_nodes() == out
+        assert sw.driver.node_count(graph.raw_cuda_graph()) == captured_nodes - out
 
 
 class StagedOnce:

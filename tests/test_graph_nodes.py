@@ -10,40 +10,97 @@ from sglang_kascade.graph_nodes import DriverError, NodeSwitch, nodes_between
 
 
 class FakeDriver:
-    """A captured graph as {node: deps}; node types; the executable's enabled flags."""
+    """Graphs as {node: deps} (one dict for every graph), node types, and what each kernel node
+    launches (a copy launches what its source does). ``fail``: the name of a call that raises
+    (after ``fail_after`` successful calls of it)."""
 
-    def __init__(self, deps: dict, kinds: dict | None = None):
-        self.deps = deps
+    def __init__(self, deps: dict | None = None, kinds: dict | None = None):
+        self.deps = {n: tuple(d) for n, d in (deps or {}).items()}
         self.kinds = kinds or {}
-        self.flags = {}  # (exec, node) -> bool
-        self.sets = 0
-        self.fail_set = False
+        self.graph = {}  # node -> graph handle (nodes made by the driver)
+        self.launches = {}  # node -> label of the kernel it launches
+        self.next = 10_000
+        self.fail, self.fail_after, self.calls = None, 0, {}
+
+    def _call(self, name):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.fail == name and self.calls[name] > self.fail_after:
+            raise DriverError(f"{name} failed")
 
     def dependencies(self, node):
+        self._call("dependencies")
         return self.deps[node]
+
+    def dependents(self, node):
+        return tuple(m for m, d in self.deps.items() if node in d)
 
     def is_kernel(self, node):
         return self.kinds.get(node, "kernel") == "kernel"
 
-    def set_enabled(self, ex, node, on):
-        if self.fail_set:
-            raise DriverError("set failed")
-        self.sets += 1
-        self.flags[(ex, node)] = on
+    def create_graph(self):
+        self.next += 1
+        return self.next
 
-    def enabled(self, ex, node):
-        return self.flags.get((ex, node), True)
+    def destroy_graph(self, graph):
+        self._call("destroy_graph")
+
+    def destroy_node(self, node):
+        self._call("destroy_node")
+        del self.deps[node]
+        self.deps = {m: tuple(x for x in d if x != node) for m, d in self.deps.items()}
+
+    def add_edges(self, graph, pairs):
+        self._call("add_edges")
+        for p, q in pairs:
+            assert p not in self.deps[q], "duplicate edge"
+            self.deps[q] += (p,)
+
+    def remove_edges(self, graph, pairs):
+        self._call("remove_edges")
+        for p, q in pairs:
+            assert p in self.deps[q], "no such edge"
+            self.deps[q] = tuple(x for x in self.deps[q] if x != p)
+
+    def copy_kernel(self, graph, deps, src):
+        self._call("copy_kernel")
+        self.next += 1
+        self.deps[self.next] = tuple(deps)
+        self.graph[self.next] = graph
+        self.launches[self.next] = self.label(src)
+        return self.next
+
+    def label(self, node):
+        return self.launches.get(node, node)
+
+    def order(self, start=0):
+        """Labels of the nodes reached from ``start`` along dependents, in launch order (the
+        model graphs here are chains)."""
+        out, node = [], start
+        while True:
+            out.append(self.label(node))
+            nxt = self.dependents(node)
+            if not nxt:
+                return out
+            assert len(nxt) == 1, nxt
+            node = nxt[0]
 
 
 class FakeGraph:
-    def __init__(self, handle, ex):
-        self.handle, self.ex = handle, ex
+    """torch.cuda.CUDAGraph as the switch uses it (kept graph, instantiate)."""
+
+    def __init__(self, handle, fail_instantiate: int = 0):
+        self.handle = handle
+        self.instantiations = 0
+        self.fail_instantiate = fail_instantiate
 
     def raw_cuda_graph(self):
         return self.handle
 
-    def raw_cuda_graph_exec(self):
-        return self.ex
+    def instantiate(self):
+        if self.fail_instantiate:
+            self.fail_instantiate -= 1
+            raise RuntimeError("CUDA error: instantiate failed")
+        self.instantiations += 1
 
 
 def chain(first: int, n: int, before=(0,)) -> dict:
@@ -82,83 +139,135 @@ def test_nodes_between_refuses_what_is_not_a_kernel_chain(bad):
         nodes_between(FakeDriver(deps, kinds), (0,), after)
 
 
-def switch_with(drv, layers: dict, handle=7, ex=70):
+def model(layers: dict) -> dict:
+    """A kept decode graph as one chain: node 0, then per layer its selection nodes and its
+    attention node (layer * 100)."""
+    deps, prev = {0: ()}, 0
+    for layer, nodes in sorted(layers.items()):
+        for n in nodes:
+            deps[n], prev = (prev,), n
+        deps[layer * 100], prev = (prev,), layer * 100
+    return deps
+
+
+LAYERS = {1: [11, 12], 2: [21, 22], 3: [31, 32]}
+FULL = [0, 11, 12, 100, 21, 22, 200, 31, 32, 300]
+
+
+def switch_with(layers: dict, handle=7, drv=None):
     """A switch that recorded ``layers`` ({layer: [nodes]}) for graph ``handle``, adopted."""
+    drv = drv or FakeDriver(model(layers))
     sw = NodeSwitch(driver=drv)
     sw.pending[handle] = {k: list(v) for k, v in layers.items()}
-    g = FakeGraph(handle, ex)
+    g = FakeGraph(handle)
     assert sw.adopt(g, handle)
-    return sw, g
+    return sw, g, drv
 
 
-def test_switch_disables_exactly_the_layers_that_do_not_select():
-    drv = FakeDriver({})
-    layers = {1: [11, 12], 2: [21, 22], 3: [31, 32]}
-    sw, g = switch_with(drv, layers)
-    assert drv.sets == 0 and sw.disabled_nodes() == 0  # no profile yet: every node on
-    sw.apply([1, 1, 0, 1])  # layer 2 does not select
-    assert {n: drv.enabled(70, n) for n in (11, 12, 21, 22, 31, 32)} == {
-        11: True, 12: True, 21: False, 22: False, 31: True, 32: True}
-    assert sw.disabled_nodes() == 2 and drv.sets == 2
-    sw.apply([1, 1, 0, 1])  # unchanged: no driver calls
-    assert drv.sets == 2
-    sw.apply([1, 0, 1, 0])  # a hot swap: layers 1 and 3 off, 2 back on
-    assert [drv.enabled(70, n) for n in (11, 12, 21, 22, 31, 32)] == [
-        False, False, True, True, False, False]
-    assert sw.disabled_nodes() == 4
+def test_switch_takes_out_exactly_the_layers_that_do_not_select():
+    sw, g, drv = switch_with(LAYERS)
+    assert drv.order() == FULL and sw.disabled_nodes() == 0  # no profile yet: every chain in
+    assert g.instantiations == 1  # adopt instantiates (capture_end did not: keep_graph)
+    sw.apply([1, 1, 0, 1])  # layer 2 does not select: its attention follows layer 1's
+    assert drv.order() == [0, 11, 12, 100, 200, 31, 32, 300]
+    assert sw.disabled_nodes() == 2 and g.instantiations == 2
+    sw.apply([1, 1, 0, 1])  # unchanged: no edit, no instantiation
+    assert g.instantiations == 2
+    sw.apply([1, 0, 1, 0])  # a hot swap: layers 1 and 3 out, 2 back in (copies of its kernels)
+    assert drv.order() == [0, 100, 21, 22, 200, 300]
+    assert sw.disabled_nodes() == 4 and g.instantiations == 3
+    sw.apply([1, 1, 1, 1])
+    assert drv.order() == FULL and sw.disabled_nodes() == 0
 
 
-def test_adopt_applies_the_current_profile_and_ignores_unknown_graphs():
-    drv = FakeDriver({})
+def test_a_chain_keeps_edges_that_were_there_before_it_went_out():
+    deps = model({1: [11, 12]})
+    deps[100] += (0,)  # the attention also depended on the chain's predecessor directly
+    sw, g, drv = switch_with({1: [11, 12]}, drv=FakeDriver(deps))
+    sw.apply([1, 0])
+    assert drv.deps[100] == (0,)  # no duplicate edge
+    sw.apply([1, 1])  # back in: the old direct edge stays, the chain's copy feeds it again
+    assert [drv.label(n) for n in drv.deps[100]] == [0, 12]
+    copy12 = drv.deps[100][1]
+    assert [drv.label(n) for n in drv.deps[drv.deps[copy12][0]]] == [0]  # 0 -> 11 -> 12 -> 100
+
+
+def test_adopt_fits_the_current_profile_and_ignores_unknown_graphs():
+    drv = FakeDriver(model({1: [11], 2: [21]}))
     sw = NodeSwitch(driver=drv)
     sw.apply([1, 0, 1])
     sw.pending[5] = {1: [11], 2: [21]}
-    assert not sw.adopt(FakeGraph(6, 60), 6)  # not captured by this switch
-    g = FakeGraph(5, 50)
+    assert not sw.adopt(FakeGraph(6), 6)  # not captured by this switch
+    g = FakeGraph(5)
     assert sw.adopt(g, 5)
-    assert drv.enabled(50, 11) is False and drv.enabled(50, 21) is True
-    assert sw.pending == {}
+    assert drv.order() == [0, 100, 21, 200] and g.instantiations == 1 and sw.pending == {}
+    other = FakeGraph(424242)  # captured with no switch recording it: instantiated as usual
+    assert not graph_nodes.adopt(other) and other.instantiations == 1
 
 
 def test_freed_or_reset_graphs_are_dropped():
-    drv = FakeDriver({})
-    sw, g = switch_with(drv, {1: [11]})
+    sw, g, drv = switch_with({1: [11]})
     g.handle = 99  # reset and recaptured by its owner: the recorded nodes are not its own
     sw.apply([1, 0])
-    assert drv.sets == 0 and sw.graphs == []
-    sw3, g3 = switch_with(drv, {1: [13]}, handle=6, ex=60)
+    assert sw.graphs == [] and drv.order() == [0, 11, 100] and g.instantiations == 1
+    sw3, g3, drv3 = switch_with({1: [13]}, handle=6)
 
     def reset():
         raise RuntimeError("You cannot access the raw cudaGraph_t instance")
     g3.raw_cuda_graph = reset  # torch after CUDAGraph.reset()
     sw3.apply([1, 0])
-    assert drv.sets == 0 and sw3.graphs == []
-    sw2, g2 = switch_with(drv, {1: [12]}, handle=8, ex=80)
+    assert sw3.graphs == [] and drv3.order() == [0, 13, 100]
+    sw2, g2, drv2 = switch_with({1: [12]}, handle=8)
     del g2  # SGLang freed the graph
     sw2.apply([1, 0])
-    assert sw2.graphs == [] and drv.sets == 0
+    assert sw2.graphs == [] and drv2.order() == [0, 12, 100]
 
 
-def test_a_driver_error_turns_every_node_back_on_and_stops_switching():
-    drv = FakeDriver({})
-    sw, g = switch_with(drv, {1: [11], 2: [21]})
-    sw.apply([1, 0, 0])
-    assert sw.disabled_nodes() == 2
-    drv.fail_set = True
-    sw.apply([1, 1, 0])  # fails: give up, best-effort re-enable (fails too here)
+def test_an_error_before_any_edit_leaves_the_graph_whole():
+    drv = FakeDriver(model(LAYERS))
+    drv.fail, drv.fail_after = "copy_kernel", 3  # the stash of the second layer fails
+    sw = NodeSwitch(driver=drv)
+    sw.apply([1, 0, 0, 0])
+    sw.pending[7] = {k: list(v) for k, v in LAYERS.items()}
+    g = FakeGraph(7)
+    with pytest.raises(DriverError):
+        sw.adopt(g, 7)
+    graph_nodes.give_up(DriverError("adopt failed"))  # what the capture hook does
+    assert drv.order() == FULL and g.instantiations == 1  # the graph as captured
+    assert sw.broken and not sw.stuck and sw.disabled_nodes() == 0
+
+
+@pytest.mark.parametrize("call", ["destroy_node", "add_edges", "remove_edges"])
+def test_an_error_mid_edit_sends_decode_eager(call):
+    sw, g, drv = switch_with(LAYERS)
+    sw.apply([1, 1, 0, 1])
+    drv.fail, drv.fail_after = call, drv.calls.get(call, 0)  # the next such call fails
+    sw.apply([1, 0, 1, 1])  # layer 1 out (destroy, add edges), layer 2 back (remove edges)
     assert sw.broken and not sw.active
-    assert sw.stuck and sw.disabled_nodes() == 2  # state unknown: counted as off
-    drv.fail_set = False
-    sw.apply([1, 0, 0])  # switching stopped: no more driver calls
-    assert drv.sets == 2
+    assert sw.stuck  # a half-edited chain: no repair, the graphs must not replay
+    drv.fail = None
+    n = g.instantiations
+    sw.apply([1, 1, 1, 1])  # switching stopped
+    assert g.instantiations == n
 
 
-def test_give_up_re_enables_when_the_driver_still_answers():
-    drv = FakeDriver({})
-    sw, g = switch_with(drv, {1: [11], 2: [21]})
-    sw.apply([1, 0, 0])
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_failed_instantiation_puts_every_chain_back(failures):
+    sw, g, drv = switch_with(LAYERS)
+    g.fail_instantiate = failures
+    sw.apply([1, 1, 0, 1])  # instantiate fails: give up, every chain back in, instantiate again
+    assert sw.broken and drv.order() == FULL
+    if failures == 1:
+        assert not sw.stuck and g.instantiations == 2 and sw.disabled_nodes() == 0
+    else:  # the executable graph is not the kept one: eager from now on
+        assert sw.stuck and g.instantiations == 1
+
+
+def test_give_up_puts_chains_back_when_the_driver_still_answers():
+    sw, g, drv = switch_with(LAYERS)
+    sw.apply([1, 0, 0, 0])
     sw._give_up(DriverError("capture info failed"))
-    assert drv.enabled(70, 11) and drv.enabled(70, 21) and sw.disabled_nodes() == 0
+    assert drv.order() == FULL and sw.disabled_nodes() == 0
     assert sw.broken and not sw.stuck  # the gates alone decide from now on
 
 
@@ -182,12 +291,11 @@ def test_a_stuck_switch_sends_decode_eager():
 
 
 def test_module_give_up_stops_every_live_switch():
-    drv = FakeDriver({})
-    sw, g = switch_with(drv, {1: [11]}, handle=9, ex=90)
+    sw, g, drv = switch_with({1: [11]}, handle=9)
     sw.apply([1, 0])
     assert sw.disabled_nodes() == 1
     graph_nodes.give_up(RuntimeError("adopt failed"))
-    assert not sw.active and drv.enabled(90, 11) and not sw.stuck
+    assert not sw.active and drv.order() == [0, 11, 100] and not sw.stuck
 
 
 class FakeTorchGraph:
@@ -242,7 +350,7 @@ def test_capture_hook_keeps_the_graph_and_hands_it_over(fake_cuda_graph, monkeyp
                                                         adopt_fails):
     from sglang_kascade.sglang_adapter import _around_full_graph_capture_one
 
-    sw = NodeSwitch(driver=FakeDriver({}))
+    sw = NodeSwitch(driver=FakeDriver(model({3: [31, 32]})))
     sw.pending[1234] = {3: [31, 32]}
     sw.apply([1, 1, 1, 0])
     if adopt_fails:
@@ -253,12 +361,13 @@ def test_capture_hook_keeps_the_graph_and_hands_it_over(fake_cuda_graph, monkeyp
     out = _around_full_graph_capture_one(FakeFullGraphBackend.capture_one, be, 1, lambda: None)
     assert out == "captured"
     g = be._graphs[1]
-    assert g.keep and g.instantiated  # kept (both constructor halves), then instantiated
+    assert g.keep  # kept (both constructor halves)
     assert fake_cuda_graph.cuda.CUDAGraph is FakeTorchGraph  # restored after the capture
-    if adopt_fails:  # the capture still succeeds; switching stops, every node on
+    if adopt_fails:  # the capture still succeeds; switching stops (torch's replay
+        # instantiates a kept graph not yet instantiated)
         assert not sw.active and sw.graphs == []
-    else:
-        assert sw.disabled_nodes() == 2 and sw.pending == {}
+    else:  # the layer's chain out, then instantiated
+        assert g.instantiated and sw.disabled_nodes() == 2 and sw.pending == {}
 
 
 def test_capture_hook_passes_through_without_a_live_switch(fake_cuda_graph):
