@@ -113,7 +113,9 @@ class CudaDriver:
     def _listed(self, fn, handle: int, what: str) -> tuple:
         n = ctypes.c_size_t()
         self._check(fn(handle, None, ctypes.byref(n)), what)
-        arr = (ctypes.c_void_p * max(1, n.value))()
+        if n.value == 0:  # (the driver refuses an array with a count of 0)
+            return ()
+        arr = (ctypes.c_void_p * n.value)()
         self._check(fn(handle, arr, ctypes.byref(n)), what)
         return tuple(arr[i] for i in range(n.value))
 
@@ -160,7 +162,7 @@ class CudaDriver:
         params = KernelNodeParams()
         self._check(self._get_params(src, ctypes.byref(params)), "cuGraphKernelNodeGetParams")
         node = ctypes.c_void_p()
-        arr = (ctypes.c_void_p * max(1, len(deps)))(*deps)
+        arr = (ctypes.c_void_p * len(deps))(*deps) if deps else None
         self._check(self._add_kernel(ctypes.byref(node), graph, arr, len(deps),
                                      ctypes.byref(params)), "cuGraphAddKernelNode")
         self._check(self._copy_attrs(node.value, src), "cuGraphKernelNodeCopyAttributes")
