@@ -9,7 +9,8 @@ the last split of a (request, KV head) to finish (a counter per pair, ``buf.attn
 that program) merges the partials into the output, which saves the reduce's launch (7-8 us alone
 in a graph); with many splits one program merging them all serially is slower than
 ``_combine_kernel``'s program per query head (one round trip for up to 64 partials), so that
-runs after the kernel (also for layer 0's dense chunks and the TileLang kernel). Measured: docs/results/kernels-h100.md.
+runs after the kernel (also for layer 0's dense chunks and the TileLang kernel). Measured:
+docs/results/kernels-h100.md.
 
 The selection and the logits are token-indexed (decode_plan.py): request b's row of KV head h
 starts at ``[h, tok_off[b]]``.

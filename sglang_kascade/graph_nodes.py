@@ -366,10 +366,13 @@ class NodeSwitch:
         self.graphs = live
 
     def _drop(self, c: _Captured) -> None:
-        try:
-            self.driver.destroy_graph(c.stash)
-        except DriverError:
-            pass
+        """Free the stash of a graph its owner freed or reset (once)."""
+        stash, c.stash = c.stash, 0
+        if stash:
+            try:
+                self.driver.destroy_graph(stash)
+            except DriverError:
+                pass
 
     def _give_up(self, err) -> None:
         if self.broken is not None:

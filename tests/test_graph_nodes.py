@@ -381,3 +381,18 @@ def test_capture_hook_passes_through_without_a_live_switch(fake_cuda_graph):
     be = FakeFullGraphBackend()
     _around_full_graph_capture_one(FakeFullGraphBackend.capture_one, be, 2, lambda: None)
     assert type(be._graphs[2]) is FakeTorchGraph and not be._graphs[2].keep
+
+
+def test_a_freed_graphs_stash_is_destroyed_once_even_when_a_later_graph_fails():
+    deps = {**model({1: [11, 12]}), 1000: (), 1011: (1000,), 1012: (1011,), 1100: (1012,)}
+    drv = FakeDriver(deps)
+    sw = NodeSwitch(driver=drv)
+    sw.pending[7] = {1: [11, 12]}
+    sw.pending[8] = {1: [1011, 1012]}
+    g1, g2 = FakeGraph(7), FakeGraph(8)
+    assert sw.adopt(g1, 7) and sw.adopt(g2, 8)
+    del g1  # SGLang freed the first graph
+    g2.fail_instantiate = 1  # the second graph's re-instantiation fails once
+    sw.apply([1, 0])  # drops the first (its stash destroyed), fails on the second, gives up:
+    # every chain back in and the walk over the graphs again
+    assert not sw.stuck and drv.calls["destroy_graph"] == 1 and g2.instantiations == 2
