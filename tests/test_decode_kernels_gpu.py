@@ -152,7 +152,7 @@ def test_split_merge_in_kernel_and_by_reduce(case, merge, prefetch):
     valid = valid.expand(len(case[0]), batch.k_pool.shape[1], kmax)
     pos = _rows(buf.sel_pos, batch, kmax)
     hm = torch.arange(batch.k_pool.shape[1], dtype=torch.int32, device=DEVICE).flip(0)
-    launch = {"merge": merge, "PREFETCH": prefetch}
+    launch = {"merge": merge, "PREFETCH": prefetch, "PREFETCH_L": prefetch}
     out = torch.full_like(batch.q, float("nan"))
     attend(batch.q, batch.k_pool, batch.v_pool, buf.sel_slot, batch.tok_off, batch.topk, hm,
            scale, buf, out, launch=launch)
