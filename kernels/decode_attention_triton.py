@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .decode_plan import ATTN_BLOCK_N, DecodeBuffers, block_g
 from .decode_select_triton import LOG2E
+from .softmax_triton import online_softmax_step
 
 MERGE_MAX_SPLITS = 16  # merge in the kernel up to this many splits (else _combine_kernel)
 # Launch defaults, measured (docs/results/kernels-h100.md, bench/tune_kernels.py prefetch): the K
@@ -116,13 +117,7 @@ def _tile_update(q, kk, v, ok, m_i, l_i, acc, sm_scale_log2, USE_LOGITS: tl.cons
     else:
         s = tl.dot(q, tl.trans(kk)) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
     s = tl.where(ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded query rows
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return online_softmax_step(s, v, m_i, l_i, acc)
 
 
 @triton.jit

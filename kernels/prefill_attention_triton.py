@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .decode_select_triton import LOG2E
 from .prefill_plan import PrefillTiles
+from .softmax_triton import online_softmax_step
 
 
 @triton.jit
@@ -36,13 +37,7 @@ def _attend_slots(q, k_ptr, v_ptr, slot, ok, keep, m_i, l_i, acc, sm_scale_log2,
     s = tl.where(keep, s, float("-inf"))
     v = tl.load(v_ptr + slot[:, None] * s_vs + h * s_vh + offs_dv[None, :],
                 mask=ok[:, None], other=0.0)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return online_softmax_step(s, v, m_i, l_i, acc)
 
 
 @triton.jit
