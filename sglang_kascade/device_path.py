@@ -101,7 +101,7 @@ class DevicePath:
         self.graph_selects = None  # [L] int32: 1 = the layer selects (gates decode_select)
         self.head_map_table = None  # [L, Hkv] int32: reuse rows = the head map, others identity
         self.graph_kinds: list | None = None  # per layer, what the capture launched (graph_kind)
-        self.node_switch = None  # graph_nodes.NodeSwitch: selection nodes off where not selecting
+        self.node_switch = None  # graph_nodes.NodeSwitch: selection kernels out where not selecting
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -122,7 +122,7 @@ class DevicePath:
         else:  # in place: captured graphs read these addresses
             self.graph_selects.copy_(sel)
             self.head_map_table.copy_(hm)
-        if self.node_switch is not None:  # after the gates: a disabled node's gate is 0
+        if self.node_switch is not None:  # after the gates: a chain taken out has its gate at 0
             self.node_switch.apply(self.selects)
 
     # ---- what a captured decode graph launches per layer -----------------------------------------
@@ -375,7 +375,7 @@ class DevicePath:
         gate = self.graph_selects[layer_id:layer_id + 1]
         decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk,
                       scale, buf, lscan=fwd.lmax, gate=gate)
-        if mark is not None:  # this layer's selection nodes, switched by profile once adopted
+        if mark is not None:  # this layer's selection chain, in or out by profile once adopted
             self.node_switch.record(layer_id, mark)
         # A layer that selects (gate open: its head-map row is the identity) attends from its
         # stored logits and the selected V; the others read K (decided on the device).

@@ -169,15 +169,16 @@ def _around_decode_graph_can_run(original, runner, forward_batch, *args, **kwarg
 
 
 def _graphs_can_be_kept(torch) -> bool:
-    """Whether this torch has CUDAGraph(keep_graph=...) and raw_cuda_graph_exec (2.11 on the GPU
-    hosts and 2.13 on CPU machines do)."""
+    """Whether this torch has what graph_nodes uses: CUDAGraph(keep_graph=...), raw_cuda_graph
+    and instantiate (2.11 on the GPU hosts and 2.13 on CPU machines do)."""
     import inspect
 
     try:
         params = inspect.signature(torch.cuda.CUDAGraph.__new__).parameters
     except (TypeError, ValueError):
         return False
-    return "keep_graph" in params and hasattr(torch.cuda.CUDAGraph, "raw_cuda_graph_exec")
+    return "keep_graph" in params and all(hasattr(torch.cuda.CUDAGraph, name)
+                                          for name in ("raw_cuda_graph", "instantiate"))
 
 
 def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **kwargs):
@@ -185,7 +186,8 @@ def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **
     # the graph's cudaGraph_t and re-instantiates it, and torch destroys the cudaGraph_t at
     # instantiation unless the CUDAGraph was made with keep_graph=True;
     # FullCudaGraphBackend.capture_one makes it with ``torch.cuda.CUDAGraph()`` and keeps it in
-    # ``_graphs[shape_key]`` (same in 0.5.17 and 0.5.21). Only while a kascade NodeSwitch is live; other backends capture as before.
+    # ``_graphs[shape_key]`` (same in 0.5.17 and 0.5.21). Only while a kascade NodeSwitch is
+    # live; other backends capture as before.
     import torch
 
     from . import graph_nodes

@@ -314,9 +314,6 @@ class FakeTorchGraph:
             raise RuntimeError("keep_graph=True required")
         return 1234
 
-    def raw_cuda_graph_exec(self):
-        return 5678
-
     def instantiate(self):
         self.instantiated = True
 
