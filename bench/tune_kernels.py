@@ -82,9 +82,10 @@ def tune_prefill(L, hkv=8, g=4, d=128, frac=0.1, k_min=128):
 
 def _reuse_point(batch, L, frac, k_min):
     """One decode point (decode_kernels.point_inputs) with its selection made: (the selection's
-    arguments, the buffers, reuse(cfg): the reuse attention with launch overrides cfg)."""
+    arguments, the buffers, reuse(cfg): the reuse attention with launch overrides cfg,
+    anchor(cfg): the anchor's attention from the stored logits, identity head map)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from decode_kernels import D, point_inputs
+    from decode_kernels import D, HKV, point_inputs
 
     from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
     from sglang_kascade.kernels.decode_select_triton import decode_select
@@ -101,13 +102,20 @@ def _reuse_point(batch, L, frac, k_min):
         return decode_sparse_attention(q, k_pool, v_pool, buf.sel_slot, tok_off, topk,
                                        p["head_map"], D ** -0.5, buf, out, launch=cfg)
 
-    return args, buf, reuse
+    ident = torch.arange(HKV, dtype=torch.int32, device=q.device)
+
+    def anchor(cfg):
+        return decode_sparse_attention(q, k_pool, v_pool, buf.sel_slot, tok_off, topk, ident,
+                                       D ** -0.5, buf, out, sel_pos=buf.sel_pos,
+                                       logits=buf.logits, launch=cfg)
+
+    return args, buf, reuse, anchor
 
 
 def tune_merge(batch, L, frac=0.1, k_min=128):
     """The sparse attention's split merge: in the kernel (last split) or the reduce kernel, at
     the default split count and fewer."""
-    _, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+    _, buf, reuse, _ = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
     from decode_kernels import graph_time
 
     default = buf.step(batch).splits
@@ -119,21 +127,11 @@ def tune_merge(batch, L, frac=0.1, k_min=128):
 
 
 def tune_prefetch(batch, L, frac=0.1, k_min=128):
-    args, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
-    from decode_kernels import HKV, graph_time
-
-    from sglang_kascade.kernels.decode_attention_triton import decode_sparse_attention
-
-    q, k_pool, tok_off, topk = args[0], args[1], args[5], args[6]
-    v_pool = k_pool.clone()
-    ident = torch.arange(HKV, dtype=torch.int32, device=q.device)
-    out = torch.empty_like(q)
+    _, _, reuse, anchor_of = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+    from decode_kernels import graph_time
 
     def anchor(cfg):  # the logits path's tiles: BLOCK_NL / PREFETCH_L
-        cfg = dict(cfg, BLOCK_NL=cfg["BLOCK_N"], PREFETCH_L=cfg["PREFETCH"])
-        return decode_sparse_attention(q, k_pool, v_pool, buf.sel_slot, tok_off, topk, ident,
-                                       args[7], buf, out, sel_pos=buf.sel_pos, logits=buf.logits,
-                                       launch=cfg)
+        return anchor_of(dict(cfg, BLOCK_NL=cfg["BLOCK_N"], PREFETCH_L=cfg["PREFETCH"]))
 
     cfgs = [dict(BLOCK_N=bn, num_warps=4, num_stages=st, PREFETCH=pf)
             for bn, st, pf in itertools.product((32, 64), (1, 2, 3), (False, True))]
@@ -152,7 +150,7 @@ def tune_scale(batch, L, k_min=128):
     """The reuse attention at growing Top-k: time = fixed + per-key cost (printed fit)."""
     ks, ts = [], []
     for frac in (0.0125, 0.025, 0.05, 0.1, 0.2):
-        _, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+        _, buf, reuse, _ = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
         from decode_kernels import graph_time
 
         t = graph_time(lambda: reuse({})) * 1e3
@@ -171,7 +169,7 @@ def tune_scale(batch, L, k_min=128):
 
 
 def tune_decode(batch, L, frac=0.1, k_min=128):
-    args, buf, reuse = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
+    args, buf, reuse, _ = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
     from decode_kernels import graph_time
 
     from sglang_kascade.kernels.decode_select_triton import select_stages
