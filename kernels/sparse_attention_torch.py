@@ -13,12 +13,15 @@ from .selection_torch import DEFAULT_BLOCK_BYTES, Selection, tile_blocks
 from .tiles import RequestTiles
 
 
-def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=DEFAULT_BLOCK_BYTES):
-    """q [n, Hq, D] at positions q_pos [n]; keys/values [S, Hkv, D]. Returns [n, Hq, Dv]."""
+def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=DEFAULT_BLOCK_BYTES,
+                           slots=None):
+    """q [n, Hq, D] at positions q_pos [n]; keys/values [S, Hkv, D] (or the pool, read at
+    ``slots[position]``). Returns [n, Hq, Dv]."""
     n, hq, _ = q.shape
     s = int(q_pos[-1]) + 1
-    kh = k_all[:s].float().transpose(0, 1)[None]  # [1, Hkv, S, D]
-    vh = v_all[:s].float().transpose(0, 1)[None]
+    rows = slice(0, s) if slots is None else slots[:s]
+    kh = k_all[rows].float().transpose(0, 1)[None]  # [1, Hkv, S, D]
+    vh = v_all[rows].float().transpose(0, 1)[None]
     out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
     step = max(1, block_bytes // max(1, 8 * hq * s))
     for lo in range(0, n, step):
@@ -33,19 +36,21 @@ def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=DEFAULT_BL
 
 def sparse_attention(
     q: torch.Tensor,  # [n, Hq, D]
-    k_all: torch.Tensor,  # [S, Hkv, D]
-    v_all: torch.Tensor,  # [S, Hkv, Dv]
+    k_all: torch.Tensor,  # [S, Hkv, D], or the KV pool [slots, Hkv, D] with ``slots``
+    v_all: torch.Tensor,  # [S, Hkv, Dv], or the KV pool
     tiles: RequestTiles,
     sel: Selection,  # already mapped to this layer's KV heads
     scale: float,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    slots: torch.Tensor | None = None,  # [S] int64 pool slot of each position
 ) -> torch.Tensor:
     if sel.dense:
-        return dense_causal_attention(q, k_all, v_all, tiles.q_pos, scale, block_bytes)
+        return dense_causal_attention(q, k_all, v_all, tiles.q_pos, scale, block_bytes, slots)
     n, hq, _ = q.shape
     hkv = k_all.shape[1]
-    kh = k_all.float().transpose(0, 1)  # [Hkv, S, D]
-    vh = v_all.float().transpose(0, 1)
+    n_pos = k_all.shape[0] if slots is None else slots.shape[0]  # S
+    kh = k_all.transpose(0, 1)  # [Hkv, S or slots, D] views: gathered, then made float
+    vh = v_all.transpose(0, 1)
     q_kv = q.float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
     heads = torch.arange(hkv, device=q.device)[:, None, None]
     out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
@@ -64,13 +69,14 @@ def sparse_attention(
         n_diag = max(0, int((pos - starts[:, None]).max()) + 1)
         diag_pos = starts[:, None] + torch.arange(n_diag, device=q.device)  # [nt, Ld]
         key_pos = torch.cat([sel.idx[:, a:b], diag_pos.expand(hkv, -1, -1)], dim=-1)
-        key_pos = key_pos.clamp(max=k_all.shape[0] - 1)  # [Hkv, nt, K+Ld]
+        key_pos = key_pos.clamp(max=n_pos - 1)  # [Hkv, nt, K+Ld]
         allowed = torch.cat([  # [Hkv, nt, Tm, K+Ld]
             sel.valid[:, a:b, None, :].expand(-1, -1, tm, -1),
             (diag_pos[:, None, :] <= pos[:, :, None]).expand(hkv, -1, -1, -1),
         ], dim=-1)
-        keys = kh[heads, key_pos].flatten(0, 1)  # [Hkv*nt, K+Ld, D]
-        vals = vh[heads, key_pos].flatten(0, 1)
+        rows = key_pos if slots is None else slots[key_pos]
+        keys = kh[heads, rows].flatten(0, 1).float()  # [Hkv*nt, K+Ld, D]
+        vals = vh[heads, rows].flatten(0, 1).float()
         # Queries: [Hkv*nt, G*Tm, D], the group's heads stacked as rows.
         qt = q_kv[q_idx].permute(2, 0, 3, 1, 4).flatten(0, 1).flatten(1, 2)
         mask = allowed.unsqueeze(2).expand(-1, -1, hq // hkv, -1, -1).flatten(0, 1).flatten(1, 2)

@@ -261,7 +261,8 @@ class KascadeAttnBackend(AttentionBackend):
             visible = [((s - 1) // t) * t for s in seq_lens]  # last tile's selectable keys
         self.stats.record_forward(is_decode, [self.budget.k_for(v) for v in visible], visible)
         if self.control is not None:
-            self.control.maybe_write_stats(self.stats.snapshot({"roles": self.role_counts()}))
+            self.control.maybe_write_stats(
+                lambda: self.stats.snapshot({"roles": self.role_counts()}))
 
     def role_counts(self) -> dict:
         counts = {"dense": 0, "dense_anchor": 0, "anchor": 0, "reuse": 0}
@@ -318,11 +319,10 @@ class KascadeAttnBackend(AttentionBackend):
                                      self.budget)
         plan = self.plan
         select = SELECTORS[self.policy.name]
-        sels, keys = [], {}  # keys: request -> [S, Hkv, D] gathered once, for select + attend
+        sels = []
         for r, req in enumerate(plan.requests):
-            if self.selects[layer_id]:
-                keys[r] = k_buf[req.slots]
-                plan.selections[r] = select(q3[req.q_lo:req.q_hi], keys[r], req.tiles,
+            if self.selects[layer_id]:  # scores every key: the request's keys gathered whole
+                plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_buf[req.slots], req.tiles,
                                             layer.scaling, self.budget, self.policy)
                 sels.append(plan.selections[r])
             elif role == "reuse":
@@ -331,10 +331,10 @@ class KascadeAttnBackend(AttentionBackend):
             # Layer 0, or nothing to skip (short contexts, fraction 1.0): SGLang's dense kernel.
             return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)
         out = q.new_empty(q3.shape[0], hq, layer.v_head_dim)
-        for r, (req, sel) in enumerate(zip(plan.requests, sels)):
-            k_r = keys[r] if r in keys else k_buf[req.slots]
+        for req, sel in zip(plan.requests, sels):  # gathers only the keys each tile attends
             out[req.q_lo:req.q_hi] = sparse_attention(
-                q3[req.q_lo:req.q_hi], k_r, v_buf[req.slots], req.tiles, sel, layer.scaling)
+                q3[req.q_lo:req.q_hi], k_buf, v_buf, req.tiles, sel, layer.scaling,
+                slots=req.slots)
         return out.reshape(q3.shape[0], hq * layer.v_head_dim)
 
     def _dense(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):

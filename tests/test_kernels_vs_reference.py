@@ -313,3 +313,27 @@ def test_block_size_does_not_change_result(case):
     o_big = sparse_attention(q, k, v, kt, s_big, scale)
     o_tiny = sparse_attention(q, k, v, kt, s_big, scale, block_bytes=TINY)
     torch.testing.assert_close(o_tiny, o_big, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_pool_with_slots_equals_position_order(case, dtype):
+    """Keys and values read from a KV pool through the request's slots (as the backend passes
+    them: only the attended keys gathered) give the same output as the position-ordered copy,
+    for the sparse path and for a dense selection. The pool holds other requests' keys around
+    the request's (poison: NaN), in shuffled slots."""
+    q, k, v, scale = make_inputs(case, seed_of(case, 7), dtype)
+    kt = kernel_tiles(case)
+    g = torch.Generator().manual_seed(seed_of(case, 8))
+    pool_size = 3 * case.seq + 5
+    slots = torch.randperm(pool_size, generator=g)[:case.seq]
+    k_pool = torch.full((pool_size,) + k.shape[1:], float("nan"), dtype=dtype)
+    v_pool = torch.full((pool_size,) + v.shape[1:], float("nan"), dtype=dtype)
+    k_pool[slots], v_pool[slots] = k, v
+    sel = select_topk(q, k, kt, scale, case.gran, case.page, block_bytes=case.block_bytes)
+    for s in (sel, Selection(dense=True)):
+        want = sparse_attention(q, k, v, kt, s, scale, block_bytes=case.block_bytes)
+        got = sparse_attention(q, k_pool, v_pool, kt, s, scale, block_bytes=case.block_bytes,
+                               slots=slots)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
