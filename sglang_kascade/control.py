@@ -153,6 +153,8 @@ class SchedulerChannel:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._last_stats = 0.0
+        self._pending_stats = None  # counters held back by maybe_write_stats (flush_stats)
+        self._stats_lock = threading.Lock()
         # Start-up flags win over an activation left from an earlier server on this port.
         self._seen = self._request_stamp()
         old = read_json(self.paths.request) or {}
@@ -194,6 +196,7 @@ class SchedulerChannel:
         while not self._stop.wait(POLL_S):
             try:
                 self.poll_once()
+                self.flush_stats()
             except Exception:  # never kill the thread: log and keep watching
                 logger.exception("kascade: control channel poll failed")
 
@@ -253,11 +256,37 @@ class SchedulerChannel:
                               rejected={"generation": generation, "error": error})
             self._publish()
 
-    def maybe_write_stats(self, stats: dict, force: bool = False) -> None:
+    def maybe_write_stats(self, stats, force: bool = False) -> None:
+        """Publish the backend's counters at most every STATS_EVERY_S. ``stats``: the snapshot
+        dict, or a function making it (called only when written: the backend calls this every
+        forward). A call inside the interval is kept and written by the watcher thread once the
+        interval has passed, so the counters of the last forwards before an idle spell are
+        published too."""
         now = time.monotonic()
-        if force or now - self._last_stats >= STATS_EVERY_S:
+        with self._lock:
+            due = force or now - self._last_stats >= STATS_EVERY_S
+            self._pending_stats = None if due else stats
+            if due:
+                self._last_stats = now
+        if due:
+            self._write_stats(stats)
+
+    def flush_stats(self) -> None:
+        """Write counters held back by ``maybe_write_stats`` once their interval has passed
+        (the watcher thread; a snapshot made here may be one forward behind the backend)."""
+        now = time.monotonic()
+        with self._lock:
+            stats = self._pending_stats
+            if stats is None or now - self._last_stats < STATS_EVERY_S:
+                return
+            self._pending_stats = None
             self._last_stats = now
-            write_json_atomic(self.paths.stats_file(self.pid), stats)
+        self._write_stats(stats)
+
+    def _write_stats(self, stats) -> None:
+        with self._stats_lock:  # the scheduler thread and the watcher: one writer at a time
+            snapshot = stats() if callable(stats) else stats
+            write_json_atomic(self.paths.stats_file(self.pid), snapshot)
 
     def _publish(self) -> None:
         self.state["updated_at"] = time.time()

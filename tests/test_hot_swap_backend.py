@@ -241,6 +241,37 @@ def test_dead_schedulers_are_not_listed_and_are_cleaned_up(tmp_path):
     assert oct(tmp_path.stat().st_mode & 0o777) == oct(0o700)
 
 
+def test_stats_held_back_are_written_after_the_interval(tmp_path, monkeypatch):
+    """Forwards inside the write interval are not lost: the watcher writes them once it has
+    passed (a server that goes idle still publishes its last forwards); the snapshot function is
+    called only when written."""
+    import sglang_kascade.control as control
+
+    monkeypatch.setattr(control, "STATS_EVERY_S", 0.3)
+    scn = build(CASES[0])
+    channel = channel_for(tmp_path, scn.profile_dict)
+    stats_file = ControlPaths(tmp_path).stats_file(os.getpid())
+    calls = []
+
+    def snapshot(n):
+        return lambda: calls.append(n) or {"n": n}
+
+    channel.maybe_write_stats(snapshot(1))  # the first one is due
+    assert read_json(stats_file) == {"n": 1}
+    channel.maybe_write_stats(snapshot(2))  # inside the interval: held back
+    channel.maybe_write_stats(snapshot(3))
+    channel.flush_stats()  # still inside it
+    assert read_json(stats_file) == {"n": 1} and calls == [1]
+    channel.start()
+    try:
+        deadline = time.time() + 5
+        while read_json(stats_file) != {"n": 3} and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        channel.stop()
+    assert calls == [1, 3]  # the newest held-back snapshot, made once
+
+
 def test_stats_count_sparse_and_dense_forwards(tmp_path):
     scn = build(CASES[0])
     channel = channel_for(tmp_path, scn.profile_dict)
