@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import torch
 
-from .selection_torch import DEFAULT_BLOCK_BYTES, Selection, tile_blocks
+from .selection_torch import Selection, block_bytes_for, tile_blocks
 from .tiles import RequestTiles
 
 
-def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=DEFAULT_BLOCK_BYTES,
-                           slots=None):
+def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=None, slots=None):
     """q [n, Hq, D] at positions q_pos [n]; keys/values [S, Hkv, D] (or the pool, read at
     ``slots[position]``). Returns [n, Hq, Dv]."""
     n, hq, _ = q.shape
     s = int(q_pos[-1]) + 1
-    rows = slice(0, s) if slots is None else slots[:s]
-    kh = k_all[rows].float().transpose(0, 1)[None]  # [1, Hkv, S, D]
-    vh = v_all[rows].float().transpose(0, 1)[None]
+    block_bytes = block_bytes or block_bytes_for(q.device)
+    if slots is None:
+        kh, vh = k_all[:s], v_all[:s]
+    else:  # index_select: 2x faster than advanced indexing on the CPU
+        kh, vh = k_all.index_select(0, slots[:s]), v_all.index_select(0, slots[:s])
+    kh = kh.float().transpose(0, 1)[None]  # [1, Hkv, S, D]
+    vh = vh.float().transpose(0, 1)[None]
     out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
     step = max(1, block_bytes // max(1, 8 * hq * s))
     for lo in range(0, n, step):
@@ -41,16 +44,18 @@ def sparse_attention(
     tiles: RequestTiles,
     sel: Selection,  # already mapped to this layer's KV heads
     scale: float,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,  # None: block_bytes_for(q.device)
     slots: torch.Tensor | None = None,  # [S] int64 pool slot of each position
 ) -> torch.Tensor:
     if sel.dense:
         return dense_causal_attention(q, k_all, v_all, tiles.q_pos, scale, block_bytes, slots)
+    block_bytes = block_bytes or block_bytes_for(q.device)
     n, hq, _ = q.shape
     hkv = k_all.shape[1]
     n_pos = k_all.shape[0] if slots is None else slots.shape[0]  # S
-    kh = k_all.transpose(0, 1)  # [Hkv, S or slots, D] views: gathered, then made float
-    vh = v_all.transpose(0, 1)
+    # [rows * Hkv, D] (a view of a contiguous pool): a key of head h is row slot * Hkv + h, so
+    # each tile's keys are one index_select (7x faster than [heads, rows] indexing on the CPU)
+    k_rows, v_rows = k_all.flatten(0, 1), v_all.flatten(0, 1)
     q_kv = q.float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
     heads = torch.arange(hkv, device=q.device)[:, None, None]
     out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
@@ -74,9 +79,10 @@ def sparse_attention(
             sel.valid[:, a:b, None, :].expand(-1, -1, tm, -1),
             (diag_pos[:, None, :] <= pos[:, :, None]).expand(hkv, -1, -1, -1),
         ], dim=-1)
-        rows = key_pos if slots is None else slots[key_pos]
-        keys = kh[heads, rows].flatten(0, 1).float()  # [Hkv*nt, K+Ld, D]
-        vals = vh[heads, rows].flatten(0, 1).float()
+        rows = (key_pos if slots is None else slots[key_pos]) * hkv + heads  # [Hkv, nt, K+Ld]
+        keys = k_rows.index_select(0, rows.flatten()).view(hkv * nt, -1, k_all.shape[-1])
+        vals = v_rows.index_select(0, rows.flatten()).view(hkv * nt, -1, v_all.shape[-1])
+        keys, vals = keys.float(), vals.float()  # [Hkv*nt, K+Ld, D]
         # Queries: [Hkv*nt, G*Tm, D], the group's heads stacked as rows.
         qt = q_kv[q_idx].permute(2, 0, 3, 1, 4).flatten(0, 1).flatten(1, 2)
         mask = allowed.unsqueeze(2).expand(-1, -1, hq // hkv, -1, -1).flatten(0, 1).flatten(1, 2)

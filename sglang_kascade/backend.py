@@ -322,7 +322,8 @@ class KascadeAttnBackend(AttentionBackend):
         sels = []
         for r, req in enumerate(plan.requests):
             if self.selects[layer_id]:  # scores every key: the request's keys gathered whole
-                plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_buf[req.slots], req.tiles,
+                k_all = k_buf.index_select(0, req.slots)  # [S, Hkv, D]
+                plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_all, req.tiles,
                                             layer.scaling, self.budget, self.policy)
                 sels.append(plan.selections[r])
             elif role == "reuse":
