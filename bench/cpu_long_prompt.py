@@ -9,8 +9,8 @@ Starts each server in turn (real SGLang processes, the embedded model, default f
 each request: one streamed greedy request of ``--new-tokens`` tokens (EOS ignored); time to first
 token (TTFT) is the first chunk's arrival, decode time per token the time from the first chunk to
 the last over the tokens in between. Medians over the repeats; peak resident memory summed over
-the server's processes. Numbers depend on what else runs on the machine: compare backends measured in the same
-run only.
+the server's processes. Numbers depend on what else runs on the machine: compare backends
+measured in the same run only.
 """
 
 from __future__ import annotations
