@@ -260,33 +260,26 @@ class SchedulerChannel:
         """Publish the backend's counters at most every STATS_EVERY_S. ``stats``: the snapshot
         dict, or a function making it (called only when written: the backend calls this every
         forward). A call inside the interval is kept and written by the watcher thread once the
-        interval has passed, so the counters of the last forwards before an idle spell are
-        published too."""
-        now = time.monotonic()
+        interval has passed (flush_stats), so the counters of the last forwards before an idle
+        spell are published too."""
         with self._lock:
-            due = force or now - self._last_stats >= STATS_EVERY_S
-            self._pending_stats = None if due else stats
-            if due:
-                self._last_stats = now
-        if due:
-            self._write_stats(stats)
+            self._pending_stats = stats
+        self.flush_stats(force)
 
-    def flush_stats(self) -> None:
-        """Write counters held back by ``maybe_write_stats`` once their interval has passed
-        (the watcher thread; a snapshot made here may be one forward behind the backend)."""
+    def flush_stats(self, force: bool = False) -> None:
+        """Write the newest counters handed to maybe_write_stats if the interval has passed (or
+        ``force``). Also called by the watcher thread: a snapshot made there may be one forward
+        behind the backend."""
         now = time.monotonic()
         with self._lock:
             stats = self._pending_stats
-            if stats is None or now - self._last_stats < STATS_EVERY_S:
+            if stats is None or not (force or now - self._last_stats >= STATS_EVERY_S):
                 return
             self._pending_stats = None
             self._last_stats = now
-        self._write_stats(stats)
-
-    def _write_stats(self, stats) -> None:
         with self._stats_lock:  # the scheduler thread and the watcher: one writer at a time
-            snapshot = stats() if callable(stats) else stats
-            write_json_atomic(self.paths.stats_file(self.pid), snapshot)
+            write_json_atomic(self.paths.stats_file(self.pid),
+                              stats() if callable(stats) else stats)
 
     def _publish(self) -> None:
         self.state["updated_at"] = time.time()
