@@ -29,7 +29,7 @@ from sglang_kascade.kernels.prefill_select_triton import prefill_lse, prefill_se
 HQ, HKV, D, TILE = 32, 8, 128, 32
 
 
-def bench_point(L: int, fraction: float, k_min: int) -> dict:
+def bench_point(L: int, fraction: float, k_min: int, launch: dict | None = None) -> dict:
     import flashinfer
 
     dev = torch.device("cuda")
@@ -68,22 +68,28 @@ def bench_point(L: int, fraction: float, k_min: int) -> dict:
 
     def select():
         prefill_select(q, k, r2t, req_idx, tiles, TILE, tile_k, tile_row, int(s.max()), scale,
-                       sel_out)
+                       sel_out, launch=launch)
 
     def lse():
-        prefill_lse(q, k, r2t, req_idx, tiles, TILE, scale, lse_buf)
+        prefill_lse(q, k, r2t, req_idx, tiles, TILE, scale, lse_buf, launch)
+
+    def dense_lse():  # what layer 0 would run if its selection took FlashInfer's log-sum-exp
+        flashinfer.single_prefill_with_kv_cache(q, k, v, causal=True, sm_scale=scale,
+                                                return_lse=True)
 
     rep = 200 if L <= 32768 else 1000
     t_dense = triton.testing.do_bench(dense, warmup=50, rep=rep, return_mode="median")
     t_reuse = triton.testing.do_bench(reuse, warmup=50, rep=rep, return_mode="median")
     t_select = triton.testing.do_bench(select, warmup=50, rep=rep, return_mode="median")
     t_lse = triton.testing.do_bench(lse, warmup=50, rep=rep, return_mode="median")
+    t_dense_lse = triton.testing.do_bench(dense_lse, warmup=50, rep=rep, return_mode="median")
     layer_avg = (t_dense + t_select + 4 * (t_select + t_reuse) + 27 * t_reuse) / 32
     gathered = int((k_t.sum() + 0) * HKV)  # selected (key, KV head) rows over all tiles
     flops_dense = 4 * HQ * D * L * (L + 1) / 2
     return dict(context=L, tiles=tiles.num_tiles, kmax=kmax,
                 ms=dict(dense_flashinfer=t_dense, reuse=t_reuse, anchor_select=t_select,
                         select_lse_stage=t_lse, anchor=t_select + t_reuse,
+                        dense_flashinfer_with_lse=t_dense_lse,
                         layer0=t_dense + t_select, layer_avg=layer_avg),
                 speedup=t_dense / t_reuse, layer_avg_speedup=t_dense / layer_avg,
                 dense_tflops=flops_dense / (t_dense * 1e-3) / 1e12,
@@ -98,10 +104,12 @@ def main():
                     default=[4096, 8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--k-min", type=int, default=128)
+    ap.add_argument("--select-launch", type=json.loads, default=None,
+                    help='JSON over the selection\'s launch defaults, e.g. {"pool": {"KEYS_MAJOR": true}}')
     args = ap.parse_args()
     rows = []
     for L in args.contexts:
-        r = bench_point(L, args.fraction, args.k_min)
+        r = bench_point(L, args.fraction, args.k_min, args.select_launch)
         rows.append(r)
         print(f"L={L:7d} dense {r['ms']['dense_flashinfer']:9.2f} ms ({r['dense_tflops']:.0f} "
               f"TFLOP/s) reuse {r['ms']['reuse']:9.2f} ms speedup {r['speedup']:.2f}x "
@@ -114,7 +122,7 @@ def main():
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, flashinfer=flashinfer.__version__,
                 heads=dict(q=HQ, kv=HKV, head_dim=D), tile=TILE, fraction=args.fraction,
-                k_min=args.k_min, batch=1)
+                k_min=args.k_min, batch=1, select_launch=args.select_launch)
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 

@@ -6,6 +6,9 @@ triton.testing.do_bench. Prints one line per configuration.
   decode    the decode reuse attention (BLOCK_N, warps, stages, splits) and the anchor's scoring
             pass (BLOCK_N, warps, stages), under CUDA graphs like bench/decode_kernels.py
   prefill   the prefill sparse attention (BLOCK_N, warps, stages)
+  prefill_select  the prefill selection's passes apart (--contexts): log-sum-exp (BLOCK_N,
+            warps, stages), pooled probabilities (layout, BLOCK_N, warps, stages) and the
+            Top-k, in ms for the whole prompt
   prefetch  the sparse attention (reuse: K and V; anchor: logits and V) with the register-
             prefetching loop against the plain one, over BLOCK_N / warps / stages
   scale     the reuse attention against its Top-k (1.25%-20% of 128K, shipped launch): the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 
@@ -168,6 +172,64 @@ def tune_scale(batch, L, k_min=128):
           f"keys", flush=True)
 
 
+def tune_prefill_select(L, hkv=8, g=4, d=128, tile=32):
+    """The prefill selection's two scoring passes apart (log-sum-exp; pooled probabilities of
+    every tile over all its candidates, one block) and the Top-k of that block."""
+    from sglang_kascade.kernels.prefill_select_triton import (DEFAULT_BLOCK_BYTES, prefill_lse,
+                                                              prefill_pool)
+
+    dev = torch.device("cuda")
+    q = torch.randn(L, hkv * g, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(L, hkv, d, device=dev, dtype=torch.bfloat16)
+    r2t = torch.arange(L, dtype=torch.int32, device=dev)[None]
+    req = torch.zeros(1, dtype=torch.int32, device=dev)
+    tiles = plan_prefill_tiles([0], [L], tile, dev)
+    lse = torch.empty(L, hkv * g, dtype=torch.float32, device=dev)
+    nt, max_start = tiles.num_tiles, L - tile
+    block = max(1, min(nt, DEFAULT_BLOCK_BYTES // (hkv * max_start * 4)))
+    pooled = torch.empty(block, hkv, max_start, dtype=torch.float32, device=dev)
+    scale = d ** -0.5
+
+    best = {}
+
+    def bench(name, fn, cfg, scale_to=1.0):
+        try:
+            t = triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median") * scale_to
+            print(f"{name} L={L} {cfg} {t:.3f} ms", flush=True)
+            if name not in best or t < best[name][0]:
+                best[name] = (t, cfg)
+        except Exception as e:  # noqa: BLE001 (out of shared memory / registers)
+            print(f"{name} L={L} {cfg} failed: {type(e).__name__}", flush=True)
+
+    for bn, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
+        cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        bench("lse", lambda: prefill_lse(q, k, r2t, req, tiles, tile, scale, lse,
+                                         dict(lse=cfg)), cfg)
+    prefill_lse(q, k, r2t, req, tiles, tile, scale, lse)
+    # the last block of tiles (the longest rows), scaled to every tile: pooled work per tile
+    # grows with its start, so blocks average to (block tiles' mean start) / (all tiles' mean)
+    a = nt - block
+    starts = tiles.tile_start.double()
+    per_all = float(starts.sum() / starts[a:].sum())
+    for km, bn, warps, stages in itertools.product((False, True), (64, 128), (4, 8), (2, 3)):
+        cfg = dict(KEYS_MAJOR=km, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        bench("pool", lambda: prefill_pool(q, k, r2t, req, tiles, tile, scale, lse, pooled, a,
+                                           block, max_start, dict(pool=cfg)), cfg, per_all)
+    seq = tiles.tile_start[a:].contiguous()
+    kk = torch.clamp((seq.double() * 0.1).ceil(), min=128).to(torch.int32)
+    kk = torch.minimum(kk, seq)
+    kmax = int(kk.max())
+    hist = torch.empty(4, block * hkv, 256, dtype=torch.int32, device=dev)
+    ctr = torch.empty(block * hkv, 2, dtype=torch.int32, device=dev)
+    pos = torch.empty(block, hkv, kmax, dtype=torch.int32, device=dev)
+    slot = torch.empty_like(pos)
+    row = torch.zeros(block, dtype=torch.int32, device=dev)
+    bench("topk", lambda: topk_select(pooled, seq, kk, r2t, row, hist, ctr, pos, slot,
+                                      max_start), {}, per_all)
+    print(f"best L={L} " + json.dumps({k: v for k, v in best.items()}), flush=True)
+    return {stage: best[stage][1] for stage in ("lse", "pool") if stage in best}
+
+
 def tune_decode(batch, L, frac=0.1, k_min=128):
     args, buf, reuse, _ = _reuse_point(batch, L, frac, k_min)  # puts bench/ on sys.path
     from decode_kernels import graph_time
@@ -197,7 +259,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", nargs="*", default=["topk", "decode", "prefill"])
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 1])
-    ap.add_argument("--contexts", type=int, nargs="+", default=[131072])  # merge only
+    ap.add_argument("--contexts", type=int, nargs="+", default=[131072])  # merge, prefill_select
+    ap.add_argument("--best-out", help="prefill_select: write the fastest launch (JSON) here")
     a = ap.parse_args()
     for b in a.batches:
         if "merge" in a.what:
@@ -213,3 +276,9 @@ if __name__ == "__main__":
             tune_scale(b, 131072)
     if "prefill" in a.what:
         tune_prefill(32768)
+    if "prefill_select" in a.what:
+        for L in a.contexts:
+            launch = tune_prefill_select(L)
+        if a.best_out:  # the last context's fastest launch of each pass, for prefill_kernels.py
+            with open(a.best_out, "w") as f:
+                json.dump(launch, f)

@@ -100,7 +100,7 @@ def _pool_kernel(
     lse_ptr, pooled_ptr, t0, sm_scale_log2,
     s_qn, s_qh, s_ks, s_kh, s_r2t, s_en, s_eh, s_pt, s_ph,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, KEYS_MAJOR: tl.constexpr,
 ):
     c, h, tt = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = t0 + tt
@@ -122,8 +122,12 @@ def _pool_kernel(
             slot = tl.load(r2t_ptr + row * s_r2t + j, mask=ok, other=0).to(tl.int64)
             k = tl.load(k_ptr + slot[:, None] * s_ks + h * s_kh + offs_d[None, :],
                         mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * sm_scale_log2
-            pooled = tl.sum(tl.exp2(s - lse[:, None]), 0)  # [BLOCK_N]
+            if KEYS_MAJOR:  # logits^T [BLOCK_N, BLOCK_M]: the pooling sums along a row
+                s = tl.dot(k, tl.trans(q)) * sm_scale_log2
+                pooled = tl.sum(tl.exp2(s - lse[None, :]), 1)  # [BLOCK_N]
+            else:  # logits [BLOCK_M, BLOCK_N]: the pooling sums down the columns
+                s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+                pooled = tl.sum(tl.exp2(s - lse[:, None]), 0)
             tl.store(pooled_ptr + out_base + j, pooled, mask=ok)
 
 
@@ -133,24 +137,59 @@ def _rows(tile_size: int, g: int) -> tuple:
     return bg, max(triton.next_power_of_2(tile_size), 16 // bg)
 
 
+def default_launch(rows: int) -> dict:
+    """Launch parameters of the two passes for tl.dot tiles of ``rows`` query rows (a tile's
+    queries x the group). ``launch=`` of prefill_select overrides them (bench/tune_kernels.py
+    prefill_select sweeps them)."""
+    small = rows <= 128
+    lse = dict(BLOCK_N=64 if small else 32, num_warps=4 if small else 8, num_stages=2)
+    pool = dict(lse, CHUNK=POOL_CHUNK, KEYS_MAJOR=False)
+    return dict(lse=lse, pool=pool)
+
+
+def _launch(tile_size: int, g: int, launch: dict | None) -> dict:
+    bg, bt = _rows(tile_size, g)
+    out = default_launch(bg * bt)
+    for stage, cfg in (launch or {}).items():
+        out[stage] = dict(out[stage], **cfg)
+    return out
+
+
 def prefill_lse(q, k_pool, req_to_token, req_idx, tiles: PrefillTiles, tile_size: int,
-                scale: float, lse: torch.Tensor) -> torch.Tensor:
+                scale: float, lse: torch.Tensor, launch: dict | None = None) -> torch.Tensor:
     """lse [N, Hq] fp32 (log2 units) of every query's causal row; written and returned."""
     hq, d = q.shape[1], q.shape[2]
     hkv = k_pool.shape[1]
     g = hq // hkv
     bg, bt = _rows(tile_size, g)
-    rows = bg * bt
     _lse_kernel[(tiles.num_tiles, hkv)](
         q, k_pool, req_to_token, req_idx,
         tiles.tile_req, tiles.tile_start, tiles.tile_q_lo, tiles.tile_q_len, tiles.tile_p_lo,
         lse, scale * LOG2E,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), req_to_token.stride(0),
         lse.stride(0), lse.stride(1),
-        G=g, BLOCK_G=bg, BLOCK_T=bt, D=d, BLOCK_N=64 if rows <= 128 else 32,
-        num_warps=4 if rows <= 128 else 8, num_stages=2,
+        G=g, BLOCK_G=bg, BLOCK_T=bt, D=d, **_launch(tile_size, g, launch)["lse"],
     )
     return lse
+
+
+def prefill_pool(q, k_pool, req_to_token, req_idx, tiles: PrefillTiles, tile_size: int,
+                 scale: float, lse: torch.Tensor, pooled: torch.Tensor, t0: int, nb: int,
+                 max_start: int, launch: dict | None = None) -> None:
+    """pooled[:nb, h, j] = the pooled probability of candidate j for tile t0 + i (i < nb)."""
+    hkv, d = k_pool.shape[1], q.shape[2]
+    g = q.shape[1] // hkv
+    bg, bt = _rows(tile_size, g)
+    cfg = _launch(tile_size, g, launch)["pool"]
+    _pool_kernel[(triton.cdiv(max_start, cfg["CHUNK"]), hkv, nb)](
+        q, k_pool, req_to_token, req_idx,
+        tiles.tile_req, tiles.tile_start, tiles.tile_q_lo, tiles.tile_q_len,
+        tiles.tile_p_lo, lse, pooled, t0, scale * LOG2E,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+        req_to_token.stride(0), lse.stride(0), lse.stride(1),
+        pooled.stride(0), pooled.stride(1),
+        G=g, BLOCK_G=bg, BLOCK_T=bt, D=d, **cfg,
+    )
 
 
 def prefill_select(
@@ -166,37 +205,27 @@ def prefill_select(
     scale: float,
     sel_slot: torch.Tensor,  # [nt, Hkv, kmax] int32 out: entries [0, tile_k[t]) of each row
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    launch: dict | None = None,  # {"lse": {...}, "pool": {...}} over default_launch
 ) -> None:
     """Fill ``sel_slot`` with each (tile, KV head)'s Top-tile_k[t] pool slots (no set order)."""
     n, hq, d = q.shape
     hkv = k_pool.shape[1]
-    g = hq // hkv
     nt, kmax = tiles.num_tiles, sel_slot.shape[-1]
     if max_start <= 0 or nt == 0:
         return
     if q.stride(-1) != 1:
         q = q.contiguous()
     lse = prefill_lse(q, k_pool, req_to_token, req_idx, tiles, tile_size, scale,
-                      torch.empty(n, hq, dtype=torch.float32, device=q.device))
-    bg, bt = _rows(tile_size, g)
+                      torch.empty(n, hq, dtype=torch.float32, device=q.device), launch)
     block = max(1, min(nt, block_bytes // (hkv * max_start * 4)))
     pooled = torch.empty(block, hkv, max_start, dtype=torch.float32, device=q.device)
     pos = torch.empty(block, hkv, kmax, dtype=torch.int32, device=q.device)
     hist = torch.empty(4, block * hkv, 256, dtype=torch.int32, device=q.device)
     ctr = torch.empty(block * hkv, 2, dtype=torch.int32, device=q.device)
-    rows = bg * bt
     for a in range(0, nt, block):
         nb = min(block, nt - a)
-        _pool_kernel[(triton.cdiv(max_start, POOL_CHUNK), hkv, nb)](
-            q, k_pool, req_to_token, req_idx,
-            tiles.tile_req, tiles.tile_start, tiles.tile_q_lo, tiles.tile_q_len,
-            tiles.tile_p_lo, lse, pooled, a, scale * LOG2E,
-            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-            req_to_token.stride(0), lse.stride(0), lse.stride(1),
-            pooled.stride(0), pooled.stride(1),
-            G=g, BLOCK_G=bg, BLOCK_T=bt, D=d, BLOCK_N=64 if rows <= 128 else 32,
-            CHUNK=POOL_CHUNK, num_warps=4 if rows <= 128 else 8, num_stages=2,
-        )
+        prefill_pool(q, k_pool, req_to_token, req_idx, tiles, tile_size, scale, lse, pooled,
+                     a, nb, max_start, launch)
         # One radix-select row per (tile, KV head): "request" = tile, length = its start.
         topk_select(pooled[:nb], tiles.tile_start[a:a + nb], tile_k[a:a + nb], req_to_token,
                     tile_row[a:a + nb], hist, ctr, pos[:nb], sel_slot[a:a + nb], max_start)

@@ -87,6 +87,8 @@ class KascadeAttnBackend(AttentionBackend):
         self._fallback_warned: set = set(dense_fallback or ())  # already warned at start-up
         self._device_logged: set = set()  # "decode" / "prefill": device path logged once
         self.dense_forward = False  # this forward runs dense in every layer (a short prefill)
+        self.capturing = False  # a decode graph's capture is running the layers
+        self.dense_in_graphs = False  # some captured layer calls the dense backend
         self.options = options  # flags / env: laid over every profile, also a hot-swapped one
         self.control = control  # control.SchedulerChannel of the admin sidecar, or None
         self.stats = BackendStats()
@@ -121,6 +123,7 @@ class KascadeAttnBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch):
         self._at_batch_boundary()
+        self.capturing = False
         self.dense.init_forward_metadata(forward_batch)
         self.device_fwd = None
         self.dense_forward = False
@@ -197,8 +200,12 @@ class KascadeAttnBackend(AttentionBackend):
         backend's metadata, and this step's plan copied into the device path's static tensors
         (the layers' Python runs only at capture)."""
         self._at_batch_boundary()
-        self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+        if in_capture or self.dense_in_graphs:
+            # Replays skip the dense backend's planning (FlashInfer's, host time on every
+            # step) when no captured layer calls it: noted by _dense during the captures.
+            self.dense.init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
         fb = forward_batch
+        self.capturing = in_capture
         self.plan = None
         self._plan_args = None
         self.device_fwd = None
@@ -339,6 +346,8 @@ class KascadeAttnBackend(AttentionBackend):
         return out.reshape(q3.shape[0], hq * layer.v_head_dim)
 
     def _dense(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
+        if self.capturing:
+            self.dense_in_graphs = True
         fn = self.dense.forward_decode if decode else self.dense.forward_extend
         return fn(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
 

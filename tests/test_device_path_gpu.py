@@ -437,7 +437,7 @@ class GraphDense(DenseBackend):
         return 1
 
     def init_forward_metadata_out_graph(self, fb, in_capture=False):
-        pass
+        self.out_graph_calls = getattr(self, "out_graph_calls", []) + [in_capture]
 
     def init_forward_metadata_in_graph(self, fb):
         pass
@@ -581,6 +581,10 @@ def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
             err = float((got - ref_outs[l]).norm() / ref_outs[l].norm())
             assert err < 2 * REL[dtype], (seq, l, err)
     assert be.stats.device_forwards == len(steps)
+    # The dense backend plans each replay only when a captured layer calls it
+    dense_layers = "dense" in be.device_path.graph_kinds
+    assert be.dense_in_graphs == dense_layers
+    assert be.dense.out_graph_calls == [True] + [False] * (len(steps) if dense_layers else 0)
     if swap:
         assert be.profile.name == "swapped" and be.stats.swaps_applied == 1
     if nodes == "switched":  # the kept graph's selection chains follow the profile now served

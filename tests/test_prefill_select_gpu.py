@@ -45,9 +45,11 @@ def budget(start: int) -> int:
     return min(start, max(8, math.ceil(0.2 * start)))  # small starts: dense tiles
 
 
+@pytest.mark.parametrize("keys_major", [False, True], ids=["queries-major", "keys-major"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"p{c[0]}-n{c[1]}-T{c[2]}-h{c[3]}g{c[4]}")
-def test_prefill_select_is_valid_topk(case, dtype):
+def test_prefill_select_is_valid_topk(case, dtype, keys_major):
+    """Both layouts of the pooled pass (the logits tile or its transpose)."""
     from sglang_kascade.kernels.prefill_plan import plan_prefill_tiles
     from sglang_kascade.kernels.prefill_select_triton import prefill_lse, prefill_select
 
@@ -65,7 +67,8 @@ def test_prefill_select_is_valid_topk(case, dtype):
     kmax = max(1, max(ks))
     sel_slot = torch.full((tiles.num_tiles, hkv, kmax), -7, dtype=torch.int32, device=DEVICE)
     prefill_select(q, batch.k_pool, batch.req_to_token, batch.req_idx, tiles, tile, tile_k,
-                   tile_row, max(starts), scale, sel_slot, block_bytes=block_bytes)
+                   tile_row, max(starts), scale, sel_slot, block_bytes=block_bytes,
+                   launch=dict(pool=dict(KEYS_MAJOR=keys_major)))
     lse = prefill_lse(q, batch.k_pool, batch.req_to_token, batch.req_idx, tiles, tile, scale,
                       torch.full((q.shape[0], q.shape[1]), float("nan"), device=DEVICE))
 
