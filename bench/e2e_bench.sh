@@ -13,7 +13,7 @@
 # Appends one JSON line per run to OUT_DIR/e2e.jsonl (bench_one_batch's result file) and keeps
 # each run's log as OUT_DIR/<backend>-<len>.log. REPEATS=N (default 1) runs every backend N times
 # per length, interleaved (A B A B ...: single runs on lent hosts spread by several percent), logs
-# OUT_DIR/<backend>-<len>-r<i>.log.
+# OUT_DIR/<backend>-<len>-r<i>.log. KASCADE_HOST_PROBE=1: each run also prints bench/host_probe.py's line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?out dir}; lens=${2:-"4096 32768"}; backends=${3:-"flashinfer flashinfer-nograph kascade"}
@@ -47,7 +47,7 @@ for len in $lens; do
     start=$(date +%s)
     "${cmd[@]}" >"$out/$b-$tag.log" 2>&1
     echo "rc=$? wall=$(( $(date +%s) - start ))s" | tee -a "$out/commands.txt"
-    grep -E "^(Prefill|Decode\.|Total)" "$out/$b-$tag.log" | tail -3
+    grep -E "^(Prefill|Decode\.|Total|host-probe)" "$out/$b-$tag.log" | tail -4
   done
  done
 done
