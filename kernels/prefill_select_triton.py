@@ -139,12 +139,22 @@ def _rows(tile_size: int, g: int) -> tuple:
 
 def default_launch(rows: int) -> dict:
     """Launch parameters of the two passes for tl.dot tiles of ``rows`` query rows (a tile's
-    queries x the group). ``launch=`` of prefill_select overrides them (bench/tune_kernels.py
-    prefill_select sweeps them)."""
-    small = rows <= 128
-    lse = dict(BLOCK_N=64 if small else 32, num_warps=4 if small else 8, num_stages=2)
-    pool = dict(lse, CHUNK=POOL_CHUNK, KEYS_MAJOR=False)
-    return dict(lse=lse, pool=pool)
+    queries x the group). ``launch=`` of prefill_select overrides them.
+
+    128 rows (Llama-3.1-8B: tiles of 32 x groups of 4): the fastest of
+    ``python3 -P bench/tune_kernels.py prefill_select --contexts 32768`` on an H200 (session 11,
+    docs/results/kernels-h100.md): log-sum-exp 11.69 -> 10.66 ms (128 keys per step, 8 warps),
+    pooled pass 15.47 -> 12.49 ms (keys-major: the pooling sums along rows of the transposed
+    logits, not down columns across warps; 3 stages). Other tile sizes keep the first
+    settings (not swept)."""
+    if rows == 128:
+        lse = dict(BLOCK_N=128, num_warps=8, num_stages=2)
+        pool = dict(BLOCK_N=64, num_warps=4, num_stages=3, KEYS_MAJOR=True)
+    else:
+        small = rows < 128
+        lse = dict(BLOCK_N=64 if small else 32, num_warps=4 if small else 8, num_stages=2)
+        pool = dict(lse, KEYS_MAJOR=False)
+    return dict(lse=lse, pool=dict(pool, CHUNK=POOL_CHUNK))
 
 
 def _launch(tile_size: int, g: int, launch: dict | None) -> dict:

@@ -38,7 +38,7 @@ CASES = [
     ([100, 1500], [50, 80], 32, 2, 3, 64, 16, 4 * 2 * 1600 * 2),  # blocks of 2 tiles
 ]
 if INTERPRET:
-    CASES = [([0, 45], [150, 40], 32, 2, 2, 64, 16, 4 * 2 * 200 * 2)]
+    CASES = [([0, 45], [150, 40], 32, 2, 4, 64, 16, 4 * 2 * 200 * 2)]  # 128 rows: tuned launch
 
 
 def budget(start: int) -> int:
