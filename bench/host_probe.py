@@ -5,8 +5,8 @@ alike:
 - ``ModelRunner.forward``: the host clock at entry (the step's host work starts here);
 - ``torch.cuda.CUDAGraph.replay``: the host clock at the call (host prep = replay - entry), and CUDA
   events around the replay (the graph's GPU time, measured apart from the host's);
-- ``init_forward_metadata_out_graph`` of the attention backend classes (host time of the
-  backend's per-step planning; kascade's includes the FlashInfer metadata it calls).
+- ``init_forward_metadata_out_graph`` of the attention backend classes, on replays (host time
+  of the backend's per-step planning; kascade's includes any FlashInfer planning it calls).
 At exit it prints one line ``host-probe {json}`` with medians in ms over the decode replays
 (after the first ``SKIP`` replays, which include compilation and warm-up).
 """
@@ -51,10 +51,11 @@ def install() -> None:
         original = cls.init_forward_metadata_out_graph
         times = meta.setdefault(cls.__name__, [])
 
-        def init_forward_metadata_out_graph(self, *args, **kwargs):
+        def init_forward_metadata_out_graph(self, forward_batch, in_capture=False, **kwargs):
             t = time.perf_counter()
-            out = original(self, *args, **kwargs)
-            times.append(time.perf_counter() - t)
+            out = original(self, forward_batch, in_capture=in_capture, **kwargs)
+            if not in_capture:  # replays only
+                times.append(time.perf_counter() - t)
             return out
         cls.init_forward_metadata_out_graph = init_forward_metadata_out_graph
 
@@ -76,6 +77,7 @@ def install() -> None:
         print("host-probe " + json.dumps({
             "replays": len(events), "skip": SKIP,
             "host_prep_ms": med_ms(prep), "graph_gpu_ms": med_ms(gpu),
-            "metadata_ms": {k: med_ms(v) for k, v in meta.items() if v}}), flush=True)
+            "metadata_ms": {k: med_ms(v) for k, v in meta.items() if v},
+            "metadata_calls": {k: len(v) for k, v in meta.items()}}), flush=True)
 
     atexit.register(report)
