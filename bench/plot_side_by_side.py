@@ -1,0 +1,89 @@
+"""Two side-by-side comparisons of one host session as stacked bars.
+
+  prefill  per-layer prefill time at one context from bench/prefill_kernels.py JSONs (one bar per
+           file, e.g. shipped launch vs tuned): the 32 layers' time split into layer 0's dense
+           attention, the 5 selections' log-sum-exp pass, their pooled pass + Top-k, and the 31
+           sparse attentions; FlashInfer dense (32 layers) beside them.
+  step     a decode step of bench_one_batch from an e2e JSON whose runs carry ``host_probe``
+           (bench/host_probe.py): host work before the graph launch, the graph's GPU time and
+           the rest of the measured step (sampling, host after the launch), one bar per run.
+
+Usage: python bench/plot_side_by_side.py prefill OUT.png A.json B.json ...
+       python bench/plot_side_by_side.py step OUT.png E2E.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def stacked(ax, labels, parts, colors):
+    """parts: [(name, [value per bar])] bottom to top."""
+    bottom = [0.0] * len(labels)
+    for (name, vals), color in zip(parts, colors):
+        ax.bar(labels, vals, bottom=bottom, label=name, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, total in enumerate(bottom):
+        ax.text(i, total, f"{total:.0f}" if total > 100 else f"{total:.2f}", ha="center",
+                va="bottom", fontsize=8)
+
+
+def prefill(dst: str, srcs: list) -> None:
+    labels, dense_layer0, lse, pool_topk, sparse, dense32 = [], [], [], [], [], []
+    for src in srcs:
+        d = json.load(open(src))
+        (r,) = d["rows"]
+        ms = r["ms"]
+        launch = d["meta"].get("select_launch")
+        labels.append("shipped launch" if not launch else "tuned launch")
+        dense_layer0.append(ms["dense_flashinfer"])
+        lse.append(5 * ms["select_lse_stage"])
+        pool_topk.append(5 * (ms["anchor_select"] - ms["select_lse_stage"]))
+        sparse.append(31 * ms["reuse"])
+        dense32.append(32 * ms["dense_flashinfer"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    stacked(ax, labels + ["FlashInfer dense"],
+            [("layer 0 dense (FlashInfer)", dense_layer0 + [0]),
+             ("5 selections: log-sum-exp pass", lse + [0]),
+             ("5 selections: pooled pass + Top-k", pool_topk + [0]),
+             ("31 sparse attentions", sparse + [0]),
+             ("32 dense layers", [0] * len(labels) + [dense32[0]])],
+            ["0.3", "tab:orange", "tab:red", "tab:blue", "k"])
+    ax.set_ylabel("ms for the 32 layers of one prompt")
+    ax.set_title(f"Prefill attention, {r['context']} tokens, Llama-3.1-8B shapes, bf16, "
+                 f"{d['meta']['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+def step(dst: str, src: str) -> None:
+    d = json.load(open(src))
+    labels, host, gpu, rest = [], [], [], []
+    for i, r in enumerate(d["runs"]):
+        p = r["host_probe"]
+        total = 1e3 * r["median_decode_latency"]
+        labels.append(f"{r['run_name']}\n#{i // 2 + 1}")
+        host.append(p["host_prep_ms"])
+        gpu.append(p["graph_gpu_ms"])
+        rest.append(total - p["host_prep_ms"] - p["graph_gpu_ms"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    stacked(ax, labels, [("host before the graph launch", host), ("graph on the GPU", gpu),
+                         ("rest of the step", rest)], ["tab:orange", "tab:blue", "0.6"])
+    ax.set_ylabel("ms per decode step (medians)")
+    ax.set_title(f"Decode step at {d['runs'][0]['input_len']} tokens, batch 1: "
+                 f"{d['device'].split(' (')[0]}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
+if __name__ == "__main__":
+    what, out, *files = sys.argv[1:]
+    prefill(out, files) if what == "prefill" else step(out, files[0])
