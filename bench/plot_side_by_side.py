@@ -23,8 +23,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def stacked(ax, labels, parts, colors):
-    """parts: [(name, [value per bar])] bottom to top."""
+def stacked(dst, labels, parts, colors, ylabel, title):
+    """One PNG of stacked bars; parts: [(name, [value per bar])] bottom to top."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     bottom = [0.0] * len(labels)
     for (name, vals), color in zip(parts, colors):
         ax.bar(labels, vals, bottom=bottom, label=name, color=color)
@@ -32,6 +33,11 @@ def stacked(ax, labels, parts, colors):
     for i, total in enumerate(bottom):
         ax.text(i, total, f"{total:.0f}" if total > 100 else f"{total:.2f}", ha="center",
                 va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
 
 
 def prefill(dst: str, srcs: list) -> None:
@@ -47,20 +53,16 @@ def prefill(dst: str, srcs: list) -> None:
         pool_topk.append(5 * (ms["anchor_select"] - ms["select_lse_stage"]))
         sparse.append(31 * ms["reuse"])
         dense32.append(32 * ms["dense_flashinfer"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    stacked(ax, labels + ["FlashInfer dense"],
+    stacked(dst, labels + ["FlashInfer dense"],
             [("layer 0 dense (FlashInfer)", dense_layer0 + [0]),
              ("5 selections: log-sum-exp pass", lse + [0]),
              ("5 selections: pooled pass + Top-k", pool_topk + [0]),
              ("31 sparse attentions", sparse + [0]),
              ("32 dense layers", [0] * len(labels) + [dense32[0]])],
-            ["0.3", "tab:orange", "tab:red", "tab:blue", "k"])
-    ax.set_ylabel("ms for the 32 layers of one prompt")
-    ax.set_title(f"Prefill attention, {r['context']} tokens, Llama-3.1-8B shapes, bf16, "
-                 f"{d['meta']['device']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(dst, dpi=110)
+            ["0.3", "tab:orange", "tab:red", "tab:blue", "k"],
+            "ms for the 32 layers of one prompt",
+            f"Prefill attention, {r['context']} tokens, Llama-3.1-8B shapes, bf16, "
+            f"{d['meta']['device']}")
 
 
 def step(dst: str, src: str) -> None:
@@ -73,15 +75,11 @@ def step(dst: str, src: str) -> None:
         host.append(p["host_prep_ms"])
         gpu.append(p["graph_gpu_ms"])
         rest.append(total - p["host_prep_ms"] - p["graph_gpu_ms"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    stacked(ax, labels, [("host before the graph launch", host), ("graph on the GPU", gpu),
-                         ("rest of the step", rest)], ["tab:orange", "tab:blue", "0.6"])
-    ax.set_ylabel("ms per decode step (medians)")
-    ax.set_title(f"Decode step at {d['runs'][0]['input_len']} tokens, batch 1: "
-                 f"{d['device'].split(' (')[0]}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(dst, dpi=110)
+    stacked(dst, labels, [("host before the graph launch", host), ("graph on the GPU", gpu),
+                          ("rest of the step", rest)], ["tab:orange", "tab:blue", "0.6"],
+            "ms per decode step (medians)",
+            f"Decode step at {d['runs'][0]['input_len']} tokens, batch 1: "
+            f"{d['device'].split(' (')[0]}")
 
 
 if __name__ == "__main__":
