@@ -16,7 +16,8 @@ Stages (no score matrix of L x L is ever held):
   3. ``topk_select``   (topk_triton.py, the decode anchor's radix select) with one row per
      (tile, KV head): length = tile start, budget = tile_k, written as pool slots into
      ``sel_slot[t, h, :tile_k[t]]``, which the prefill attention kernel reads.
-Both Triton stages compute logits with the same tl.dot, so exp2(logit - lse) <= 1 up to rounding.
+Both Triton stages compute the logits with tl.dot (the pooled pass, keys-major, as its
+transpose), so exp2(logit - lse) <= 1 up to rounding.
 
 Why Triton: see decode_select_triton.py; the radix select is shared with decode.
 """
