@@ -24,6 +24,11 @@ DEFAULT_SINK_TOKENS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024)
 # (docs/results/e2e-h100.md): sparse prefill TTFT 0.093 vs FlashInfer 0.096 s at 4K (3%, at an
 # accuracy cost), 1.13x at 16K, 1.22x at 32K; per-layer kernels 1.07x at 4K, 1.43x at 8K.
 DEFAULT_CUDA_DENSE_PREFILL_BELOW = 8192
+# On the CPU (the PyTorch path), measured with the embedded SmolLM2 (docs/results/cpu-serving.md,
+# session 11): sparse prefill TTFT 0.99x torch_native's at 2K (no gain), 1.35x at 4K, 1.93x at
+# 8K; and the short prompts lose accuracy there (passkey at 1-2K: 1.00 / 0.17 dense, 0.33 / 0.00
+# sparse prefill, 1.00 / 0.17 with dense prefill and sparse decode).
+DEFAULT_CPU_DENSE_PREFILL_BELOW = 4096
 
 # name -> (flag, env var, type, help). One table, so flags, env vars and docs cannot drift apart.
 OPTION_TABLE = {
@@ -69,8 +74,9 @@ OPTION_TABLE = {
         "--kascade-dense-prefill-below", "SGLANG_KASCADE_DENSE_PREFILL_BELOW", int,
         "Extend (prefill) forwards whose longest sequence is shorter than this many tokens run "
         "dense through the dense backend (sparsity does not pay there), >= 0; decode stays "
-        f"sparse. Default: {DEFAULT_CUDA_DENSE_PREFILL_BELOW} on CUDA (measured break-even, "
-        "docs/results/e2e-h100.md), 0 on CPU.",
+        f"sparse. Default: {DEFAULT_CUDA_DENSE_PREFILL_BELOW} on CUDA, "
+        f"{DEFAULT_CPU_DENSE_PREFILL_BELOW} on CPU (measured break-even, "
+        "docs/results/e2e-h100.md and cpu-serving.md); 0: sparse prefill at every length.",
     ),
     "control_dir": (
         "--kascade-control-dir", "SGLANG_KASCADE_CONTROL_DIR", str,
@@ -163,7 +169,9 @@ def dense_prefill_below(options: KascadeOptions, device) -> int:
     """Extend forwards with a longest sequence below this run dense (0: never, by length)."""
     if options.dense_prefill_below is not None:
         return options.dense_prefill_below
-    return DEFAULT_CUDA_DENSE_PREFILL_BELOW if str(device).startswith("cuda") else 0
+    if str(device).startswith("cuda"):
+        return DEFAULT_CUDA_DENSE_PREFILL_BELOW
+    return DEFAULT_CPU_DENSE_PREFILL_BELOW
 
 
 def env_flag(name: str, default: bool = False) -> bool:

@@ -118,7 +118,7 @@ def test_dense_prefill_knob_sends_every_extend_layer_to_the_dense_backend(monkey
     assert be.plan is None
 
 
-def _cpu_backend(tb, scn, options=KascadeOptions()):
+def _cpu_backend(tb, scn, options=KascadeOptions(dense_prefill_below=0)):
     """(backend, its fake dense backend) on the CPU for scenario ``scn``'s request A."""
     from sglang_kascade.backend import KascadeAttnBackend
     from sglang_kascade.profile import profile_from_dict

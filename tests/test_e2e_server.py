@@ -1,7 +1,9 @@
 """End to end through real SGLang server processes on the CPU (marker: server).
 
 Greedy decoding throughout. Long prompts are generated text; their lengths put most tiles in the
-sparse regime (k = 10% of the visible keys once past k_min = 128 keys).
+sparse regime (k = 10% of the visible keys once past k_min = 128 keys). The kascade servers run
+sparse prefill at every length (``--kascade-dense-prefill-below 0``; the CPU default runs prompts
+under 4096 tokens dense), so these prompts exercise the sparse prefill path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from server_utils import (assert_greedy_runs_agree, embedded_model_path, flush_c
 pytestmark = pytest.mark.server
 
 TILE = 32  # the default query tile
+SPARSE_PREFILL = ["--kascade-dense-prefill-below", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def kascade_url():
-    with running_server("kascade") as url:
+    with running_server("kascade", SPARSE_PREFILL) as url:
         yield url
 
 
@@ -88,7 +91,8 @@ def test_chunked_prefill_and_page_size_16_match(kascade_url, tokenizer):
     tie (measured: step 9 of 16, top-2 margin 0.016, with the 12-anchor profile)."""
     prompt = long_prompt_ids(tokenizer, 1400, seed=3)
     reference = generate(kascade_url, input_ids=prompt, max_new_tokens=16, top_logprobs=2)
-    with running_server("kascade", ["--chunked-prefill-size", "128", "--page-size", "16"]) as url:
+    with running_server("kascade", SPARSE_PREFILL + ["--chunked-prefill-size", "128",
+                                                      "--page-size", "16"]) as url:
         chunked = generate(url, input_ids=prompt, max_new_tokens=16, top_logprobs=2)
     assert_greedy_runs_agree(reference, chunked)
 

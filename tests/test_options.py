@@ -396,9 +396,10 @@ def test_dense_prefill_below_rejects_bad_values(bad):
 
 
 def test_dense_prefill_below_defaults_by_device_and_obeys_the_option(monkeypatch):
-    from sglang_kascade.config import DEFAULT_CUDA_DENSE_PREFILL_BELOW, dense_prefill_below
+    from sglang_kascade.config import (DEFAULT_CPU_DENSE_PREFILL_BELOW,
+                                       DEFAULT_CUDA_DENSE_PREFILL_BELOW, dense_prefill_below)
 
-    assert dense_prefill_below(KascadeOptions(), "cpu") == 0
+    assert dense_prefill_below(KascadeOptions(), "cpu") == DEFAULT_CPU_DENSE_PREFILL_BELOW > 0
     assert dense_prefill_below(KascadeOptions(), "cuda:0") == DEFAULT_CUDA_DENSE_PREFILL_BELOW > 0
     assert dense_prefill_below(KascadeOptions(dense_prefill_below=0), "cuda") == 0
     monkeypatch.setenv(ENV["dense_prefill_below"], "4096")

@@ -24,6 +24,7 @@ from sidecar_fixtures import SMOL, alt_profile
 pytestmark = pytest.mark.server
 
 N_PROMPT = 640  # tokens: past k_min (128), so tiles attend sparsely and profiles matter
+SPARSE_PREFILL = ["--kascade-dense-prefill-below", "0"]  # CPU default: dense under 4096 tokens
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_swap_under_load_matches_cold_start(tmp_path, tokenizer):
     auth = {"Authorization": f"Bearer {token}"}
     extra = ["--kascade-control-dir", str(tmp_path / "control"),
              "--kascade-admin-port", str(admin_port),
-             "--kascade-admin-token-file", str(token_file), "--enable-metrics"]
+             "--kascade-admin-token-file", str(token_file), "--enable-metrics", *SPARSE_PREFILL]
     cached = prompt_ids(tokenizer, 100)
     fresh = [prompt_ids(tokenizer, s) for s in (1, 2, 3)]
     load_prompts = [prompt_ids(tokenizer, s, 320) for s in (11, 12, 13, 14)]
@@ -147,7 +148,7 @@ def test_swap_under_load_matches_cold_start(tmp_path, tokenizer):
             time.sleep(0.5)
 
     with running_server("kascade", ["--kascade-profile", str(alt_file),
-                                     "--kascade-control-dir", "off"]) as url:
+                                     "--kascade-control-dir", "off", *SPARSE_PREFILL]) as url:
         cold = [generate(url, input_ids=p, max_new_tokens=12)["output_ids"] for p in fresh]
     assert swapped == cold
     assert [o["output_ids"] for o in under_a] != swapped  # the swap changed what was served
