@@ -14,6 +14,10 @@ import requests
 from sglang_kascade.eval import launch
 from sglang_kascade.eval.launch import embedded_model_path, free_port, server_command  # noqa: F401
 
+# Sparse prefill at every length: the CPU default prefills prompts under 4096 tokens dense, so
+# server tests of the sparse prefill path (short prompts) ask for it.
+SPARSE_PREFILL = ["--kascade-dense-prefill-below", "0"]
+
 STARTUP_TIMEOUT_S = 420
 
 

@@ -13,13 +13,12 @@ import concurrent.futures as cf
 import pytest
 import requests
 
-from server_utils import (assert_greedy_runs_agree, embedded_model_path, flush_cache, generate,
-                          generated_text, passkey_prompt, running_server)
+from server_utils import (SPARSE_PREFILL, assert_greedy_runs_agree, embedded_model_path,
+                          flush_cache, generate, generated_text, passkey_prompt, running_server)
 
 pytestmark = pytest.mark.server
 
 TILE = 32  # the default query tile
-SPARSE_PREFILL = ["--kascade-dense-prefill-below", "0"]
 
 
 @pytest.fixture(scope="module")

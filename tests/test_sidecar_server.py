@@ -18,13 +18,13 @@ import time
 import pytest
 import requests
 
-from server_utils import embedded_model_path, free_port, generate, generated_text, running_server
+from server_utils import (SPARSE_PREFILL, embedded_model_path, free_port, generate,
+                          generated_text, running_server)
 from sidecar_fixtures import SMOL, alt_profile
 
 pytestmark = pytest.mark.server
 
 N_PROMPT = 640  # tokens: past k_min (128), so tiles attend sparsely and profiles matter
-SPARSE_PREFILL = ["--kascade-dense-prefill-below", "0"]  # CPU default: dense under 4096 tokens
 
 
 @pytest.fixture(scope="module")
