@@ -20,7 +20,8 @@ layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in
 
 Layers alternate between POOLS copies of the KV pool, so a layer does not find the previous
 layer's keys in L2. Times: median of triton.testing.do_bench over graph replays (ms per step).
-Also the host time of plan_graph (the per-step copy of the plan into the graph's tensors).
+Also the host time of plan_graph per replay (views of the static tensors; since session 12 the
+plan itself is a kernel at the graph's head).
 
 Usage (GPU host): PYTHONPATH=/tmp/site python3 -P bench/decode_step.py --out $OUT/step.json
 """
@@ -105,7 +106,11 @@ def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool 
         dp = DevicePath(dev)
         dp.set_profile(profile, roles, selects)
         dp.init_graph_state(batch, L, slots, 0, budget)
-        return dp, dp.plan_graph(req_idx, seq_lens, lens, budget)
+        return dp, dp.plan_graph(lens)
+
+    def graph_layers(dp, fwd):  # the plan kernel at the graph's head (the server's in_graph hook)
+        dp.fill_graph_rows(fwd, req_idx, seq_lens)
+        run_layers(dp, fwd)
 
     dp, fwd = graph_path(True)
     nodes_off = []
@@ -115,14 +120,14 @@ def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool 
         nodes_off.append(dp.node_switch.disabled_nodes())
         return taken
 
-    g_served = capture_graph(lambda: run_layers(dp, fwd), adopt=adopt)
+    g_served = capture_graph(lambda: graph_layers(dp, fwd), adopt=adopt)
     times = {"kascade": replay_time(g_served)}
     kernels = kernel_breakdown(g_served) if breakdown else None
     del g_served
     nodes_off = nodes_off[0]
-    plan_us = host_us(lambda: dp.plan_graph(req_idx, seq_lens, lens, budget))
+    plan_us = host_us(lambda: dp.plan_graph(lens))
     dg, gfwd = graph_path(False)
-    times["kascade_gated"] = graph_time(lambda: run_layers(dg, gfwd))
+    times["kascade_gated"] = graph_time(lambda: graph_layers(dg, gfwd))
     de = DevicePath(dev)  # the eager path (only the anchors select), captured
     de.set_profile(profile, roles, selects)
     efwd = de.plan(req_idx.tolist(), lens, budget)

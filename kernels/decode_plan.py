@@ -61,6 +61,23 @@ def row_offsets(seq_lens: list) -> list:
     return out
 
 
+def graph_rows_torch(req_src, seq_src, req_dst, seq_dst, off_dst, topk_dst, budget_f,
+                     budget_i, kmax: int) -> None:
+    """Reference of graph_plan_triton.graph_rows (also the CPU path: no graphs there): a
+    captured graph's static plan from SGLang's static rows, with the budget as device data
+    (``budget_f`` [fraction, slack] float64, ``budget_i`` [k_min, round_to] int64)."""
+    bs = seq_src.shape[0]
+    s = seq_src.to(torch.int64)
+    frac, slack = budget_f.to(torch.float64)
+    k_min, round_to = budget_i.to(torch.int64)
+    k = torch.ceil(frac * s.to(torch.float64) - slack).to(torch.int64).clamp(min=k_min)
+    k = torch.minimum((k + round_to - 1) // round_to * round_to, s).clamp(1, kmax)
+    req_dst[:bs].copy_(req_src)
+    seq_dst[:bs].copy_(s)
+    off_dst[:bs].copy_(torch.cumsum(s, 0) - s)
+    topk_dst[:bs].copy_(k)
+
+
 def gather_rows(t: torch.Tensor, tok_off: torch.Tensor, width: int) -> torch.Tensor:
     """[B, Hkv, width] view (a copy) of a token-indexed buffer ``t`` [Hkv, tokens, ...]: request
     b's run from ``tok_off[b]``; entries past the buffer's end repeat its last one (callers mask

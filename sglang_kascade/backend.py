@@ -118,6 +118,7 @@ class KascadeAttnBackend(AttentionBackend):
         self.head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
                           for r in profile.head_map]
         self.device_path.set_profile(profile, self.roles, self.selects)
+        self.device_path.set_budget(budget)
 
     # ---- per forward (host planning) ----------------------------------------------------------
 
@@ -195,10 +196,11 @@ class KascadeAttnBackend(AttentionBackend):
         return fits
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        """Capture or replay of a decode graph: a staged profile applied (its roles and head
-        maps land in the device tables the captured kernels read: device_path.py), the dense
-        backend's metadata, and this step's plan copied into the device path's static tensors
-        (the layers' Python runs only at capture)."""
+        """Capture or replay of a decode graph: a staged profile applied (its roles, head maps
+        and budget land in the device tables the captured kernels read: device_path.py), the
+        dense backend's metadata, and the host's part of this step's plan (views of the static
+        tensors, which the captured plan kernel fills: init_forward_metadata_in_graph). The
+        layers' Python runs only at capture."""
         self._at_batch_boundary()
         if in_capture or self.dense_in_graphs:
             # Replays skip the dense backend's planning (FlashInfer's, host time on every
@@ -217,8 +219,7 @@ class KascadeAttnBackend(AttentionBackend):
             raise RuntimeError("kascade: CUDA graphs only for decode under a token-granularity "
                                "Top-k policy on CUDA (start with --disable-cuda-graph)")
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-        self.device_fwd = self.device_path.plan_graph(fb.req_pool_indices, fb.seq_lens, seq,
-                                                      self.budget)
+        self.device_fwd = self.device_path.plan_graph(seq)  # filled in the graph: in_graph
         if not in_capture:
             self._count(True, seq)
             self._note_device_forward(len(seq), graph=True, decode=True)
@@ -239,7 +240,14 @@ class KascadeAttnBackend(AttentionBackend):
                         " in a CUDA graph" if graph else "", batch)
 
     def init_forward_metadata_in_graph(self, forward_batch):
+        """Inside a decode graph's capture: the dense backend's recordable prep, and the kernel
+        that computes this step's plan on the device from SGLang's static rows (replays run it
+        with the rows SGLang copied in: no host planning per step)."""
         self.dense.init_forward_metadata_in_graph(forward_batch)
+        fwd = self.device_fwd
+        if fwd is not None and fwd.graph:
+            self.device_path.fill_graph_rows(fwd, forward_batch.req_pool_indices,
+                                             forward_batch.seq_lens)
 
     def _at_batch_boundary(self) -> None:
         """Apply a profile the sidecar staged: all layers of this forward pass use it."""

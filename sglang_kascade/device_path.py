@@ -15,7 +15,8 @@ Decode (``plan`` / ``forward``):
   * anchor: ``decode_select`` then the sparse attention over stored logits + selected V;
   * reuse: the sparse attention over the latest anchor's ``sel_slot`` through the layer's head map.
   The latest selection lives in ``DecodeBuffers.sel_pos / sel_slot``, token-indexed: request b's
-  run starts at ``tok_off[b]`` (the exclusive cumsum of the step's lengths, planned on the host).
+  run starts at ``tok_off[b]`` (the exclusive cumsum of the step's lengths: planned on the host
+  for eager steps, by a kernel at the head of a captured graph for replays).
   Eager buffers are allocated once and grown (to a power of two) when a batch, context, budget
   or summed context exceeds them; CUDA-graph buffers are sized once by the KV pool.
 Prefill (``plan_prefill`` / the same ``forward``): query tiles of the ragged batch planned on the
@@ -84,6 +85,7 @@ class DeviceForward:
     layers_run: int = 0  # layers of this forward the kernels computed
     noted: bool = False  # counted in the backend's stats (graph forwards: at replay)
     graph: bool = False  # planned for CUDA-graph capture/replay: static tensors, capacity grids
+    rows_filled: bool = False  # graph: the in-graph plan kernel was launched (fill_graph_rows)
 
 
 class DevicePath:
@@ -102,6 +104,8 @@ class DevicePath:
         self.head_map_table = None  # [L, Hkv] int32: reuse rows = the head map, others identity
         self.graph_kinds: list | None = None  # per layer, what the capture launched (graph_kind)
         self.node_switch = None  # graph_nodes.NodeSwitch: selection kernels out where not selecting
+        self.graph_budget_f = None  # [2] float64 fraction, slack of k_for (in-graph plan)
+        self.graph_budget_i = None  # [2] int64 k_min, round_to
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -124,6 +128,17 @@ class DevicePath:
             self.head_map_table.copy_(hm)
         if self.node_switch is not None:  # after the gates: a chain taken out has its gate at 0
             self.node_switch.apply(self.selects)
+
+    def set_budget(self, budget) -> None:
+        """The budget as device data, read by the in-graph plan kernel of captured decode graphs
+        (fill_graph_rows); updated in place, so a hot-swapped budget reaches them."""
+        f = torch.tensor([budget.topk_fraction, 1e-9], dtype=torch.float64)  # k_for's slack
+        i = torch.tensor([budget.k_min, budget.round_to], dtype=torch.int64)
+        if self.graph_budget_f is None:
+            self.graph_budget_f, self.graph_budget_i = f.to(self.device), i.to(self.device)
+        else:  # stream-ordered before the next replay (set between forwards)
+            self.graph_budget_f.copy_(f)
+            self.graph_budget_i.copy_(i)
 
     # ---- what a captured decode graph launches per layer -----------------------------------------
 
@@ -210,16 +225,19 @@ class DevicePath:
         """Static plan tensors for graphs of up to ``max_bs`` requests of up to ``lmax`` keys
         and ``tokens`` keys in all (``pad_keys`` of them for rows SGLang pads a batch with),
         and what the captures will launch per layer (``graph_kinds``, from the profile now).
-        Replays copy each step's plan into them (plan_graph); the kernels' grids are sized for
-        the capacity and their loops by the lengths they load, so one capture serves every
-        step. The graph buffers (allocated at the first capture) are token-indexed (kernels/decode_plan.py): ``tokens`` is the KV
-        pool plus the padded rows, so only batches whose summed lengths exceed the pool (radix-
+        A kernel captured at each graph's head fills them from SGLang's static rows
+        (fill_graph_rows); the kernels' grids are sized for the capacity and their loops by the
+        lengths they load, so one capture serves every step. The graph buffers (allocated at
+        the first capture) are token-indexed (kernels/decode_plan.py): ``tokens`` is the KV pool
+        plus the padded rows, so only batches whose summed lengths exceed the pool (radix-
         shared prefixes) cannot replay (``graph_fits``; SGLang then runs them eagerly). Their
         Top-k capacity ``kmax`` is the budget at ``lmax``. From here on hot swaps are checked
         against both (graph_swap_problem)."""
         from .graph_nodes import NodeSwitch
 
         dev = self.device
+        if self.graph_budget_f is None:
+            self.set_budget(budget)
         self.graph_kinds = self.graph_kinds_of(self.roles, budget)
         if self.node_switch is None:
             self.node_switch = NodeSwitch()
@@ -241,12 +259,12 @@ class DevicePath:
         return g is None or (seq_lens_sum + g["pad_keys"] <= g["tokens"]
                              and max_seq_len <= g["lmax"])
 
-    def plan_graph(self, req_pool_indices, seq_lens, seq_lens_cpu: list, budget) -> DeviceForward:
-        """Plan of a captured or replayed decode forward: this step's rows copied into the
-        static tensors (outside the graph). Every request goes through the kernels (k == seq_len
-        selects every key: the dense result), since a graph cannot switch paths per step."""
-        from .kernels.decode_plan import row_offsets
-
+    def plan_graph(self, seq_lens_cpu: list) -> DeviceForward:
+        """Plan of a captured or replayed decode forward, on the host: the static tensors' views
+        and the capacity. Their contents come from the in-graph plan kernel (fill_graph_rows),
+        captured at the graph's head, so a replay copies nothing. Every request goes through the
+        kernels (k == seq_len selects every key: the dense result), since a graph cannot switch
+        paths per step."""
         g = self.graph_state
         bs = len(seq_lens_cpu)
         total = sum(seq_lens_cpu)
@@ -254,20 +272,26 @@ class DevicePath:
             raise RuntimeError(f"kascade: decode batch of {total} keys (longest "
                                f"{max(seq_lens_cpu)}) exceeds the CUDA-graph buffers "
                                f"({g['tokens']} keys, rows of {g['lmax']})")
-        # k_for grows with the length, so k <= kmax; the clamp only guards the buffers (hot
-        # swaps to a budget beyond kmax are refused: graph_swap_problem)
-        ks = [max(1, min(budget.k_for(s), g["kmax"])) for s in seq_lens_cpu]
-        g["req_idx"][:bs].copy_(req_pool_indices, non_blocking=True)
-        g["seq_lens"][:bs].copy_(seq_lens, non_blocking=True)
-        # Asynchronous from pageable memory: CUDA stages the bytes before the call returns (no
-        # wait for the stream, so the host can prepare the next step while the GPU runs this one)
-        g["tok_off"][:bs].copy_(torch.tensor(row_offsets(seq_lens_cpu), dtype=torch.int64),
-                                non_blocking=True)
-        g["topk"][:bs].copy_(torch.tensor(ks, dtype=torch.int32), non_blocking=True)
         return DeviceForward(req_idx=g["req_idx"][:bs], seq_lens=g["seq_lens"][:bs],
                              tok_off=g["tok_off"][:bs], topk=g["topk"][:bs], batch=bs,
                              lmax=g["lmax"], kmax=g["kmax"], tokens=g["tokens"],
                              all_dense=False, graph=True)
+
+    def fill_graph_rows(self, fwd: DeviceForward, req_pool_indices, seq_lens) -> None:
+        """The step's plan into the static tensors, from SGLang's static rows: launched inside
+        the capture (backend.init_forward_metadata_in_graph), so every replay recomputes it on
+        the device from the rows SGLang copied in. ``k_for`` clamped to the captured Top-k
+        capacity (hot swaps beyond it are refused: graph_swap_problem)."""
+        g = self.graph_state
+        args = (req_pool_indices, seq_lens, g["req_idx"], g["seq_lens"], g["tok_off"],
+                g["topk"], self.graph_budget_f, self.graph_budget_i, g["kmax"])
+        if self.device.type == "cuda":
+            from .kernels.graph_plan_triton import graph_rows
+            graph_rows(*args)
+        else:  # CPU tests of the plan (no graphs there)
+            from .kernels.decode_plan import graph_rows_torch
+            graph_rows_torch(*args)
+        fwd.rows_filled = True
 
     def _buffers(self, fwd: DeviceForward, hq: int, hkv: int, d: int):
         from .kernels.decode_plan import DecodeBuffers
@@ -366,6 +390,11 @@ class DevicePath:
         kind = self.graph_kinds[layer_id]
         if kind == "dense":
             return None
+        if not fwd.rows_filled:  # replays would read a stale plan: refuse rather than serve it
+            raise RuntimeError("kascade: decode graph captured without its plan (SGLang did not "
+                               "call init_forward_metadata_in_graph inside the capture; see "
+                               "sglang_adapter.py for the tested versions); start with "
+                               "--disable-cuda-graph")
         q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
         if kind == "fused":
             decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,

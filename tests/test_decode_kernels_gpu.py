@@ -382,3 +382,32 @@ def test_decode_step_replays_under_a_cuda_graph_with_new_lengths():
             n = int(batch.seq_lens[b])
             dense = ref.dense_attention(batch.q[b:b + 1].cpu(), k, v, [n - 1], scale)
             assert rel_err(outs[0][b:b + 1].cpu(), dense) < REL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("fraction,k_min,round_to,kmax", [(0.1, 128, 1, 1024), (0.3, 7, 8, 64),
+                                                          (1.0, 16, 1, 4096)])
+def test_graph_plan_kernel_matches_reference(fraction, k_min, round_to, kmax):
+    """The plan kernel captured at a decode graph's head (graph_plan_triton) against its torch
+    reference on a random ragged batch: rows, lengths, exclusive cumsum, clamped budgets; the
+    outputs' entries past the batch stay poisoned."""
+    from sglang_kascade.config import BudgetConfig
+    from sglang_kascade.device_path import DevicePath
+    from sglang_kascade.kernels.decode_plan import graph_rows_torch
+    from sglang_kascade.kernels.graph_plan_triton import graph_rows
+
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{fraction}{kmax}".encode()))
+    bs = 37
+    seq = torch.randint(1, 20000, (bs,), generator=gen, dtype=torch.int32)
+    seq[:4] = torch.tensor([1, 10, 1280, 3000], dtype=torch.int32)  # padded row, exact products
+    rows = torch.randperm(200, generator=gen)[:bs]
+    dp = DevicePath(DEVICE)
+    dp.set_budget(BudgetConfig(topk_fraction=fraction, k_min=k_min, round_to=round_to))
+    outs = []
+    for fn in (graph_rows, graph_rows_torch):
+        out = [torch.full((bs + 5,), -7, dtype=dt, device=DEVICE)
+               for dt in (torch.int64, torch.int32, torch.int64, torch.int32)]
+        fn(rows.to(DEVICE), seq.to(DEVICE), *out, dp.graph_budget_f, dp.graph_budget_i, kmax)
+        outs.append([t.cpu() for t in out])
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+    assert (outs[0][3][:bs] <= kmax).all() and (outs[0][3][:bs] >= 1).all()

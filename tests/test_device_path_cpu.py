@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sglang_kascade.config import BudgetConfig, KascadeOptions, PolicyConfig
@@ -44,25 +45,52 @@ def test_plan_prefill_tiles_budgets_and_rows():
 
 
 def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
+    """plan_graph gives views of the static tensors; fill_graph_rows (the in-graph plan: here
+    its torch reference, decode_plan.graph_rows_torch) writes them from SGLang's static rows."""
     dp = DevicePath("cpu")
     budget = BudgetConfig(topk_fraction=0.1, k_min=16)
     dp.init_graph_state(max_bs=4, lmax=4096, tokens=6004, pad_keys=4, budget=budget)
     seq = [100, 5, 4096]
-    fwd = dp.plan_graph(torch.tensor([3, 1, 2]), torch.tensor(seq), seq, budget)
+    fwd = dp.plan_graph(seq)
     g = dp.graph_state
-    assert fwd.graph and not fwd.all_dense and fwd.batch == 3
+    assert fwd.graph and not fwd.all_dense and fwd.batch == 3 and not fwd.rows_filled
     assert fwd.lmax == 4096 and fwd.kmax == g["kmax"] == 512  # k_for(4096) = 410 -> pow2 512
     assert fwd.tokens == 6004  # the captured capacity, not this step's sum
     assert fwd.req_idx.data_ptr() == g["req_idx"].data_ptr()  # views of the static tensors
     assert fwd.tok_off.data_ptr() == g["tok_off"].data_ptr()
+    dp.fill_graph_rows(fwd, torch.tensor([3, 1, 2]), torch.tensor(seq))
+    assert fwd.rows_filled
     assert g["req_idx"][:3].tolist() == [3, 1, 2]
     assert g["seq_lens"][:3].tolist() == seq
     assert g["tok_off"][:3].tolist() == [0, 100, 105]  # exclusive cumsum: the rows' runs
     assert g["topk"][:3].tolist() == [16, 5, 410]
-    # a larger budget later (hot swap) is clamped to the captured capacity
-    fwd = dp.plan_graph(torch.tensor([0]), torch.tensor([4096]), [4096], BudgetConfig(
-        topk_fraction=0.5, k_min=16))
-    assert fwd.topk.tolist() == [512]
+    # a larger budget later (hot swap: set in place) is clamped to the captured capacity
+    dp.set_budget(BudgetConfig(topk_fraction=0.5, k_min=16))
+    dp.fill_graph_rows(dp.plan_graph([4096]), torch.tensor([0]), torch.tensor([4096]))
+    assert g["topk"][:1].tolist() == [512]
+
+
+@pytest.mark.parametrize("fraction,k_min,round_to", [(0.1, 128, 1), (0.3, 16, 1), (0.07, 5, 8),
+                                                     (0.25, 1, 16), (1.0, 128, 1)])
+def test_graph_plan_reference_matches_the_host_budget(fraction, k_min, round_to):
+    """The in-graph plan's budget (float64 on the device) equals BudgetConfig.k_for on every
+    length, fractions whose products land on integers included; padded rows (length 1) get 1."""
+    from sglang_kascade.kernels.decode_plan import graph_rows_torch, row_offsets
+
+    budget = BudgetConfig(topk_fraction=fraction, k_min=k_min, round_to=round_to)
+    seq = list(range(1, 3001)) + [10, 20, 30, 40, 100, 1000, 8190, 65536, 131072]
+    dp = DevicePath("cpu")
+    dp.set_budget(budget)
+    n, kmax = len(seq), 1 << 20
+    out = [torch.full((n + 3,), -7, dtype=dt) for dt in (torch.int64, torch.int32, torch.int64,
+                                                          torch.int32)]
+    rows = torch.randperm(n)
+    graph_rows_torch(rows, torch.tensor(seq, dtype=torch.int32), *out, dp.graph_budget_f,
+                     dp.graph_budget_i, kmax)
+    assert out[0][:n].tolist() == rows.tolist() and out[1][:n].tolist() == seq
+    assert out[2][:n].tolist() == row_offsets(seq)
+    assert out[3][:n].tolist() == [max(1, budget.k_for(s)) for s in seq]
+    assert all(int(t[n]) == -7 for t in out)  # rows past the batch untouched
 
 
 def test_graph_fits_only_batches_within_the_captured_tokens():
@@ -76,7 +104,7 @@ def test_graph_fits_only_batches_within_the_captured_tokens():
     assert not dp.graph_fits(5000, 4097)
     seq = [4096, 4096]  # 8192 > 6004: plan_graph refuses rather than overrun the buffers
     try:
-        dp.plan_graph(torch.tensor([0, 1]), torch.tensor(seq), seq, budget)
+        dp.plan_graph(seq)
     except RuntimeError as e:
         assert "exceeds the CUDA-graph buffers" in str(e)
     else:
