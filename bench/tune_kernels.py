@@ -35,6 +35,13 @@ from sglang_kascade.kernels.topk_triton import topk_select
 
 
 def tune_topk(batch, L, hkv=8, frac=0.1):
+    """The radix Top-k alone (5 launches, each config in its own CUDA graph: at batch 1 the
+    launches' gaps are part of the cost), against the default chunk rule (topk_chunk)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode_kernels import graph_time
+
+    from sglang_kascade.kernels.topk_triton import topk_chunk
+
     dev = torch.device("cuda")
     scores = torch.rand(batch, hkv, L, device=dev) ** 8  # skewed, like probabilities
     seq = torch.full((batch,), L, dtype=torch.int32, device=dev)
@@ -46,14 +53,14 @@ def tune_topk(batch, L, hkv=8, frac=0.1):
     ctr = torch.empty(batch * hkv, 2, dtype=torch.int32, device=dev)
     pos = torch.empty(batch, hkv, k, dtype=torch.int32, device=dev)
     slot = torch.empty_like(pos)
-    for chunk, block, warps in itertools.product((1024, 2048, 4096, 8192, 16384),
-                                                 (512, 1024, 2048), (4, 8)):
+    print(f"topk B={batch} L={L} default chunk {topk_chunk(batch * hkv, L)}", flush=True)
+    for chunk, block, warps in itertools.product((512, 1024, 2048, 4096, 8192), (512, 1024),
+                                                 (4, 8)):
         if block > chunk:
             continue
         cfg = dict(CHUNK=chunk, BLOCK=block, num_warps=warps)
-        t = triton.testing.do_bench(
-            lambda: topk_select(scores, seq, topk, r2t, req, hist, ctr, pos, slot, L, cfg),
-            warmup=20, rep=100, return_mode="median")
+        t = graph_time(lambda: topk_select(scores, seq, topk, r2t, req, hist, ctr, pos, slot, L,
+                                           cfg))
         print(f"topk B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
 
 

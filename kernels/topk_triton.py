@@ -28,6 +28,8 @@ needed. FlashInfer's radix top-k takes one k for all rows, so ragged budgets wou
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -37,11 +39,26 @@ NBINS = 256  # 8-bit digits: Triton's histogram costs grow with the bins (2048 b
 SHIFTS = (23, 15, 7, 0)  # digit p covers bits [SHIFTS[p], SHIFTS[p] + WIDTHS[p])
 WIDTHS = (8, 8, 8, 7)
 NPASS = 4
-TOPK_CHUNK = 4096  # positions per histogram / compaction program
+TOPK_CHUNKS = (1024, 2048, 4096)  # positions per histogram / compaction program (topk_chunk)
+NUM_SMS = 132  # H100 SXM; the chunk rule wants about four waves of programs
+# A/B of the chunk rule in end-to-end runs (bench/e2e_bench.sh): a fixed chunk for every launch
+CHUNK_OVERRIDE = int(os.environ.get("SGLANG_KASCADE_TOPK_CHUNK", "0") or 0)
 SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
 
 
 _ALWAYS: dict = {}
+
+
+def topk_chunk(rows: int, lscan: int) -> int:
+    """Positions per program: the largest of TOPK_CHUNKS that still gives about four waves of
+    programs (rows x chunks), else the smallest. 4096 was the best of 2048-16384 at batch 16,
+    128K (128 rows); at batch 1 (8 rows) it leaves 256 programs, each four dependent steps."""
+    if CHUNK_OVERRIDE:
+        return CHUNK_OVERRIDE
+    for chunk in reversed(TOPK_CHUNKS):
+        if rows * -(-lscan // chunk) >= 4 * NUM_SMS:
+            return chunk
+    return TOPK_CHUNKS[0]
 
 
 def always(device) -> torch.Tensor:
@@ -240,7 +257,7 @@ def topk_select(
     if not zeroed:
         hist[:, :rows].zero_()  # this step's rows only (graph buffers hold many more)
         ctr[:rows].zero_()
-    cfg = dict(CHUNK=TOPK_CHUNK, BLOCK=1024, num_warps=4, short_row=SHORT_ROW)
+    cfg = dict(CHUNK=topk_chunk(rows, lscan), BLOCK=1024, num_warps=4, short_row=SHORT_ROW)
     cfg.update(launch or {})
     short_row = cfg.pop("short_row")
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)

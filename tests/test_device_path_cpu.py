@@ -275,3 +275,17 @@ def test_step_layouts_fit_the_flat_scratch_and_follow_the_batch_size():
         assert "1..64" in str(e)
     else:
         raise AssertionError("a step beyond the capacity")
+
+
+def test_topk_chunk_rule_gives_about_four_waves():
+    """The decode Top-k's positions per program: 4096 where the rows already give many
+    programs (batch 16 at 128K: the measured best there), smaller chunks for few rows."""
+    pytest.importorskip("triton")
+    from sglang_kascade.kernels import topk_triton as tt
+
+    if tt.CHUNK_OVERRIDE:
+        pytest.skip("SGLANG_KASCADE_TOPK_CHUNK set")
+    assert tt.topk_chunk(16 * 8, 131072) == 4096
+    assert tt.topk_chunk(1 * 8, 131072) == 1024  # 2048 would give 512 programs, < 4 x 132
+    assert tt.topk_chunk(2 * 8, 131072) == 2048
+    assert tt.topk_chunk(8, 20000) == 1024  # too few either way: the smallest
