@@ -43,7 +43,7 @@ def test_fraction_one_gives_flashinfer_tokens():
         kascade = [generate(url, text=p, max_new_tokens=32)["output_ids"] for p in ps]
     with running_server("flashinfer", BF16, None, "cuda") as url:
         flashinfer = [generate(url, text=p, max_new_tokens=32)["output_ids"] for p in ps]
-    assert [len(o) for o in kascade] == [32, 32, 32]
+    assert all(kascade)  # the instruct model may stop early (EOS): lengths as FlashInfer's
     assert kascade == flashinfer
 
 
@@ -58,6 +58,6 @@ def test_sparse_decode_graphs_equal_eager_decode():
         with running_server("kascade", BF16 + extra, None, "cuda") as url:
             runs.append(generate(url, text=ps, max_new_tokens=32, top_logprobs=2))
     graphs, eager = runs
-    assert [len(o["output_ids"]) for o in graphs] == [32, 32, 32]
+    assert all(o["output_ids"] for o in graphs)  # EOS may end a request early
     for g, e in zip(graphs, eager):
         assert_greedy_runs_agree(g, e, min_agree=8)
