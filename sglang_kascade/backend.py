@@ -219,7 +219,9 @@ class KascadeAttnBackend(AttentionBackend):
             raise RuntimeError("kascade: CUDA graphs only for decode under a token-granularity "
                                "Top-k policy on CUDA (start with --disable-cuda-graph)")
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-        self.device_fwd = self.device_path.plan_graph(seq)  # filled in the graph: in_graph
+        # filled in the graph (init_forward_metadata_in_graph); replays: rows checked
+        self.device_fwd = self.device_path.plan_graph(
+            seq, fb.req_pool_indices, None if in_capture else fb.seq_lens)
         if not in_capture:
             self._count(True, seq)
             self._note_device_forward(len(seq), graph=True, decode=True)

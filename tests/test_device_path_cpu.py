@@ -66,8 +66,13 @@ def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
     assert g["topk"][:3].tolist() == [16, 5, 410]
     # a larger budget later (hot swap: set in place) is clamped to the captured capacity
     dp.set_budget(BudgetConfig(topk_fraction=0.5, k_min=16))
-    dp.fill_graph_rows(dp.plan_graph([4096]), torch.tensor([0]), torch.tensor([4096]))
+    rows, lens = torch.tensor([0]), torch.tensor([4096])
+    dp.fill_graph_rows(dp.plan_graph([4096]), rows, lens)
     assert g["topk"][:1].tolist() == [512]
+    # replays must hand over the row tensors the graph of that size captured
+    dp.plan_graph([4000], rows, lens)
+    with pytest.raises(RuntimeError, match="other row buffers"):
+        dp.plan_graph([4000], rows, torch.tensor([4000]))
 
 
 @pytest.mark.parametrize("fraction,k_min,round_to", [(0.1, 128, 1), (0.3, 16, 1), (0.07, 5, 8),
