@@ -11,6 +11,13 @@ next kernel descends the histograms to the threshold. The last kernel writes eve
 the threshold and as many positions equal to it as the budget still needs (ties), as positions and
 as pool slots, in no set order: entries [0, topk[b]) of a row are the selection.
 
+Collect mode (``launch={"collect": True}``, token-indexed rows; ``COLLECT`` sets the default):
+after the first two digits, a third full pass writes the keys above the 16-bit prefix as
+selected and collects the keys on it (the candidates: usually a small share of the row) into
+the row's own output entries after them, with their bits in the slot buffer; one program per
+row then finds the last two digits among the candidates and compacts the rest of the selection
+in place. Three reads of the scores and four launches instead of five of each.
+
 Short rows (``seq_lens[b] <= short_row``, default SHORT_ROW) are selected whole by one program of
 the first launch: its four passes histogram in registers (re-reading the row from L2), and it
 writes the selection in position order with no atomics; the other four launches skip those rows.
@@ -44,6 +51,9 @@ NUM_SMS = 132  # H100 SXM; the chunk rule wants about four waves of programs
 # A/B of the chunk rule in end-to-end runs (bench/e2e_bench.sh): a fixed chunk for every launch
 CHUNK_OVERRIDE = int(os.environ.get("SGLANG_KASCADE_TOPK_CHUNK", "0") or 0)
 SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
+# Collect mode (token-indexed rows): three full passes instead of five (module docstring). Off
+# until measured against the five-launch path on a GPU (bench/tune_kernels.py topk).
+COLLECT = False
 
 
 _ALWAYS: dict = {}
@@ -103,7 +113,7 @@ def _digit_hist(score_ptr, s_base, start, end, prefix, SHIFT: tl.constexpr,
     for j0 in range(start, end, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         ok = j < end
-        key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+        key = tl.load(score_ptr + s_base + j, mask=ok, other=0).to(tl.int32, bitcast=True)
         hit = ok & ((key >> HI_SHIFT) == prefix)
         digit = tl.where(hit, (key >> SHIFT) & ((1 << WIDTH) - 1), 0)
         acc += tl.histogram(digit, 256)
@@ -225,6 +235,87 @@ def _compact_kernel(
                             k_rem, n_gt_total)
 
 
+@triton.jit
+def _collect_kernel(
+    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
+    pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Collect mode, third full pass (token-indexed rows only): after two digits (16 bits) a
+    key above the prefix is selected (its position and slot go to [0, n_gt) of the row, in no
+    set order); a key on the prefix is a candidate: its position and its bits (in the slot
+    buffer) go to [n_gt, n_gt + candidates), for _cand_select_kernel."""
+    c, row = tl.program_id(0), tl.program_id(1)
+    b = row // hkv
+    n = tl.load(seq_lens_ptr + b)
+    start = c * CHUNK
+    if (start < n) & (n > short_row) & (tl.load(gate_ptr) != 0):
+        k = tl.load(topk_ptr + b)
+        prefix, k_rem = _descend(hist_ptr, row, n_rows, k, 2)  # bits 15..30 of the threshold
+        n_gt = k - k_rem
+        req_row = tl.load(req_idx_ptr + b).to(tl.int64)
+        s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, True)
+        p_base = _row_start(tok_off_ptr, b, row, hkv, s_pr, True)
+        for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            ok = j < n
+            key = tl.load(score_ptr + s_base + j, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+            gt = ok & ((key >> 15) > prefix)
+            cand = ok & ((key >> 15) == prefix)
+            gt_i, cand_i = gt.to(tl.int32), cand.to(tl.int32)
+            base_gt = tl.atomic_add(ctr_ptr + row * 2, tl.sum(gt_i, 0), sem="relaxed")
+            base_c = tl.atomic_add(ctr_ptr + row * 2 + 1, tl.sum(cand_i, 0), sem="relaxed")
+            dst = tl.where(gt, base_gt + tl.cumsum(gt_i, 0) - 1,
+                           n_gt + base_c + tl.cumsum(cand_i, 0) - 1)
+            put = gt | cand
+            slot = tl.load(r2t_ptr + req_row * s_r2t + j, mask=gt, other=0)
+            tl.store(pos_ptr + p_base + dst, j, mask=put)
+            tl.store(slot_ptr + p_base + dst, tl.where(gt, slot, key), mask=put)
+
+
+@triton.jit
+def _cand_select_kernel(
+    seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr, pos_ptr,
+    slot_ptr, gate_ptr, n_rows, hkv, s_pr, s_r2t, short_row, BLOCK: tl.constexpr,
+):
+    """Collect mode, one program per row: the last two digits over the candidates only (two
+    register histograms), then the candidates above the threshold and the first ties still
+    needed, compacted in place in candidate order (a kept entry moves to an index no later than
+    its own, so no entry is overwritten before it is read), with their pool slots."""
+    row = tl.program_id(0)
+    b = row // hkv
+    n = tl.load(seq_lens_ptr + b)
+    if (n > short_row) & (tl.load(gate_ptr) != 0):
+        k = tl.load(topk_ptr + b)
+        prefix, k_rem = _descend(hist_ptr, row, n_rows, k, 2)
+        n_gt = k - k_rem
+        n_cand = tl.load(ctr_ptr + row * 2 + 1)
+        base = _row_start(tok_off_ptr, b, row, hkv, s_pr, True) + n_gt
+        prefix, k_rem = _descend_digit(
+            _digit_hist(slot_ptr, base, 0, n_cand, prefix, 7, 8, 15, BLOCK), prefix, k_rem, 8)
+        thr, ties = _descend_digit(
+            _digit_hist(slot_ptr, base, 0, n_cand, prefix, 0, 7, 7, BLOCK), prefix, k_rem, 7)
+        req_row = tl.load(req_idx_ptr + b).to(tl.int64)
+        seen_eq = 0
+        seen_keep = 0
+        for j0 in range(0, n_cand, BLOCK):
+            i = j0 + tl.arange(0, BLOCK)
+            ok = i < n_cand
+            key = tl.load(slot_ptr + base + i, mask=ok, other=0)
+            p = tl.load(pos_ptr + base + i, mask=ok, other=0)
+            eq = ok & (key == thr)
+            eq_i = eq.to(tl.int32)
+            keep = (ok & (key > thr)) | (eq & (seen_eq + tl.cumsum(eq_i, 0) - 1 < ties))
+            keep_i = keep.to(tl.int32)
+            dst = seen_keep + tl.cumsum(keep_i, 0) - 1  # <= i: in place, in order
+            slot = tl.load(r2t_ptr + req_row * s_r2t + p, mask=keep, other=0)
+            tl.debug_barrier()  # every lane's loads of this block before any store
+            tl.store(pos_ptr + base + dst, p, mask=keep)
+            tl.store(slot_ptr + base + dst, slot, mask=keep)
+            seen_eq += tl.sum(eq_i, 0)
+            seen_keep += tl.sum(keep_i, 0)
+
+
 def topk_select(
     scores: torch.Tensor,  # [B, Hkv, L] fp32 >= 0 where position < seq_lens[b]; [Hkv, T] ragged
     seq_lens: torch.Tensor,  # [B] int32
@@ -236,7 +327,7 @@ def topk_select(
     pos: torch.Tensor,  # [B, Hkv, kmax] ([Hkv, T] ragged) int32 out: positions, topk[b] valid
     slot: torch.Tensor,  # pos's shape, int32 out: pool slots of those positions
     lscan: int,  # host bound on seq_lens (grid size)
-    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps / short_row (tuning, tests)
+    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps / short_row / collect
     gate: torch.Tensor | None = None,  # [1] int32 on the device: 0 = do nothing (CUDA graphs)
     tok_off: torch.Tensor | None = None,  # [B] int64: token-indexed rows (module docstring)
     zeroed: bool = False,  # hist / ctr rows already zero (decode: the score kernel zeroes them)
@@ -260,7 +351,26 @@ def topk_select(
     cfg = dict(CHUNK=topk_chunk(rows, lscan), BLOCK=1024, num_warps=4, short_row=SHORT_ROW)
     cfg.update(launch or {})
     short_row = cfg.pop("short_row")
+    collect = cfg.pop("collect", COLLECT) and ragged
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
+    if collect:  # two full histogram passes, one collecting pass, the candidates per row
+        for p in range(2):
+            _hist_kernel[grid](
+                scores, seq_lens, off, topk, hist, gate, req_to_token, req_idx, pos, slot,
+                n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row,
+                PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
+                RAGGED=True, **cfg,
+            )
+        _collect_kernel[grid](
+            scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
+            n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, **cfg,
+        )
+        cfg.pop("CHUNK")
+        _cand_select_kernel[(rows,)](
+            seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
+            n_rows, hkv, s_pr, req_to_token.stride(0), short_row, **cfg,
+        )
+        return
     for p in range(NPASS):
         _hist_kernel[grid](
             scores, seq_lens, off, topk, hist, gate, req_to_token, req_idx, pos, slot,

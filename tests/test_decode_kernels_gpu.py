@@ -212,16 +212,21 @@ def test_everything_selected_is_dense_attention(dtype):
 
 
 @pytest.mark.parametrize("short_row", [None, 0], ids=["short-rows-whole", "all-multipass"])
-@pytest.mark.parametrize("ragged", [False, True], ids=["uniform", "token-indexed"])
+@pytest.mark.parametrize("ragged", [False, True, "collect"],
+                         ids=["uniform", "token-indexed", "token-indexed-collect"])
 @pytest.mark.parametrize("n,k", [(5000, 500), (3000, 3000), (9000, 1), (20000, 2001)])
 def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
     """Scores with many exact ties (and zeros): the chosen set holds every score above the k-th
     largest and exactly enough of the ties, like torch.topk; ragged lengths; slots looked up.
-    Rows uniform ([B, Hkv, L]: prefill tiles) or token-indexed ([Hkv, T] from tok_off: decode).
-    Rows up to SHORT_ROW keys are selected whole by one program (the lengths here mix both
-    kinds in one launch); ``short_row=0`` sends every row through the four passes."""
+    Rows uniform ([B, Hkv, L]: prefill tiles) or token-indexed ([Hkv, T] from tok_off: decode),
+    the latter also in collect mode (three full passes, then the candidates per row). Rows up to
+    SHORT_ROW keys are selected whole by one program (the lengths here mix both kinds in one
+    launch); ``short_row=0`` sends every row through the passes."""
     from sglang_kascade.kernels.topk_triton import topk_select
 
+    launch = {} if short_row is None else {"short_row": short_row}
+    if ragged == "collect":
+        launch["collect"] = True
     if INTERPRET:
         n, k = min(n, 300), min(k, 300)
     gen = torch.Generator().manual_seed(n + k)
@@ -252,7 +257,7 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
     topk_select(src, torch.tensor(lens, dtype=torch.int32, device=dev),
                 torch.tensor(budgets, dtype=torch.int32, device=dev), r2t.to(dev),
                 req_idx.to(dev), hist, ctr, pos, slot, lmax, tok_off=tok_off,
-                launch=None if short_row is None else {"short_row": short_row})
+                launch=launch)
     pos, slot = pos.cpu().long(), slot.cpu()
     for b, (m, kb) in enumerate(zip(lens, budgets)):
         for h in range(hkv):
@@ -266,11 +271,12 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
             assert bool((row[got] >= kth).all())
             assert int((row > kth).sum()) == int((row[got] > kth).sum())
             assert bool((got_slot == r2t[int(req_idx[b]), got]).all())
-    if ragged:  # entries between and after the runs' selections stay untouched
+    if ragged:  # entries between and after the runs' selections stay untouched (collect mode:
+        # the candidates use the rest of the row's own run, [k, length), as scratch)
         for h in range(hkv):
             written = torch.zeros(pos.shape[1], dtype=torch.bool)
-            for b, kb in enumerate(budgets):
-                written[offs[b]:offs[b] + kb] = True
+            for b, (m, kb) in enumerate(zip(lens, budgets)):
+                written[offs[b]:offs[b] + (m if ragged == "collect" else kb)] = True
             assert bool((pos[h, ~written] == -7).all())
 
 
