@@ -52,8 +52,9 @@ NUM_SMS = 132  # H100 SXM; the chunk rule wants about four waves of programs
 CHUNK_OVERRIDE = int(os.environ.get("SGLANG_KASCADE_TOPK_CHUNK", "0") or 0)
 SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
 # Collect mode (token-indexed rows): three full passes instead of five (module docstring). Off
-# until measured against the five-launch path on a GPU (bench/tune_kernels.py topk).
-COLLECT = False
+# until measured against the five-launch path on a GPU (bench/tune_kernels.py topk); on for A/B
+# runs with SGLANG_KASCADE_TOPK_COLLECT=1 (bench/e2e_bench.sh kascade-collect).
+COLLECT = os.environ.get("SGLANG_KASCADE_TOPK_COLLECT", "0") == "1"
 
 
 _ALWAYS: dict = {}
