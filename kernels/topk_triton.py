@@ -354,32 +354,26 @@ def topk_select(
     short_row = cfg.pop("short_row")
     collect = cfg.pop("collect", COLLECT) and ragged
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
-    if collect:  # two full histogram passes, one collecting pass, the candidates per row
-        for p in range(2):
-            _hist_kernel[grid](
-                scores, seq_lens, off, topk, hist, gate, req_to_token, req_idx, pos, slot,
-                n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row,
-                PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
-                RAGGED=True, **cfg,
-            )
-        _collect_kernel[grid](
-            scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-            n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, **cfg,
-        )
-        cfg.pop("CHUNK")
-        _cand_select_kernel[(rows,)](
-            seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-            n_rows, hkv, s_pr, req_to_token.stride(0), short_row, **cfg,
-        )
-        return
-    for p in range(NPASS):
+    # collect mode: two full histogram passes, one collecting pass, the candidates per row
+    for p in range(2 if collect else NPASS):
         _hist_kernel[grid](
             scores, seq_lens, off, topk, hist, gate, req_to_token, req_idx, pos, slot,
             n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row,
             PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
             RAGGED=ragged, **cfg,
         )
-    _compact_kernel[grid](
+    if not collect:
+        _compact_kernel[grid](
+            scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
+            n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, RAGGED=ragged, **cfg,
+        )
+        return
+    _collect_kernel[grid](
         scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-        n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, RAGGED=ragged, **cfg,
+        n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, **cfg,
+    )
+    cfg.pop("CHUNK")
+    _cand_select_kernel[(rows,)](
+        seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
+        n_rows, hkv, s_pr, req_to_token.stride(0), short_row, **cfg,
     )
