@@ -10,6 +10,7 @@ warm-up request per server (compilation, graph capture) is not counted.
 Usage (GPU host, ../shared/gpu-stack staged):
   PYTHONPATH=/tmp/site python3 -P bench/e2e_served.py --out $OUT/served.json --lengths 131000 \\
       --backends kascade flashinfer --requests 3
+Plot: python bench/plot_side_by_side.py served OUT.png served.json
 On the CPU (a smoke test of the script with the embedded model):
   python bench/e2e_served.py --device cpu --model "" --backends kascade torch_native \\
       --lengths 600 --new-tokens 8 --requests 1 --out /tmp/served.json

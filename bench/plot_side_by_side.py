@@ -1,4 +1,4 @@
-"""Two side-by-side comparisons of one host session as stacked bars.
+"""Side-by-side comparisons of one host session as bar charts.
 
   prefill  per-layer prefill time at one context from bench/prefill_kernels.py JSONs (one bar per
            file, e.g. shipped launch vs tuned): the 32 layers' time split into layer 0's dense
@@ -7,9 +7,11 @@
   step     a decode step of bench_one_batch from an e2e JSON whose runs carry ``host_probe``
            (bench/host_probe.py): host work before the graph launch, the graph's GPU time and
            the rest of the measured step (sampling, host after the launch), one bar per run.
+  served   bench/e2e_served.py's JSON: TTFT and decode ms per token per backend (two panels).
 
 Usage: python bench/plot_side_by_side.py prefill OUT.png A.json B.json ...
        python bench/plot_side_by_side.py step OUT.png E2E.json
+       python bench/plot_side_by_side.py served OUT.png SERVED.json
 """
 
 from __future__ import annotations
@@ -82,6 +84,32 @@ def step(dst: str, src: str) -> None:
             f"{d['device'].split(' (')[0]}")
 
 
+def served(dst: str, src: str) -> None:
+    """bench/e2e_served.py's JSON: TTFT and decode time per token, median per backend and
+    length, two panels side by side."""
+    d = json.load(open(src))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    lines = d["summary"]
+    width = 0.8 / len(d["backends"])
+    for ax, key, unit in ((axes[0], "ttft_s", "TTFT (s)"),
+                          (axes[1], "decode_ms_per_token", "decode (ms per token)")):
+        for i, b in enumerate(d["backends"]):
+            xs = [n + i * width for n in range(len(lines))]
+            ys = [line["medians"][b][key] for line in lines]
+            ax.bar(xs, ys, width, label=b)
+            for x, y in zip(xs, ys):
+                ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([n + width * (len(d["backends"]) - 1) / 2 for n in range(len(lines))])
+        ax.set_xticklabels([f"{line['length']} tokens" for line in lines])
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Served, one request at a time ({d['device']}, {d['model'].split('/')[-1]}, "
+                 f"{d['new_tokens']} new tokens): medians", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(dst, dpi=110)
+
+
 if __name__ == "__main__":
     what, out, *files = sys.argv[1:]
-    prefill(out, files) if what == "prefill" else step(out, files[0])
+    {"prefill": lambda: prefill(out, files), "step": lambda: step(out, files[0]),
+     "served": lambda: served(out, files[0])}[what]()
