@@ -106,7 +106,7 @@ class DevicePath:
         self.node_switch = None  # graph_nodes.NodeSwitch: selection kernels out where not selecting
         self.graph_budget_f = None  # [2] float64 fraction, slack of k_for (in-graph plan)
         self.graph_budget_i = None  # [2] int64 k_min, round_to
-        self.graph_row_src: dict = {}  # batch size -> (data_ptr of rows, of lengths) captured
+        self.graph_row_src: dict = {}  # batch size -> {(data_ptr of rows, of lengths)} captured
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -267,13 +267,13 @@ class DevicePath:
         captured at the graph's head, so a replay copies nothing. Every request goes through the
         kernels (k == seq_len selects every key: the dense result), since a graph cannot switch
         paths per step. ``req_pool_indices`` / ``seq_lens`` (SGLang's static rows, at replays):
-        checked to be the tensors the graph of this batch size captured (else its plan kernel
-        would read rows SGLang no longer writes: refused, not served stale)."""
+        checked to be tensors a graph of this batch size captured (else its plan kernel would
+        read rows SGLang no longer writes: refused, not served stale)."""
         g = self.graph_state
         bs = len(seq_lens_cpu)
         src = self.graph_row_src.get(bs)
-        if src is not None and seq_lens is not None and src != (req_pool_indices.data_ptr(),
-                                                                  seq_lens.data_ptr()):
+        if src and seq_lens is not None and (req_pool_indices.data_ptr(),
+                                             seq_lens.data_ptr()) not in src:
             raise RuntimeError("kascade: SGLang replays a decode graph with other row buffers "
                                "than it captured (its plan kernel reads the captured ones); "
                                "this SGLang version is not supported with decode graphs: start "
@@ -303,8 +303,8 @@ class DevicePath:
             from .kernels.decode_plan import graph_rows_torch
             graph_rows_torch(*args)
         fwd.rows_filled = True
-        self.graph_row_src[seq_lens.shape[0]] = (req_pool_indices.data_ptr(),
-                                                 seq_lens.data_ptr())
+        self.graph_row_src.setdefault(seq_lens.shape[0], set()).add(
+            (req_pool_indices.data_ptr(), seq_lens.data_ptr()))  # one pair per captured graph
 
     def _buffers(self, fwd: DeviceForward, hq: int, hkv: int, d: int):
         from .kernels.decode_plan import DecodeBuffers
