@@ -5,9 +5,9 @@ Reference: ``decode_plan.graph_rows_torch``. SGLang's graph runner copies each s
 at the head of the graph (the backend's ``init_forward_metadata_in_graph``), reads them there and
 writes the kernels' static plan: the rows (copied), ``tok_off`` (exclusive cumsum of the lengths:
 the token-indexed buffers' row starts) and ``topk`` (the budget's ``k_for`` per row, clamped to
-the captured Top-k capacity). The budget is device data (``budget_f``: fraction and the 1e-9 slack
-of ``BudgetConfig.k_for``, float64, so that ``ceil`` rounds exactly as the host's Python floats do;
-``budget_i``: k_min and round_to), updated in place by a hot swap. Replays then do no host
+the captured Top-k capacity). The budget is device data (``budget_f``: the fraction and
+``BudgetConfig.k_for``'s slack ``config.K_FOR_SLACK``, float64, so that ``ceil`` rounds exactly as
+the host's Python floats do; ``budget_i``: k_min and round_to), updated in place by a hot swap. Replays then do no host
 planning (measured before: ~0.2 ms of host time per step, four copies of lists into the graph's
 tensors; docs/results/e2e-h100.md).
 """

@@ -29,6 +29,9 @@ DEFAULT_CUDA_DENSE_PREFILL_BELOW = 8192
 # 8K; and the short prompts lose accuracy there (passkey at 1-2K: 1.00 / 0.17 dense, 0.33 / 0.00
 # sparse prefill, 1.00 / 0.17 with dense prefill and sparse decode).
 DEFAULT_CPU_DENSE_PREFILL_BELOW = 4096
+# BudgetConfig.k_for subtracts this before ceil, so fraction * visible that lands a rounding
+# error above an integer does not add a key; the decode graphs' plan kernel uses the same value.
+K_FOR_SLACK = 1e-9
 
 # name -> (flag, env var, type, help). One table, so flags, env vars and docs cannot drift apart.
 OPTION_TABLE = {
@@ -243,7 +246,7 @@ class BudgetConfig:
         """
         if visible <= 0:
             return 0
-        k = max(math.ceil(self.topk_fraction * visible - 1e-9), self.k_min)
+        k = max(math.ceil(self.topk_fraction * visible - K_FOR_SLACK), self.k_min)
         k = -(-k // self.round_to) * self.round_to
         return min(k, visible)
 

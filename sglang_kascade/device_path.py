@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import K_FOR_SLACK
+
 logger = logging.getLogger("sglang_kascade")
 
 POLICIES = ("kascade", "kascade_identity", "oracle")  # token-granularity per-KV-head pooled Top-k
@@ -133,7 +135,7 @@ class DevicePath:
     def set_budget(self, budget) -> None:
         """The budget as device data, read by the in-graph plan kernel of captured decode graphs
         (fill_graph_rows); updated in place, so a hot-swapped budget reaches them."""
-        f = torch.tensor([budget.topk_fraction, 1e-9], dtype=torch.float64)  # k_for's slack
+        f = torch.tensor([budget.topk_fraction, K_FOR_SLACK], dtype=torch.float64)
         i = torch.tensor([budget.k_min, budget.round_to], dtype=torch.int64)
         if self.graph_budget_f is None:
             self.graph_budget_f, self.graph_budget_i = f.to(self.device), i.to(self.device)
