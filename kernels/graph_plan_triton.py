@@ -7,9 +7,9 @@ writes the kernels' static plan: the rows (copied), ``tok_off`` (exclusive cumsu
 the token-indexed buffers' row starts) and ``topk`` (the budget's ``k_for`` per row, clamped to
 the captured Top-k capacity). The budget is device data (``budget_f``: the fraction and
 ``BudgetConfig.k_for``'s slack ``config.K_FOR_SLACK``, float64, so that ``ceil`` rounds exactly as
-the host's Python floats do; ``budget_i``: k_min and round_to), updated in place by a hot swap. Replays then do no host
-planning (measured before: ~0.2 ms of host time per step, four copies of lists into the graph's
-tensors; docs/results/e2e-h100.md).
+the host's Python floats do; ``budget_i``: k_min and round_to), updated in place by a hot swap.
+Replays then do no host planning (measured before: ~0.2 ms of host time per step, four copies of
+lists into the graph's tensors; docs/results/e2e-h100.md).
 """
 
 from __future__ import annotations
