@@ -181,6 +181,17 @@ def _row_start(tok_off_ptr, b, row, hkv, s_h, RAGGED: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK: tl.constexpr):
+    """Where a (chunk, row) program of the chunked launches stands: (row, request b, the row's
+    length n, the chunk's first position, whether the chunk holds keys and the gate is open)."""
+    c, row = tl.program_id(0), tl.program_id(1)
+    b = row // hkv
+    n = tl.load(seq_lens_ptr + b)
+    start = c * CHUNK
+    return row, b, n, start, (start < n) & (tl.load(gate_ptr) != 0)
+
+
+@triton.jit
 def _hist_kernel(
     score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, gate_ptr, r2t_ptr, req_idx_ptr,
     pos_ptr, slot_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
@@ -188,15 +199,12 @@ def _hist_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
     # Pass 0 also selects the short rows whole (program 0 of the row); later passes skip them.
-    c, row = tl.program_id(0), tl.program_id(1)
-    b = row // hkv
-    n = tl.load(seq_lens_ptr + b)
-    start = c * CHUNK
-    if (start < n) & (tl.load(gate_ptr) != 0):
+    row, b, n, start, active = _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK)
+    if active:
         k = tl.load(topk_ptr + b)
         s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
         if n <= short_row:
-            if PASS == 0 and c == 0:
+            if PASS == 0 and start == 0:  # the row's first chunk
                 req_row = tl.load(req_idx_ptr + b).to(tl.int64)
                 _short_row_select(score_ptr, r2t_ptr, pos_ptr, slot_ptr, s_base,
                                   _row_start(tok_off_ptr, b, row, hkv, s_pr, RAGGED),
@@ -215,11 +223,8 @@ def _compact_kernel(
     pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
 ):
-    c, row = tl.program_id(0), tl.program_id(1)
-    b = row // hkv
-    n = tl.load(seq_lens_ptr + b)
-    start = c * CHUNK
-    if (start < n) & (n > short_row) & (tl.load(gate_ptr) != 0):
+    row, b, n, start, active = _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK)
+    if active & (n > short_row):
         k = tl.load(topk_ptr + b)
         thr, k_rem = _descend(hist_ptr, row, n_rows, k, 4)  # threshold key, ties still needed
         n_gt_total = k - k_rem
@@ -246,11 +251,8 @@ def _collect_kernel(
     key above the prefix is selected (its position and slot go to [0, n_gt) of the row, in no
     set order); a key on the prefix is a candidate: its position and its bits (in the slot
     buffer) go to [n_gt, n_gt + candidates), for _cand_select_kernel."""
-    c, row = tl.program_id(0), tl.program_id(1)
-    b = row // hkv
-    n = tl.load(seq_lens_ptr + b)
-    start = c * CHUNK
-    if (start < n) & (n > short_row) & (tl.load(gate_ptr) != 0):
+    row, b, n, start, active = _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK)
+    if active & (n > short_row):
         k = tl.load(topk_ptr + b)
         prefix, k_rem = _descend(hist_ptr, row, n_rows, k, 2)  # bits 15..30 of the threshold
         n_gt = k - k_rem
