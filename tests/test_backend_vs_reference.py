@@ -300,8 +300,8 @@ def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfi
                 options: KascadeOptions = KascadeOptions(dense_prefill_below=0)) -> BackendRun:
     """``options`` default: sparse prefill at every length (the method under test; the CPU
     default runs prompts under 4096 tokens dense). ``hook(forward, layer_id, backend)`` runs
-    before each layer (layer_id None: before the
-    forward's init_forward_metadata); ``control`` is a hot-swap channel (test_hot_swap_*).
+    before each layer (layer_id None: before the forward's init_forward_metadata); ``control``
+    is a hot-swap channel (test_hot_swap_*).
     ``device="cuda"``: pools and inputs on the GPU (test_device_prefill_gpu.py), where
     ``device_path`` picks the Triton kernels or the PyTorch path; outputs come back to the CPU."""
     m = scn.model
