@@ -8,15 +8,21 @@
            (bench/host_probe.py): host work before the graph launch, the graph's GPU time and
            the rest of the measured step (sampling, host after the launch), one bar per run.
   served   bench/e2e_served.py's JSON: TTFT and decode ms per token per backend (two panels).
+  decode   per-layer decode from bench/decode_kernels.py JSONs at one batch size and context (one
+           bar per file, labelled by its name after the names' common start): the 32 layers' time split into layer 0, the 4
+           anchors' scoring, pooling, Top-k and attention, and the 27 reuse layers; FlashInfer
+           dense (32 layers) beside them.
 
 Usage: python bench/plot_side_by_side.py prefill OUT.png A.json B.json ...
        python bench/plot_side_by_side.py step OUT.png E2E.json
        python bench/plot_side_by_side.py served OUT.png SERVED.json
+       python bench/plot_side_by_side.py decode OUT.png BATCH A.json B.json ...
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import matplotlib
@@ -67,6 +73,36 @@ def prefill(dst: str, srcs: list) -> None:
             f"{d['meta']['device']}")
 
 
+def decode(dst: str, batch: str, srcs: list) -> None:
+    labels, parts = [], {k: [] for k in ("layer0", "score", "pool", "topk", "attn", "reuse")}
+    for src in srcs:
+        d = json.load(open(src))
+        (r,) = [r for r in d["rows"] if r["batch"] == int(batch)][-1:]  # the longest context
+        ms, n_anchor = r["ms"], d["meta"]["layers"]["anchors"]
+        n_reuse = d["meta"]["layers"]["total"] - n_anchor - 1
+        labels.append(src.rsplit("/", 1)[-1].removesuffix(".json"))
+        parts["layer0"].append(ms["layer0"])
+        for key in ("score", "pool", "topk"):
+            parts[key].append(n_anchor * ms[f"stage_{key}"])
+        parts["attn"].append(n_anchor * (ms["anchor"] - ms["stage_score"] - ms["stage_pool"]
+                                         - ms["stage_topk"]))
+        parts["reuse"].append(n_reuse * ms["reuse"])
+    if len(labels) > 1:  # the names' common start said once, in the title
+        cut = len(os.path.commonprefix(labels))
+        labels = [name[cut:] or name for name in labels]
+    dense = d["meta"]["layers"]["total"] * ms["dense"]
+    names = {"layer0": "layer 0 (dense + selection)", "score": f"{n_anchor} anchors: scoring",
+             "pool": f"{n_anchor} anchors: pooling", "topk": f"{n_anchor} anchors: Top-k",
+             "attn": f"{n_anchor} anchors: attention", "reuse": f"{n_reuse} reuse layers"}
+    stacked(dst, labels + ["FlashInfer dense"],
+            [(names[k], v + [0]) for k, v in parts.items()]
+            + [("32 dense layers", [0] * len(labels) + [dense])],
+            ["0.3", "tab:orange", "gold", "tab:red", "tab:purple", "tab:blue", "k"],
+            "ms for the 32 layers of one decode step",
+            f"Decode attention, batch {batch}, {r['context']} tokens, Llama-3.1-8B shapes, "
+            f"{d['meta']['device']}")
+
+
 def step(dst: str, src: str) -> None:
     d = json.load(open(src))
     labels, host, gpu, rest = [], [], [], []
@@ -112,4 +148,5 @@ def served(dst: str, src: str) -> None:
 if __name__ == "__main__":
     what, out, *files = sys.argv[1:]
     {"prefill": lambda: prefill(out, files), "step": lambda: step(out, files[0]),
-     "served": lambda: served(out, files[0])}[what]()
+     "served": lambda: served(out, files[0]),
+     "decode": lambda: decode(out, files[0], files[1:])}[what]()

@@ -56,7 +56,7 @@ def tune_topk(batch, L, hkv=8, frac=0.1):
     pos = torch.empty(hkv, batch * L, dtype=torch.int32, device=dev)
     slot = torch.empty_like(pos)
     print(f"topk B={batch} L={L} default chunk {topk_chunk(batch * hkv, L)}", flush=True)
-    five = [dict(CHUNK=c, BLOCK=b, num_warps=w) for c, b, w in itertools.product(
+    five = [dict(CHUNK=c, BLOCK=b, num_warps=w, collect=False) for c, b, w in itertools.product(
         (512, 1024, 2048, 4096, 8192), (512, 1024), (4, 8)) if b <= c]
     collect = [dict(CHUNK=c, BLOCK=1024, num_warps=w, collect=True)
                for c, w in itertools.product((1024, 2048, 4096), (4, 8))]

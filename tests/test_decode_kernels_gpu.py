@@ -225,8 +225,7 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
     from sglang_kascade.kernels.topk_triton import topk_select
 
     launch = {} if short_row is None else {"short_row": short_row}
-    if ragged == "collect":
-        launch["collect"] = True
+    launch["collect"] = ragged == "collect"  # token-indexed: both paths, whatever the default
     if INTERPRET:
         n, k = min(n, 300), min(k, 300)
     gen = torch.Generator().manual_seed(n + k)

@@ -37,6 +37,7 @@ from sglang_kascade import graph_nodes
 from sglang_kascade.backend import KascadeAttnBackend
 from sglang_kascade.config import PolicyConfig
 from sglang_kascade.device_path import POLICIES
+from sglang_kascade.kernels import topk_triton
 from sglang_kascade.profile import profile_from_dict
 
 pytestmark = [pytest.mark.gpu,
@@ -356,6 +357,25 @@ def runs(case):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_device_path_matches_torch_path(case):
+    check_device_path(case)
+
+
+# The cases' rows (<= 5,000 keys) are under topk_triton.SHORT_ROW, so their Top-k is the one
+# program per short row; with SHORT_ROW lowered the rows above it go through the radix passes.
+LONG_ROW_CASES = [CASES[0], CASES[5]]
+
+
+@pytest.mark.parametrize("collect", [True, False], ids=["collect", "five-launch"])
+@pytest.mark.parametrize("case", LONG_ROW_CASES, ids=case_id)
+def test_device_path_radix_passes(case, collect, monkeypatch):
+    """As above with SHORT_ROW at 64: every longer row's Top-k through the radix passes, in
+    collect mode (the default) or through the five launches."""
+    monkeypatch.setattr(topk_triton, "SHORT_ROW", 64)
+    monkeypatch.setattr(topk_triton, "COLLECT", collect)
+    check_device_path(case)
+
+
+def check_device_path(case):
     setup, dev, cpu_path = runs(case)
     prof, policy, lens, hkv, g, d, page, dtype, *_ = case
     be = dev.backend
@@ -468,6 +488,18 @@ def swapped_profile(profile, prof):
 @pytest.mark.parametrize("swap", [False, True], ids=["captured-profile", "hot-swapped"])
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=case_id)
 def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
+    check_graph_replay(case, swap, nodes, monkeypatch)
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES[:1], ids=case_id)
+def test_cuda_graph_replay_radix_passes(case, monkeypatch):
+    """As below (hot swap, chains switched) with topk_triton.SHORT_ROW at 64: the captured Top-k
+    runs the radix passes in collect mode (the default) on every row longer than 64 keys."""
+    monkeypatch.setattr(topk_triton, "SHORT_ROW", 64)
+    check_graph_replay(case, True, "switched", monkeypatch)
+
+
+def check_graph_replay(case, swap, nodes, monkeypatch):
     """One decode forward captured (the backend's capture hooks, as SGLang's decode graph runner
     calls them), replayed for two steps of different lengths and inputs; each replay equals the
     eager device path on a twin backend (same pools, same inputs). The second step is shorter
