@@ -8,10 +8,11 @@
            (bench/host_probe.py): host work before the graph launch, the graph's GPU time and
            the rest of the measured step (sampling, host after the launch), one bar per run.
   served   bench/e2e_served.py's JSON: TTFT and decode ms per token per backend (two panels).
-  decode   per-layer decode from bench/decode_kernels.py JSONs at one batch size and context (one
-           bar per file, labelled by its name after the names' common start): the 32 layers' time split into layer 0, the 4
-           anchors' scoring, pooling, Top-k and attention, and the 27 reuse layers; FlashInfer
-           dense (32 layers) beside them.
+  decode   per-layer decode from bench/decode_kernels.py JSONs at one batch size, the longest
+           context (one bar per file, labelled by its name after the names' common start): the
+           32 layers' time split into layer 0, the 4 anchors' scoring, pooling, Top-k and
+           attention (the anchor's time less the three stages), and the 27 reuse layers;
+           FlashInfer dense (32 layers) beside them.
 
 Usage: python bench/plot_side_by_side.py prefill OUT.png A.json B.json ...
        python bench/plot_side_by_side.py step OUT.png E2E.json

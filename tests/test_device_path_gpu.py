@@ -494,8 +494,9 @@ def test_cuda_graph_replay_equals_eager(case, swap, nodes, monkeypatch):
 @pytest.mark.parametrize("case", GRAPH_CASES[:1], ids=case_id)
 def test_cuda_graph_replay_radix_passes(case, monkeypatch):
     """As below (hot swap, chains switched) with topk_triton.SHORT_ROW at 64: the captured Top-k
-    runs the radix passes in collect mode (the default) on every row longer than 64 keys."""
+    runs the radix passes in collect mode on every row longer than 64 keys."""
     monkeypatch.setattr(topk_triton, "SHORT_ROW", 64)
+    monkeypatch.setattr(topk_triton, "COLLECT", True)
     check_graph_replay(case, True, "switched", monkeypatch)
 
 
