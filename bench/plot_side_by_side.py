@@ -78,7 +78,10 @@ def decode(dst: str, batch: str, srcs: list) -> None:
     labels, parts = [], {k: [] for k in ("layer0", "score", "pool", "topk", "attn", "reuse")}
     for src in srcs:
         d = json.load(open(src))
-        (r,) = [r for r in d["rows"] if r["batch"] == int(batch)][-1:]  # the longest context
+        rows = [r for r in d["rows"] if r["batch"] == int(batch)]
+        if not rows:
+            sys.exit(f"{src}: no row at batch {batch}")
+        r = rows[-1]  # the longest context (rows run from the shortest)
         ms, n_anchor = r["ms"], d["meta"]["layers"]["anchors"]
         n_reuse = d["meta"]["layers"]["total"] - n_anchor - 1
         labels.append(src.rsplit("/", 1)[-1].removesuffix(".json"))
