@@ -109,6 +109,23 @@ def test_choose_auto_and_single_count(tiny_model_dir, text_file, tmp_path):
     assert len(load_profile(str(out)).anchor_layers) == 4  # only K = n reaches the maximum
 
 
+def test_block_size_bounds_memory_not_the_profile(tiny_model_dir, text_file, tmp_path):
+    """The score blocks (--block-mb; default per device, 8 MiB on CPU) split the statistics'
+    work, not their result: 1 MiB blocks (several per layer at this size) and the default give
+    the same profile."""
+    common = ["--model", str(tiny_model_dir), "--data", str(text_file), "--context-length",
+              "480", "--num-samples", "2", "--tile-size", "16", "--k-min", "8", "--quiet",
+              "--anchors", "2"]
+    outs = []
+    for extra in ([], ["--block-mb", "1"]):
+        out = tmp_path / f"p{len(outs)}.json"
+        assert calibrate_main(common + ["--out", str(out)] + extra) == 0
+        d = json.loads(out.read_text())
+        d.pop("provenance"), d.pop("name")
+        outs.append(d)
+    assert outs[0] == outs[1]
+
+
 def test_collecting_keeps_model_outputs_and_measures_importance(tiny_model_dir):
     from transformers import LlamaForCausalLM
 
@@ -145,4 +162,6 @@ def test_cli_errors_are_reported_not_raised(tiny_model_dir, text_file, tmp_path,
     assert calibrate_main(common + ["--data", str(text_file), "--num-samples", "500"]) == 2
     assert "fewer than --num-samples" in capsys.readouterr().err
     assert calibrate_main(common + ["--data", str(text_file), "--k-min", "0"]) == 2
+    assert calibrate_main(common + ["--data", str(text_file), "--block-mb", "0"]) == 2
+    assert "--block-mb 0" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

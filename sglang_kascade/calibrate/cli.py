@@ -18,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ..config import GRANULARITIES, BudgetConfig, KascadeConfigError
-from ..kernels.selection_torch import DEFAULT_BLOCK_BYTES
+from ..kernels.selection_torch import block_bytes_for
 
 
 def parse_counts(text: str) -> list:
@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--block-mb", type=int, default=DEFAULT_BLOCK_BYTES >> 20,
-                   help="bound on one block of attention scores, MiB (default 256)")
+    p.add_argument("--block-mb", type=int, default=None,
+                   help="bound on one block of attention scores, MiB (default: 8 on CPU, 256 "
+                        "on CUDA, as serving uses)")
     p.add_argument("--stats-out", type=Path, default=None,
                    help="also save sim, importance, W and Top-k recall (torch.save)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -137,6 +138,9 @@ def _versions() -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.block_mb is not None and args.block_mb < 1:
+        print(f"error: --block-mb {args.block_mb}: must be at least 1", file=sys.stderr)
+        return 2
     argv_used = sys.argv[1:] if argv is None else list(argv)
     choose = args.choose
     if choose is None:
@@ -185,9 +189,10 @@ def main(argv=None) -> int:
         bar.set_postfix_str(f"sample {sample + 1}/{len(samples.windows)}")
         bar.update(1)
 
+    block_bytes = (args.block_mb << 20) if args.block_mb else block_bytes_for(args.device)
     stats_started = time.time()
     collector = collect_statistics(model, fp, samples.windows, budget, device=args.device,
-                                   block_bytes=args.block_mb << 20, progress=progress,
+                                   block_bytes=block_bytes, progress=progress,
                                    score_last_tiles=args.score_tiles,
                                    score_tile_size=args.score_tile_size)
     bar.close()
