@@ -41,5 +41,10 @@ def test_quick_suite_against_a_kascade_server(tmp_path):
     assert all(s["completion_tokens"] >= 1 and isinstance(s["prediction"], str)
                for s in samples)
     assert all(s["score"] in (0.0, 1.0) for s in samples)
+    # each row keeps its samples' outcomes by index (for paired comparisons in the report)
+    for r in rows:
+        want = sorted((s["index"], s["score"]) for s in samples
+                      if (s["task"], s["context_length"]) == (r["task"], r["context_length"]))
+        assert r["outcomes"] == [x for _, x in want] and r["prompt_format"] in ("chat", "plain")
     # No accuracy threshold: at --kascade-topk 0.1 the embedded model answered 1 of these 8
     # (docs/results/quick-cpu.md) while dense and kascade at 1.0 answered all 8.

@@ -306,3 +306,47 @@ def test_report_renders_table_and_plot(tmp_path):
     results.save(data, src)
     report.main(["--in", str(src), "--out", str(out), "--plot", "none"])
     assert "*" in out.read_text().split("| quest@0.10 |")[1].split("\n")[0]
+
+
+def test_sign_test_p_values():
+    from sglang_kascade.eval.report import sign_test_p
+
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(1, 0) == 1.0  # one discordant pair says nothing
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)  # 2 * (1/2)^5
+    assert sign_test_p(3, 3) == 1.0
+    assert sign_test_p(1, 9) == pytest.approx(2 * 11 / 1024)  # 2 * (C(10,0) + C(10,1)) / 2^10
+
+
+def test_report_pairs_rows_with_dense_sample_by_sample(tmp_path):
+    """Rows with per-sample outcomes are compared with the dense row prompt by prompt; cells
+    of another seed, sample count or prompt format, or without outcomes, are not paired."""
+    from sglang_kascade.eval import report
+
+    def row(label, policy, task, n, outcomes, **kw):
+        r = {"label": label, "policy": policy, "budget": None if policy == "dense" else 0.1,
+             "task": task, "context_length": n, "score": sum(outcomes) / len(outcomes),
+             "partial": 0.0, "n": len(outcomes), "seed": 0, "model": "M",
+             "prompt_format": "chat", "outcomes": outcomes}
+        r.update(kw)
+        return r
+
+    rows = [row("dense", "dense", "passkey", 1024, [1, 1, 0, 0]),
+            row("dense", "dense", "passkey", 2048, [1, 0, 1, 0]),
+            row("dense", "dense", "two_hop", 1024, [1, 1, 1, 1]),
+            row("kascade@0.10", "kascade", "passkey", 1024, [1, 0, 1, 0]),  # +1 -1
+            row("kascade@0.10", "kascade", "passkey", 2048, [1, 0, 1, 0]),  # equal
+            row("kascade@0.10", "kascade", "two_hop", 1024, [0, 0, 0, 0], seed=1),  # other seed
+            row("oracle@0.10", "oracle", "passkey", 1024, [0, 0, 0, 0]),  # -2
+            row("oracle@0.10", "oracle", "two_hop", 1024, [0, 0], prompt_format="plain")]
+    legacy = dict(rows[3], label="old@0.10", policy="old")
+    del legacy["outcomes"]
+    src = tmp_path / "acc.json"
+    results.save(results.merge(results.empty(), rows + [legacy]), src)
+    out = tmp_path / "acc.md"
+    assert report.main(["--in", str(src), "--out", str(out), "--plot", "none"]) == 0
+    md = out.read_text()
+    assert "## Paired against dense" in md
+    assert "| kascade@0.10 | 2 | 8 | 3 | 3 | 1 | 1 | 1.000 |" in md
+    assert "| oracle@0.10 | 1 | 4 | 0 | 2 | 0 | 2 | 0.500 |" in md
+    assert "| old@0.10 | " not in md.split("## Paired against dense")[1].split("##")[0]

@@ -225,7 +225,11 @@ def run_suite(args, info, tokenizer, log=print) -> tuple[list, dict, list]:
             "label": label, "policy": policy, "budget": budget, "task": task,
             "context_length": length, "score": round(sum(r["score"] for r in recs) / n, 4),
             "partial": round(sum(r["partial"] for r in recs) / n, 4), "n": n,
-            "seed": args.seed, "model": model,
+            "seed": args.seed, "model": model, "prompt_format": "chat" if chat else "plain",
+            # each sample's exact score by index: the same (task, length, index, seed, format)
+            # is the same prompt in every run, so reports can pair configurations sample by
+            # sample (report.py, "Paired against ...")
+            "outcomes": [r["score"] for r in sorted(recs, key=lambda r: r["index"])],
         })
     run = {
         "label": label, "policy": policy, "budget": budget,

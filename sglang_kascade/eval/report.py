@@ -4,7 +4,8 @@
         --out docs/results/accuracy.md            # also writes docs/results/accuracy.png
 
 The page has the average score per policy and budget (per task, averaged over context lengths,
-and over all cells), the average per context length, every (task, length) cell, the plot of the
+and over all cells), each row paired sample by sample with the dense baseline where the results
+hold per-sample outcomes, the average per context length, every (task, length) cell, the plot of the
 average score against the budget (one line per policy; non-sparse baselines such as dense as
 horizontal lines), and the commands that produced the numbers.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -70,6 +72,64 @@ class Table:
         return sorted({r.get("n") for r in self.rows if r.get("n") is not None})
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test on the discordant pairs (McNemar's exact test): the chance of
+    a split at least this uneven if either side were equally likely to win each pair."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(tab: Table, base: str, label: str) -> dict | None:
+    """Sample-by-sample comparison of ``label`` with ``base`` over the cells both hold with
+    per-sample outcomes of the same prompts (same seed, sample count and prompt format)."""
+    both = wins = losses = neither = cells = 0
+    for (lab, t, n), r in tab.cell.items():
+        b = tab.cell.get((base, t, n))
+        if lab != label or b is None or "outcomes" not in r or "outcomes" not in b:
+            continue
+        if (r.get("seed"), len(r["outcomes"]), r.get("prompt_format")) != (
+                b.get("seed"), len(b["outcomes"]), b.get("prompt_format")):
+            continue
+        cells += 1
+        for x, y in zip(r["outcomes"], b["outcomes"]):
+            x, y = x >= 1, y >= 1
+            both += x and y
+            neither += not x and not y
+            wins += x and not y
+            losses += y and not x
+    if not cells:
+        return None
+    return dict(cells=cells, samples=both + wins + losses + neither, both=both, neither=neither,
+                wins=wins, losses=losses, p=sign_test_p(wins, losses))
+
+
+def paired_section(tab: Table) -> list:
+    bases = [lab for lab in tab.labels if tab.meta[lab][0] == "dense"]
+    if not bases:
+        return []
+    base = bases[0]
+    lines = []
+    for lab in tab.labels:
+        if lab == base:
+            continue
+        c = paired(tab, base, lab)
+        if c:
+            lines.append(f"| {lab} | {c['cells']} | {c['samples']} | {c['both']} | "
+                         f"{c['neither']} | {c['wins']} | {c['losses']} | {c['p']:.3f} |")
+    if not lines:
+        return []
+    return [f"## Paired against {base}", "",
+            f"The same prompts, sample by sample (cells where both rows hold per-sample outcomes "
+            f"with the same seed, sample count and prompt format). *Only this row* / *only "
+            f"{base}*: samples one answered exactly and the other did not; *p*: two-sided exact "
+            "sign test on those (a small p says the difference is unlikely to be chance).", "",
+            f"| label | cells | samples | both right | both wrong | only this row | only {base} "
+            "| p |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + lines + [""]
+
+
 def markdown(data: dict, source: str, plot_name: str | None, command: str,
              title: str | None = None, note: str | None = None) -> str:
     tab = Table(data.get("rows", []))
@@ -106,6 +166,8 @@ def markdown(data: dict, source: str, plot_name: str | None, command: str,
     out.append("")
     if plot_name:
         out += [f"![average score against budget]({plot_name})", ""]
+
+    out += paired_section(tab)
 
     out += ["## Average over tasks, by context length", ""]
     out.append("| label | " + " | ".join(str(n) for n in tab.lengths) + " |")
