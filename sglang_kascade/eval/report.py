@@ -4,10 +4,10 @@
         --out docs/results/accuracy.md            # also writes docs/results/accuracy.png
 
 The page has the average score per policy and budget (per task, averaged over context lengths,
-and over all cells), each row paired sample by sample with the dense baseline where the results
-hold per-sample outcomes, the average per context length, every (task, length) cell, the plot of the
-average score against the budget (one line per policy; non-sparse baselines such as dense as
-horizontal lines), and the commands that produced the numbers.
+and over all cells), each row paired sample by sample with the dense baseline where the
+results hold per-sample outcomes, the average per context length, every (task, length) cell,
+the plot of the average score against the budget (one line per policy; non-sparse baselines
+such as dense as horizontal lines), and the commands that produced the numbers.
 """
 
 from __future__ import annotations
@@ -84,14 +84,15 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 def paired(tab: Table, base: str, label: str) -> dict | None:
     """Sample-by-sample comparison of ``label`` with ``base`` over the cells both hold with
-    per-sample outcomes of the same prompts (same seed, sample count and prompt format)."""
+    per-sample outcomes of the same prompts (same model, seed, sample count, prompt format)."""
     both = wins = losses = neither = cells = 0
     for (lab, t, n), r in tab.cell.items():
         b = tab.cell.get((base, t, n))
         if lab != label or b is None or "outcomes" not in r or "outcomes" not in b:
             continue
-        if (r.get("seed"), len(r["outcomes"]), r.get("prompt_format")) != (
-                b.get("seed"), len(b["outcomes"]), b.get("prompt_format")):
+        same = ("model", "seed", "prompt_format")
+        if [r.get(k) for k in same] + [len(r["outcomes"])] != (
+                [b.get(k) for k in same] + [len(b["outcomes"])]):
             continue
         cells += 1
         for x, y in zip(r["outcomes"], b["outcomes"]):
@@ -123,7 +124,7 @@ def paired_section(tab: Table) -> list:
         return []
     return [f"## Paired against {base}", "",
             f"The same prompts, sample by sample (cells where both rows hold per-sample outcomes "
-            f"with the same seed, sample count and prompt format). *Only this row* / *only "
+            f"with the same model, seed, sample count and prompt format). *Only this row* / *only "
             f"{base}*: samples one answered exactly and the other did not; *p*: two-sided exact "
             "sign test on those (a small p says the difference is unlikely to be chance).", "",
             f"| label | cells | samples | both right | both wrong | only this row | only {base} "
