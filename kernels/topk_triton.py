@@ -53,7 +53,7 @@ CHUNK_OVERRIDE = int(os.environ.get("SGLANG_KASCADE_TOPK_CHUNK", "0") or 0)
 SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
 # Collect mode (token-indexed rows): three full passes instead of five (module docstring). On by
 # default since measured on the H100 (session 13, docs/results/kernels-h100.md): the Top-k alone
-# at 128K 438 -> 296 us at batch 16, 58 -> 49 us at batch 1. SGLANG_KASCADE_TOPK_COLLECT=0 turns
+# at 128K 438 -> 296 us at batch 16, 60 -> 49 us at batch 1. SGLANG_KASCADE_TOPK_COLLECT=0 turns
 # it off, for A/B runs (bench/e2e_bench.sh kascade-nocollect).
 COLLECT = os.environ.get("SGLANG_KASCADE_TOPK_COLLECT", "1") != "0"
 
