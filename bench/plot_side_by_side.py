@@ -94,15 +94,16 @@ def decode(dst: str, batch: str, srcs: list) -> None:
     if len(labels) > 1:  # the names' common start said once, in the title
         cut = len(os.path.commonprefix(labels))
         labels = [name[cut:] or name for name in labels]
-    dense = d["meta"]["layers"]["total"] * ms["dense"]
+    n_layers = d["meta"]["layers"]["total"]
+    dense = n_layers * ms["dense"]
     names = {"layer0": "layer 0 (dense + selection)", "score": f"{n_anchor} anchors: scoring",
              "pool": f"{n_anchor} anchors: pooling", "topk": f"{n_anchor} anchors: Top-k",
              "attn": f"{n_anchor} anchors: attention", "reuse": f"{n_reuse} reuse layers"}
     stacked(dst, labels + ["FlashInfer dense"],
             [(names[k], v + [0]) for k, v in parts.items()]
-            + [("32 dense layers", [0] * len(labels) + [dense])],
+            + [(f"{n_layers} dense layers", [0] * len(labels) + [dense])],
             ["0.3", "tab:orange", "gold", "tab:red", "tab:purple", "tab:blue", "k"],
-            "ms for the 32 layers of one decode step",
+            f"ms for the {n_layers} layers of one decode step",
             f"Decode attention, batch {batch}, {r['context']} tokens, Llama-3.1-8B shapes, "
             f"{d['meta']['device']}")
 

@@ -221,7 +221,7 @@ class KascadeAttnBackend(AttentionBackend):
         seq = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
         # filled in the graph (init_forward_metadata_in_graph); replays: rows checked
         self.device_fwd = self.device_path.plan_graph(
-            seq, fb.req_pool_indices, None if in_capture else fb.seq_lens)
+            seq, None if in_capture else (fb.req_pool_indices, fb.seq_lens))
         if not in_capture:
             self._count(True, seq)
             self._note_device_forward(len(seq), graph=True, decode=True)

@@ -43,6 +43,11 @@ from .config import K_FOR_SLACK
 
 logger = logging.getLogger("sglang_kascade")
 
+
+def _row_src(req_pool_indices, seq_lens) -> tuple:
+    """Which static row tensors a decode graph's plan kernel reads (their storage)."""
+    return req_pool_indices.data_ptr(), seq_lens.data_ptr()
+
 POLICIES = ("kascade", "kascade_identity", "oracle")  # token-granularity per-KV-head pooled Top-k
 
 
@@ -262,20 +267,18 @@ class DevicePath:
         return g is None or (seq_lens_sum + g["pad_keys"] <= g["tokens"]
                              and max_seq_len <= g["lmax"])
 
-    def plan_graph(self, seq_lens_cpu: list, req_pool_indices=None,
-                   seq_lens=None) -> DeviceForward:
+    def plan_graph(self, seq_lens_cpu: list, replay_rows: tuple | None = None) -> DeviceForward:
         """Plan of a captured or replayed decode forward, on the host: the static tensors' views
         and the capacity. Their contents come from the in-graph plan kernel (fill_graph_rows),
         captured at the graph's head, so a replay copies nothing. Every request goes through the
         kernels (k == seq_len selects every key: the dense result), since a graph cannot switch
-        paths per step. ``req_pool_indices`` / ``seq_lens`` (SGLang's static rows, at replays):
-        checked to be tensors a graph of this batch size captured (else its plan kernel would
-        read rows SGLang no longer writes: refused, not served stale)."""
+        paths per step. ``replay_rows`` (at replays: SGLang's static ``(req_pool_indices,
+        seq_lens)``): checked to be tensors a graph of this batch size captured (else its plan
+        kernel would read rows SGLang no longer writes: refused, not served stale)."""
         g = self.graph_state
         bs = len(seq_lens_cpu)
         src = self.graph_row_src.get(bs)
-        if src and seq_lens is not None and (req_pool_indices.data_ptr(),
-                                             seq_lens.data_ptr()) not in src:
+        if src and replay_rows is not None and _row_src(*replay_rows) not in src:
             raise RuntimeError("kascade: SGLang replays a decode graph with other row buffers "
                                "than it captured (its plan kernel reads the captured ones); "
                                "this SGLang version is not supported with decode graphs: start "
@@ -306,7 +309,7 @@ class DevicePath:
             graph_rows_torch(*args)
         fwd.rows_filled = True
         self.graph_row_src.setdefault(seq_lens.shape[0], set()).add(
-            (req_pool_indices.data_ptr(), seq_lens.data_ptr()))  # one pair per captured graph
+            _row_src(req_pool_indices, seq_lens))  # one pair per captured graph
 
     def _buffers(self, fwd: DeviceForward, hq: int, hkv: int, d: int):
         from .kernels.decode_plan import DecodeBuffers

@@ -70,9 +70,9 @@ def test_plan_graph_fills_static_rows_and_clamps_to_capacity():
     dp.fill_graph_rows(dp.plan_graph([4096]), rows, lens)
     assert g["topk"][:1].tolist() == [512]
     # replays must hand over the row tensors the graph of that size captured
-    dp.plan_graph([4000], rows, lens)
+    dp.plan_graph([4000], (rows, lens))
     with pytest.raises(RuntimeError, match="other row buffers"):
-        dp.plan_graph([4000], rows, torch.tensor([4000]))
+        dp.plan_graph([4000], (rows, torch.tensor([4000])))
 
 
 @pytest.mark.parametrize("fraction,k_min,round_to", [(0.1, 128, 1), (0.3, 16, 1), (0.07, 5, 8),
