@@ -9,6 +9,9 @@ alike:
   of the backend's per-step planning; kascade's includes any FlashInfer planning it calls).
 At exit it prints one line ``host-probe {json}`` with medians in ms over the decode replays
 (after the first ``SKIP`` replays, which include compilation and warm-up).
+``KASCADE_HOST_PROBE_KERNELS=N``: also the GPU time of every kernel name inside N replays after
+the first ``SKIP`` (torch.profiler / CUPTI), per replay, under ``kernels`` (where the captured
+step's time goes, the same graph the server replays).
 """
 
 import atexit
@@ -18,6 +21,7 @@ import statistics
 import time
 
 SKIP = int(os.environ.get("KASCADE_HOST_PROBE_SKIP", "8"))
+KERNEL_REPLAYS = int(os.environ.get("KASCADE_HOST_PROBE_KERNELS", "0"))
 
 
 def install() -> None:
@@ -26,6 +30,7 @@ def install() -> None:
 
     state = {"entry": None}
     prep, meta, events = [], {}, []
+    kernels = {"replays": 0, "us": {}}  # name -> (launches, GPU us) over the profiled replays
 
     def wrap_forward(original):
         def forward(self, forward_batch, *args, **kwargs):
@@ -39,11 +44,27 @@ def install() -> None:
             if state["entry"] is not None:
                 prep.append(t - state["entry"])
                 state["entry"] = None
+            if SKIP <= len(events) < SKIP + KERNEL_REPLAYS:
+                return profiled(self, *args, **kwargs)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             out = original(self, *args, **kwargs)
             end.record()
             events.append((start, end))
+            return out
+
+        def profiled(self, *args, **kwargs):  # one replay under CUPTI (not in graph_gpu_ms)
+            from torch.profiler import ProfilerActivity, profile
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                out = original(self, *args, **kwargs)
+                torch.cuda.synchronize()
+            kernels["replays"] += 1
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0:
+                    n, t = kernels["us"].get(e.name[:60], (0, 0.0))
+                    kernels["us"][e.name[:60]] = (n + 1, t + e.device_time)
+            events.append(None)
             return out
         return replay
 
@@ -73,11 +94,17 @@ def install() -> None:
 
     def report():
         torch.cuda.synchronize()
-        gpu = [s.elapsed_time(e) / 1e3 for s, e in events]
-        print("host-probe " + json.dumps({
-            "replays": len(events), "skip": SKIP,
-            "host_prep_ms": med_ms(prep), "graph_gpu_ms": med_ms(gpu),
-            "metadata_ms": {k: med_ms(v) for k, v in meta.items() if v},
-            "metadata_calls": {k: len(v) for k, v in meta.items()}}), flush=True)
+        gpu = [ev[0].elapsed_time(ev[1]) / 1e3 for ev in events if ev is not None]
+        line = {"replays": len(events), "skip": SKIP,
+                "host_prep_ms": med_ms(prep), "graph_gpu_ms": med_ms(gpu),
+                "metadata_ms": {k: med_ms(v) for k, v in meta.items() if v},
+                "metadata_calls": {k: len(v) for k, v in meta.items()}}
+        if kernels["replays"]:
+            r = kernels["replays"]
+            per = {name: dict(launches=n / r, us=round(t / r, 1)) for name, (n, t) in
+                   sorted(kernels["us"].items(), key=lambda kv: -kv[1][1])}
+            line["kernels"] = dict(replays=r, busy_us=round(sum(v["us"] for v in per.values()), 1),
+                                   per_kernel=per)
+        print("host-probe " + json.dumps(line), flush=True)
 
     atexit.register(report)

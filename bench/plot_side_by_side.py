@@ -7,7 +7,9 @@
   step     a decode step of bench_one_batch from an e2e JSON whose runs carry ``host_probe``
            (bench/host_probe.py): host work before the graph launch, the graph's GPU time and
            the rest of the measured step (sampling, host after the launch), one bar per run.
-  served   bench/e2e_served.py's JSON: TTFT and decode ms per token per backend (two panels).
+  served   bench/e2e_served.py's JSON (the served sweep): per cell (concurrency x context),
+           kascade beside the baseline for TTFT p50, ITL p50 and output tokens/s, the speedup
+           annotated; cold server and warm (two rows of panels).
   decode   per-layer decode from bench/decode_kernels.py JSONs at one batch size, the longest
            context (one bar per file, labelled by its name after the names' common start): the
            32 layers' time split into layer 0, the 4 anchors' scoring, pooling, Top-k and
@@ -23,6 +25,7 @@ Usage: python bench/plot_side_by_side.py prefill OUT.png A.json B.json ...
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -30,6 +33,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 
 def stacked(dst, labels, parts, colors, ylabel, title):
@@ -125,27 +129,100 @@ def step(dst: str, src: str) -> None:
             f"{d['device'].split(' (')[0]}")
 
 
+# The served sweep's headline metrics: (title, stats key, percentile or None, unit, lower is better)
+SERVED_METRICS = [("TTFT p50", "ttft_s", "p50", "s", True),
+                  ("ITL p50", "itl_ms", "p50", "ms", True),
+                  ("output tokens/s", "output_tokens_per_s", None, "tokens/s", False)]
+
+
+def minor_label(v: float, _pos) -> str:
+    """Log-axis minor ticks: only 2 and 5 of each decade are labelled (all nine crowd)."""
+    if v <= 0:
+        return ""
+    lead = round(v / 10 ** math.floor(math.log10(v)))
+    return f"{v:g}" if lead in (2, 5) else ""
+
+
+def served_backends(d: dict) -> tuple:
+    """(kascade, baseline): kascade if it ran, else the first backend; the baseline is the first
+    other one (None for a single-backend run)."""
+    names = d["meta"]["backends"]
+    k = "kascade" if "kascade" in names else names[0]
+    others = [b for b in names if b != k]
+    return k, (others[0] if others else None)
+
+
+def served_rows(d: dict, backend: str, label: str) -> dict:
+    """{cell: row} for one backend and pass label; for "warm", the last warm pass that ran."""
+    out = {}
+    for r in d["rows"]:
+        if r["backend"] != backend or r["pass_label"] != label:
+            continue
+        prev = out.get(r["cell"])
+        if prev is None or (r["status"] != "skipped"
+                            and (prev["status"] == "skipped"
+                                 or r["pass_index"] > prev["pass_index"])):
+            out[r["cell"]] = r
+    return out
+
+
+def served_value(row, key: str, q):
+    """A row's figure, or None where the cell did not run (skipped, no requests answered)."""
+    if row is None or "stats" not in row:
+        return None
+    v = row["stats"][key]
+    return v.get(q) if q else v
+
+
+def served_speedup(k, b, lower_better: bool):
+    """Above 1: kascade better (baseline / kascade for times, kascade / baseline for rates)."""
+    if k is None or b is None or k <= 0 or b <= 0:
+        return None
+    return b / k if lower_better else k / b
+
+
 def served(dst: str, src: str) -> None:
-    """bench/e2e_served.py's JSON: TTFT and decode time per token, median per backend and
-    length, two panels side by side."""
+    """bench/e2e_served.py's JSON: per cell, kascade beside the baseline for TTFT p50, ITL p50
+    and output tokens/s (log scale: cells span orders of magnitude), the speedup above each
+    pair; one row of panels for the cold server, one for the warm."""
     d = json.load(open(src))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    lines = d["summary"]
-    width = 0.8 / len(d["backends"])
-    for ax, key, unit in ((axes[0], "ttft_s", "TTFT (s)"),
-                          (axes[1], "decode_ms_per_token", "decode (ms per token)")):
-        for i, b in enumerate(d["backends"]):
-            xs = [n + i * width for n in range(len(lines))]
-            ys = [line["medians"][b][key] for line in lines]
-            ax.bar(xs, ys, width, label=b)
-            for x, y in zip(xs, ys):
-                ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks([n + width * (len(d["backends"]) - 1) / 2 for n in range(len(lines))])
-        ax.set_xticklabels([f"{line['length']} tokens" for line in lines])
-        ax.set_ylabel(unit)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Served, one request at a time ({d['device']}, {d['model'].split('/')[-1]}, "
-                 f"{d['new_tokens']} new tokens): medians", fontsize=9)
+    meta, (kas, base) = d["meta"], served_backends(d)
+    backends = [b for b in (kas, base) if b]
+    cells = meta["cells"]
+    fig, axes = plt.subplots(2, len(SERVED_METRICS), figsize=(4.6 * len(SERVED_METRICS), 7.5),
+                             squeeze=False)
+    width = 0.8 / len(backends)
+    colors = {kas: "tab:blue", base: "0.55"}
+    for row_axes, label in zip(axes, ("cold", "warm")):
+        rows = {b: served_rows(d, b, label) for b in backends}
+        for ax, (title, key, q, unit, lower) in zip(row_axes, SERVED_METRICS):
+            vals = {b: [served_value(rows[b].get(c), key, q) for c in cells] for b in backends}
+            for i, b in enumerate(backends):
+                xs = [n + (i - (len(backends) - 1) / 2) * width for n in range(len(cells))]
+                ax.bar([x for x, v in zip(xs, vals[b]) if v], [v for v in vals[b] if v], width,
+                       label=b, color=colors[b])
+            ax.set_yscale("log")
+            present_all = [v for b in backends for v in vals[b] if v] or [1.0]
+            top = max(present_all)
+            ax.set_ylim(min(present_all) / 2, top * 4)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(minor_label))
+            for n in range(len(cells)):
+                ratio = served_speedup(vals[kas][n], vals[base][n], lower) if base else None
+                present = [vals[b][n] for b in backends if vals[b][n]]
+                text = (f"{ratio:.2f}x" if ratio else "") if present else "not run"
+                ax.text(n, max(present) * 1.25 if present else top, text, ha="center",
+                        va="bottom", fontsize=8, weight="bold" if ratio else "normal")
+            ax.set_xticks(range(len(cells)))
+            ax.set_xticklabels(cells, fontsize=8)
+            ax.set_title(f"{label}: {title}", fontsize=9)
+            ax.set_ylabel(unit)
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Served sweep, {meta['device_name']}, {meta['model'].split('/')[-1]}, "
+                 f"{meta['new_tokens']} new tokens per request (xN: N); "
+                 f"cells: concurrency x context; "
+                 f"above the bars: kascade's speedup over {base} (>1: kascade better)\n"
+                 f"{meta['date']}, commit {meta['commit'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 

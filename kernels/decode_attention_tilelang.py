@@ -13,7 +13,7 @@ starts at ``sel_slot[row, tok_off[b]]``), gathers ``block_n`` K and V rows from 
 keeps an online softmax for the G query heads of the KV head at once, as the rows of two
 ``T.gemm`` (padded to ``block_g(G)`` >= 16 rows). The split partials go to
 ``buf.step(B).attn_o`` / ``attn_lse`` and the Triton reduce (``combine_splits``) merges them (the
-Triton kernel merges in its last split since session 8; the TileLang one was measured before).
+Triton kernel merges in its last split; the TileLang one was measured with the separate reduce).
 
 Compiled once per (Hkv, G, D, dtype, block_n, num_stages, num_threads): batch, splits, pool slots
 and tokens are symbolic (``T.dynamic``) and topk / tok_off / head_map / the scale are read at run

@@ -164,7 +164,13 @@ def _attend(q, k_ptr, v_ptr, slot_ptr, pos_ptr, logits_ptr, sel_base, off, k_b, 
     return m_i, l_i, acc
 
 
-@triton.jit
+# Run-time values are not specialized on (value 1, divisibility by 16: a compiled variant each):
+# the split count, the token-indexed rows' stride (the buffers' capacity) and the partials' lse
+# strides (splits per row); the head map and the gate are scalar loads read at any offset (a
+# layer's row of the profile tables). Their addresses follow run-time row starts or are scalar,
+# so nothing vectorizes on them. warmup.py compiles every remaining variant at start-up.
+@triton.jit(do_not_specialize=["SPLITS", "s_sh", "s_lh", "s_eb", "s_eh"],
+            do_not_specialize_on_alignment=["head_map_ptr", "gate_ptr"])
 def _sparse_decode_kernel(
     q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, tok_off_ptr, topk_ptr, head_map_ptr, logits_ptr,
     po_ptr, plse_ptr, out_ptr, ctr_ptr, gate_ptr,
@@ -226,7 +232,7 @@ def _sparse_decode_kernel(
                          s_outb, s_outh, G=G, GP=GP, DV=DV, S_CH=S_CH)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits", "s_eb", "s_eh"])  # as _sparse_decode_kernel
 def _combine_kernel(
     po_ptr, plse_ptr, out_ptr, n_splits,
     s_ob, s_oh, s_os, s_eb, s_eh, s_outb, s_outh,
@@ -256,6 +262,18 @@ def _combine_kernel(
     tl.store(out_ptr + b * s_outb + h * s_outh + offs_dv, (acc / den).to(out_ptr.dtype.element_ty))
 
 
+def combine_block(n_splits: int) -> int:
+    """_combine_kernel's BLOCK_S for ``n_splits`` partials (a constexpr: warmup.py compiles each
+    value it can take)."""
+    return min(COMBINE_BLOCK_S, triton.next_power_of_2(n_splits))
+
+
+def merge_chunk(group: int, splits: int) -> int:
+    """_sparse_decode_kernel's S_CH for ``splits``: splits merged per step, one
+    [GP, S_CH, DV] load (a constexpr: warmup.py compiles each value it can take)."""
+    return min(max(1, 64 // triton.next_power_of_2(group)), triton.next_power_of_2(splits))
+
+
 def combine_splits(po, pe, n_splits: int, out):
     """out[b, h] = the log-sum-exp-weighted merge of n_splits partials (po [B, Hq, S, Dv] fp32
     normalised outputs, pe [B, Hq, S] log2-domain lse; -inf marks an empty split)."""
@@ -264,7 +282,7 @@ def combine_splits(po, pe, n_splits: int, out):
         po, pe, out, n_splits,
         po.stride(0), po.stride(1), po.stride(2), pe.stride(0), pe.stride(1),
         out.stride(0), out.stride(1),
-        DV=out.shape[-1], BLOCK_S=min(COMBINE_BLOCK_S, triton.next_power_of_2(n_splits)),
+        DV=out.shape[-1], BLOCK_S=combine_block(n_splits),
         num_warps=4,
     )
     return out
@@ -306,7 +324,7 @@ def decode_sparse_attention(
     splits = min(cfg.pop("splits"), st.splits)  # the step's scratch holds st.splits partials
     merge = cfg.pop("merge", splits <= MERGE_MAX_SPLITS)
     gp = triton.next_power_of_2(g)
-    s_ch = min(max(1, 64 // gp), triton.next_power_of_2(splits))  # merge: [gp, s_ch, dv] loads
+    s_ch = merge_chunk(g, splits)  # merge: [gp, s_ch, dv] loads
     _sparse_decode_kernel[(splits, hkv, b_sz)](
         q, k_pool, v_pool, sel_slot, pos, tok_off, topk, head_map, lg, po, pe, out, buf.attn_ctr,
         gate, scale * LOG2E,

@@ -33,7 +33,14 @@ from .topk_triton import NPASS, always, topk_select
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Run-time values are not specialized on (value 1, divisibility by 16: a compiled variant each):
+# the Top-k scratch rows (grown with the eager buffers), the token-indexed row stride (the
+# buffers' capacity) and the per-chunk partials' strides (chunks per row: batch and context). The
+# gate is one scalar load, read at any offset (a captured layer's row of the profile table). The
+# stores these strides address are scalar or follow a run-time row start, so nothing vectorizes
+# on them. warmup.py compiles every remaining variant at start-up.
+@triton.jit(do_not_specialize=["n_hist_rows", "s_lh", "s_pb", "s_ph", "s_pg", "s_eb", "s_eh"],
+            do_not_specialize_on_alignment=["gate_ptr"])
 def _score_kernel(
     q_ptr, k_ptr, r2t_ptr, req_idx_ptr, seq_lens_ptr, tok_off_ptr, logits_ptr, pm_ptr, pl_ptr,
     v_ptr, o_ptr, lse_ptr, gate_ptr, hist_ptr, ctr_ptr,
@@ -101,7 +108,8 @@ def _score_kernel(
             tl.store(lse_ptr + b * s_eb + heads * s_eh + c, m_i + tl.log2(l_i), mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "s_lh", "s_pb", "s_ph", "s_pg", "s_oh"],
+            do_not_specialize_on_alignment=["gate_ptr"])  # as _score_kernel
 def _pool_kernel(
     logits_ptr, pm_ptr, pl_ptr, seq_lens_ptr, tok_off_ptr, pooled_ptr, gate_ptr,
     n_chunks,

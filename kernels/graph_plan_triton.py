@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# bs and kmax are not specialized on (value 1, divisibility by 16): one variant per BLOCK, i.e.
+# per power of two of the captured batch sizes.
+@triton.jit(do_not_specialize=["bs", "kmax"])
 def _graph_plan_kernel(req_src, seq_src, req_dst, seq_dst, off_dst, topk_dst, budget_f,
                        budget_i, bs, kmax, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)

@@ -40,7 +40,11 @@ def _attend_slots(q, k_ptr, v_ptr, slot, ok, keep, m_i, l_i, acc, sm_scale_log2,
     return online_softmax_step(s, v, m_i, l_i, acc)
 
 
-@triton.jit
+# The head map is a scalar load from a layer's row of the profile table (any offset): its
+# alignment is not specialized on. The selection's strides are (kept: its rows are loaded
+# contiguously); device_path pads its last dimension to a multiple of 16, so they take one value
+# class for every budget.
+@triton.jit(do_not_specialize_on_alignment=["head_map_ptr"])
 def _prefill_sparse_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, r2t_ptr, req_idx_ptr,
     tile_req_ptr, tile_start_ptr, tile_q_lo_ptr, tile_q_len_ptr, tile_p_lo_ptr,

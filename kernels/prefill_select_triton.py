@@ -94,7 +94,7 @@ def _lse_kernel(
     tl.store(lse_ptr + rows * s_en + heads * s_eh, m_i + tl.log2(l_i), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t0"])  # the block's first tile: a run-time value
 def _pool_kernel(
     q_ptr, k_ptr, r2t_ptr, req_idx_ptr,
     tile_req_ptr, tile_start_ptr, tile_q_lo_ptr, tile_q_len_ptr, tile_p_lo_ptr,
@@ -143,8 +143,8 @@ def default_launch(rows: int) -> dict:
     queries x the group). ``launch=`` of prefill_select overrides them.
 
     128 rows (Llama-3.1-8B: tiles of 32 x groups of 4): the fastest of
-    ``python3 -P bench/tune_kernels.py prefill_select --contexts 32768`` on an H200 (session 11,
-    docs/results/kernels-h100.md): log-sum-exp 11.69 -> 10.66 ms (128 keys per step, 8 warps),
+    ``python3 -P bench/tune_kernels.py prefill_select --contexts 32768`` on an H200
+    (docs/results/kernels-h100.md): log-sum-exp 11.69 -> 10.66 ms (128 keys per step, 8 warps),
     pooled pass 15.47 -> 12.49 ms (keys-major: the pooling sums along rows of the transposed
     logits, not down columns across warps; 3 stages). Other tile sizes keep the first
     settings (not swept)."""
@@ -228,8 +228,12 @@ def prefill_select(
         q = q.contiguous()
     lse = prefill_lse(q, k_pool, req_to_token, req_idx, tiles, tile_size, scale,
                       torch.empty(n, hq, dtype=torch.float32, device=q.device), launch)
-    block = max(1, min(nt, block_bytes // (hkv * max_start * 4)))
-    pooled = torch.empty(block, hkv, max_start, dtype=torch.float32, device=q.device)
+    # Rows padded to a multiple of 16 keys: the pooled and Top-k kernels' row strides then keep
+    # one specialization (divisible by 16: contiguous loads and stores vectorize) for every
+    # max_start, so no batch compiles a variant of its own (warmup.py).
+    row = -(-max_start // 16) * 16
+    block = max(1, min(nt, block_bytes // (hkv * row * 4)))
+    pooled = torch.empty(block, hkv, row, dtype=torch.float32, device=q.device)
     pos = torch.empty(block, hkv, kmax, dtype=torch.int32, device=q.device)
     hist = torch.empty(4, block * hkv, 256, dtype=torch.int32, device=q.device)
     ctr = torch.empty(block * hkv, 2, dtype=torch.int32, device=q.device)

@@ -16,13 +16,17 @@ after the first two digits, a third full pass writes the keys above the 16-bit p
 selected and collects the keys on it (the candidates: usually a small share of the row) into
 the row's own output entries after them, with their bits in the slot buffer; one program per
 row then finds the last two digits among the candidates and compacts the rest of the selection
-in place. Three reads of the scores and four launches instead of five of each.
+in place. Three reads of the scores instead of five. A row with more than ``CAND_MAX``
+candidates (nearly equal scores: a model with random weights, a long run of one repeated token)
+would leave one program a serial pass over most of the row; such rows finish through chunked
+passes 2 and 3 and a compaction of the candidates instead, launched after the per-row program and
+skipped on the device by every other row.
 
 Short rows (``seq_lens[b] <= short_row``, default SHORT_ROW) are selected whole by one program of
 the first launch: its four passes histogram in registers (re-reading the row from L2), and it
 writes the selection in position order with no atomics; the other four launches skip those rows.
 Five dependent launches are pure latency on a few short rows (a 4K-context anchor at batch 1):
-measured 55 us less per batch-1 decode step at 4K (docs/results/kernels-h100.md, session 8).
+measured 55 us less per batch-1 decode step at 4K (docs/results/kernels-h100.md).
 
 Rows are either uniform (``scores`` [B, Hkv, L], ``pos`` [B, Hkv, kmax]: prefill tiles) or
 token-indexed (``tok_off`` given: ``scores`` and ``pos`` [Hkv, tokens], request b's row of KV head
@@ -51,10 +55,14 @@ NUM_SMS = 132  # H100 SXM; the chunk rule wants about four waves of programs
 # A/B of the chunk rule in end-to-end runs (bench/e2e_bench.sh): a fixed chunk for every launch
 CHUNK_OVERRIDE = int(os.environ.get("SGLANG_KASCADE_TOPK_CHUNK", "0") or 0)
 SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
+# Collect mode: rows with more candidates than this are finished by the chunked passes, not by
+# one program (its serial cost grows with the candidates: with nearly equal scores, the row)
+CAND_MAX = SHORT_ROW
 # Collect mode (token-indexed rows): three full passes instead of five (module docstring). On by
-# default since measured on the H100 (session 13, docs/results/kernels-h100.md): the Top-k alone
-# at 128K 438 -> 296 us at batch 16, 60 -> 49 us at batch 1. SGLANG_KASCADE_TOPK_COLLECT=0 turns
-# it off, for A/B runs (bench/e2e_bench.sh kascade-nocollect).
+# default as measured on the H100 (bench/topk_rows.py, bench/results/topk_rows_h100.json): the
+# Top-k alone at 128K 306 vs 429 us at batch 16, 57 vs 65 us at batch 1; rows of nearly equal
+# scores 540 vs 429 and 78 vs 65 us. SGLANG_KASCADE_TOPK_COLLECT=0 turns it off, for A/B runs
+# (bench/e2e_bench.sh kascade-nocollect).
 COLLECT = os.environ.get("SGLANG_KASCADE_TOPK_COLLECT", "1") != "0"
 
 
@@ -182,7 +190,7 @@ def _row_start(tok_off_ptr, b, row, hkv, s_h, RAGGED: tl.constexpr):
 
 
 @triton.jit
-def _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK: tl.constexpr):
+def _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK):
     """Where a (chunk, row) program of the chunked launches stands: (row, request b, the row's
     length n, the chunk's first position, whether the chunk holds keys and the gate is open)."""
     c, row = tl.program_id(0), tl.program_id(1)
@@ -193,14 +201,40 @@ def _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _overflows(ctr_ptr, row, cand_max):
+    """Collect mode: whether the row's candidates (the keys on the threshold's 16-bit prefix,
+    counted by the collecting pass) are too many for the one program of _cand_select_kernel, so
+    the chunked passes 2 and 3 and the compaction select them instead."""
+    return tl.load(ctr_ptr + row * 2 + 1) > cand_max
+
+
+# Not specialized on (value 1, divisibility by 16: a compiled variant each): the scratch rows
+# (the step's batch, a prefill block) and the selection's row stride (a prefill batch's largest
+# budget: it addresses scattered stores only); nor the alignment of the lengths, budgets, rows,
+# offsets, gate and slots, which a prefill block passes as slices of its tiles' tensors at run-
+# time offsets (and a captured layer its row of the gate table): scalar loads and scattered
+# stores. Kept: the score rows' stride (contiguous score loads vectorize on it; prefill pads it to
+# a multiple of 16) and CHUNK (a run-time value, every topk_chunk a multiple of 1024: one
+# compiled kernel for every batch and length). warmup.py compiles the constexpr variants.
+_NO_SPEC = dict(do_not_specialize=["n_rows", "s_pr"],
+                do_not_specialize_on_alignment=["seq_lens_ptr", "tok_off_ptr", "topk_ptr",
+                                                "req_idx_ptr", "slot_ptr", "gate_ptr"])
+
+
+@triton.jit(**_NO_SPEC)
 def _hist_kernel(
-    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, gate_ptr, r2t_ptr, req_idx_ptr,
-    pos_ptr, slot_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
-    PASS: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, HI_SHIFT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
+    score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, gate_ptr, r2t_ptr,
+    req_idx_ptr, pos_ptr, slot_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row, cand_max,
+    CHUNK, PASS: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr,
+    HI_SHIFT: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr, OVERFLOW: tl.constexpr,
 ):
     # Pass 0 also selects the short rows whole (program 0 of the row); later passes skip them.
+    # OVERFLOW (collect mode, passes 2 and 3): only rows whose candidates overflow cand_max.
     row, b, n, start, active = _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK)
+    if OVERFLOW:
+        active = active & (n > short_row)
+        if active:
+            active = _overflows(ctr_ptr, row, cand_max)
     if active:
         k = tl.load(topk_ptr + b)
         s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
@@ -218,35 +252,54 @@ def _hist_kernel(
                           sem="relaxed")
 
 
-@triton.jit
+@triton.jit(**_NO_SPEC)
 def _compact_kernel(
     score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
-    pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RAGGED: tl.constexpr,
+    pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row, cand_max,
+    CHUNK, BLOCK: tl.constexpr, RAGGED: tl.constexpr, OVERFLOW: tl.constexpr,
 ):
+    # OVERFLOW (collect mode): rows whose candidates overflow cand_max. The collecting pass
+    # wrote the keys above the 16-bit prefix to [0, n_gt16) and left the counters at
+    # (n_gt16, candidates): keys above the threshold among the candidates continue after
+    # n_gt16, and a tie's rank is its counter value less the candidates (the pass-1 histogram's
+    # bin of the prefix, which every program reads alike).
     row, b, n, start, active = _chunk_program(seq_lens_ptr, gate_ptr, hkv, CHUNK)
-    if active & (n > short_row):
+    active = active & (n > short_row)
+    if OVERFLOW:
+        if active:
+            active = _overflows(ctr_ptr, row, cand_max)
+    if active:
         k = tl.load(topk_ptr + b)
         thr, k_rem = _descend(hist_ptr, row, n_rows, k, 4)  # threshold key, ties still needed
         n_gt_total = k - k_rem
+        eq_base = 0
+        if OVERFLOW:
+            bins = tl.arange(0, 256)
+            h1 = tl.load(hist_ptr + (n_rows + row) * 256 + bins)
+            eq_base = tl.sum(tl.where(bins == ((thr >> 15) & 255), h1, 0), 0)
         req_row = tl.load(req_idx_ptr + b).to(tl.int64)
         s_base = _row_start(tok_off_ptr, b, row, hkv, s_sr, RAGGED)
         p_base = _row_start(tok_off_ptr, b, row, hkv, s_pr, RAGGED)
         for j0 in range(start, tl.minimum(start + CHUNK, n), BLOCK):
             j, gt, eq = _against_threshold(score_ptr, s_base, j0, n, thr, BLOCK)
+            if OVERFLOW:  # keys above the 16-bit prefix: already written by the collecting pass
+                key = tl.load(score_ptr + s_base + j, mask=j < n, other=0.0).to(tl.int32,
+                                                                                bitcast=True)
+                gt = gt & ((key >> 15) == (thr >> 15))
             gt_i, eq_i = gt.to(tl.int32), eq.to(tl.int32)
             base_gt = tl.atomic_add(ctr_ptr + row * 2, tl.sum(gt_i, 0), sem="relaxed")
-            base_eq = tl.atomic_add(ctr_ptr + row * 2 + 1, tl.sum(eq_i, 0), sem="relaxed")
+            base_eq = tl.atomic_add(ctr_ptr + row * 2 + 1, tl.sum(eq_i, 0),
+                                    sem="relaxed") - eq_base
             _write_selected(r2t_ptr, req_row * s_r2t, pos_ptr, slot_ptr, p_base, j, gt, eq,
                             base_gt + tl.cumsum(gt_i, 0) - 1, base_eq + tl.cumsum(eq_i, 0) - 1,
                             k_rem, n_gt_total)
 
 
-@triton.jit
+@triton.jit(**_NO_SPEC)
 def _collect_kernel(
     score_ptr, seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr,
     pos_ptr, slot_ptr, gate_ptr, n_rows, hkv, s_sr, s_pr, s_r2t, short_row,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK, BLOCK: tl.constexpr,
 ):
     """Collect mode, third full pass (token-indexed rows only): after two digits (16 bits) a
     key above the prefix is selected (its position and slot go to [0, n_gt) of the row, in no
@@ -277,10 +330,10 @@ def _collect_kernel(
             tl.store(slot_ptr + p_base + dst, tl.where(gt, slot, key), mask=put)
 
 
-@triton.jit
+@triton.jit(**_NO_SPEC)
 def _cand_select_kernel(
     seq_lens_ptr, tok_off_ptr, topk_ptr, hist_ptr, ctr_ptr, r2t_ptr, req_idx_ptr, pos_ptr,
-    slot_ptr, gate_ptr, n_rows, hkv, s_pr, s_r2t, short_row, BLOCK: tl.constexpr,
+    slot_ptr, gate_ptr, n_rows, hkv, s_pr, s_r2t, short_row, cand_max, BLOCK: tl.constexpr,
 ):
     """Collect mode, one program per row: the last two digits over the candidates only (two
     register histograms), then the candidates above the threshold and the first ties still
@@ -289,7 +342,10 @@ def _cand_select_kernel(
     row = tl.program_id(0)
     b = row // hkv
     n = tl.load(seq_lens_ptr + b)
-    if (n > short_row) & (tl.load(gate_ptr) != 0):
+    go = (n > short_row) & (tl.load(gate_ptr) != 0)
+    if go:
+        go = tl.load(ctr_ptr + row * 2 + 1) <= cand_max  # else: the OVERFLOW launches select
+    if go:
         k = tl.load(topk_ptr + b)
         prefix, k_rem = _descend(hist_ptr, row, n_rows, k, 2)
         n_gt = k - k_rem
@@ -331,7 +387,8 @@ def topk_select(
     pos: torch.Tensor,  # [B, Hkv, kmax] ([Hkv, T] ragged) int32 out: positions, topk[b] valid
     slot: torch.Tensor,  # pos's shape, int32 out: pool slots of those positions
     lscan: int,  # host bound on seq_lens (grid size)
-    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps / short_row / collect
+    launch: dict | None = None,  # override CHUNK / BLOCK / num_warps / short_row / collect /
+    # cand_max
     gate: torch.Tensor | None = None,  # [1] int32 on the device: 0 = do nothing (CUDA graphs)
     tok_off: torch.Tensor | None = None,  # [B] int64: token-indexed rows (module docstring)
     zeroed: bool = False,  # hist / ctr rows already zero (decode: the score kernel zeroes them)
@@ -356,27 +413,42 @@ def topk_select(
     cfg.update(launch or {})
     short_row = cfg.pop("short_row")
     collect = cfg.pop("collect", COLLECT) and ragged
+    cand_max = cfg.pop("cand_max", CAND_MAX)
     grid = (triton.cdiv(lscan, cfg["CHUNK"]), rows)
-    # collect mode: two full histogram passes, one collecting pass, the candidates per row
-    for p in range(2 if collect else NPASS):
+    common = (n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, cand_max)
+
+    def hist_pass(p, overflow):
         _hist_kernel[grid](
-            scores, seq_lens, off, topk, hist, gate, req_to_token, req_idx, pos, slot,
-            n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row,
-            PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
-            RAGGED=ragged, **cfg,
+            scores, seq_lens, off, topk, hist, ctr, gate, req_to_token, req_idx, pos, slot,
+            *common, PASS=p, SHIFT=SHIFTS[p], WIDTH=WIDTHS[p], HI_SHIFT=SHIFTS[p] + WIDTHS[p],
+            RAGGED=ragged, OVERFLOW=overflow, **cfg,
         )
-    if not collect:
+
+    def compact(overflow):
         _compact_kernel[grid](
             scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-            n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, RAGGED=ragged, **cfg,
+            *common, RAGGED=ragged, OVERFLOW=overflow, **cfg,
         )
+
+    if not collect:
+        for p in range(NPASS):
+            hist_pass(p, False)
+        compact(False)
         return
+    # collect mode: two full histogram passes, one collecting pass, the candidates per row;
+    # rows with more than CAND_MAX candidates (nearly equal scores) finish through the chunked
+    # passes 2 and 3 and the compaction instead (launched always: no host sync in a graph)
+    hist_pass(0, False)
+    hist_pass(1, False)
     _collect_kernel[grid](
         scores, seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
         n_rows, hkv, s_sr, s_pr, req_to_token.stride(0), short_row, **cfg,
     )
-    cfg.pop("CHUNK")
     _cand_select_kernel[(rows,)](
         seq_lens, off, topk, hist, ctr, req_to_token, req_idx, pos, slot, gate,
-        n_rows, hkv, s_pr, req_to_token.stride(0), short_row, **cfg,
+        n_rows, hkv, s_pr, req_to_token.stride(0), short_row, cand_max, BLOCK=cfg["BLOCK"],
+        num_warps=cfg["num_warps"],
     )
+    hist_pass(2, True)
+    hist_pass(3, True)
+    compact(True)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sglang_kascade.control import default_control_dir, pid_alive
+from sglang_kascade.control import ControlDirError, default_control_dir, pid_alive
 
 from .auth import TOKEN_ENV, TokenError, load_token
 from .sidecar import SidecarSettings
@@ -31,10 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--control-dir", default=None,
                    help="control directory shared with the server (default: "
-                        "$TMPDIR/sglang-kascade-<uid>/<server port>, as the server derives it)")
+                        "$XDG_RUNTIME_DIR/sglang-kascade/<server port> if XDG_RUNTIME_DIR is "
+                        "set, else $TMPDIR/sglang-kascade-<uid>/<server port>, as the server "
+                        "derives it); must be this user's, mode 0700, not a symlink")
     p.add_argument("--token-file", default=None,
                    help=f"file holding the bearer token (else the {TOKEN_ENV} environment variable)")
     p.add_argument("--max-upload-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-profiles", type=int, default=100,
+                   help="uploaded profiles kept at most (more: 409)")
+    p.add_argument("--max-store-bytes", type=int, default=64 << 20,
+                   help="bytes of uploaded profiles together at most (more: 413)")
     p.add_argument("--activation-timeout", type=float, default=15.0,
                    help="seconds to wait for every scheduler to stage an activation")
     p.add_argument("--audit-log", default=None, help="default: <control dir>/audit.log")
@@ -56,6 +62,10 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         logger.warning(w)
     if args.max_upload_bytes < 1024:
         raise SystemExit("--max-upload-bytes must be at least 1024")
+    if args.max_profiles < 1:
+        raise SystemExit("--max-profiles must be at least 1")
+    if args.max_store_bytes < args.max_upload_bytes:
+        raise SystemExit("--max-store-bytes must be at least --max-upload-bytes")
     return SidecarSettings(
         control_dir=Path(args.control_dir) if args.control_dir else default_control_dir(port),
         server_url=args.server_url,
@@ -63,6 +73,8 @@ def settings_from_args(args: argparse.Namespace) -> SidecarSettings:
         max_upload_bytes=args.max_upload_bytes,
         activation_timeout_s=args.activation_timeout,
         audit_log=Path(args.audit_log) if args.audit_log else None,
+        max_profiles=args.max_profiles,
+        max_store_bytes=args.max_store_bytes,
     )
 
 
@@ -100,7 +112,11 @@ def main(argv=None) -> int:
 
     logger.info("sidecar: control dir %s, server %s, listening on %s:%d",
                 settings.control_dir, settings.server_url, args.host, args.port)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    try:
+        app = create_app(settings)  # checks (or creates) the control directory
+    except ControlDirError as e:
+        raise SystemExit(f"sglang-kascade sidecar: {e}") from e
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

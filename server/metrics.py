@@ -38,6 +38,10 @@ class SidecarCollector:
         yield CounterMetricFamily("kascade_swaps_applied",
                                   "Staged profiles applied at a batch boundary (all schedulers)",
                                   value=sum(s.get("swaps_applied", 0) for s in stats))
+        yield CounterMetricFamily("kascade_swaps_refused",
+                                  "Staged profiles a batch boundary could not apply; the "
+                                  "previous profile kept serving (all schedulers)",
+                                  value=sum(s.get("swaps_refused", 0) for s in stats))
 
         roles = GaugeMetricFamily("kascade_layers", "Layers per role in the active profile",
                                   labels=["role"])

@@ -16,7 +16,8 @@ from typing import Optional
 
 import httpx
 
-from sglang_kascade.control import ControlPaths, ensure_dir, read_json, write_json_atomic
+from sglang_kascade.control import (ControlPaths, prepare_control_dir, read_json,
+                                    write_json_atomic)
 from sglang_kascade.profile import FINGERPRINT_FIELDS, ModelFingerprint
 
 from .store import ProfileStore, StoredProfile, StoreError, canonical_sha256, validate_for_model
@@ -35,22 +36,45 @@ class SidecarSettings:
     max_upload_bytes: int = 1 << 20
     activation_timeout_s: float = 15.0
     audit_log: Optional[Path] = None  # default: <control_dir>/audit.log
+    max_profiles: int = 100  # uploaded profiles kept at most
+    max_store_bytes: int = 64 << 20  # their bytes together
 
 
 class Sidecar:
+    """Changes (upload, delete, activate) run one at a time under ``_lock``: an upload that
+    replaces a profile cannot slip in while that profile is being activated, so the profile the
+    schedulers serve is always the content stored under its name (replacing or deleting the
+    active profile is refused).
+
+    Audit order: an activation's audit line (``result: requested``) is written before
+    ``request.json``; the outcome follows, and ``settled.json`` records the last generation whose
+    outcome this sidecar recorded. ``reconcile`` (at start-up, before each activation, on
+    ``/v1/history``) records in history a generation the schedulers acknowledged that was never
+    settled, e.g. because the sidecar was killed mid-swap.
+    """
+
     def __init__(self, settings: SidecarSettings, shipped_dir: Optional[Path] = None):
         self.settings = settings
-        self.paths = ControlPaths(ensure_dir(Path(settings.control_dir)))
-        self.store = ProfileStore(self.paths.root / "profiles", shipped_dir)
+        self.paths = ControlPaths(prepare_control_dir(settings.control_dir))
+        self.store = ProfileStore(self.paths.root / "profiles", shipped_dir,
+                                  max_profiles=settings.max_profiles,
+                                  max_bytes=settings.max_store_bytes)
         self.history_file = self.paths.root / "history.jsonl"
+        self.settled_file = self.paths.root / "settled.json"
         self.audit_file = Path(settings.audit_log or self.paths.root / "audit.log")
         self.swaps = {"ok": 0, "refused": 0, "timeout": 0}
         self._lock = asyncio.Lock()
+        try:
+            self.reconcile()
+        except StoreError as e:  # an unreadable history is reported by the routes that need it
+            logger.warning("sidecar: history not reconciled at start-up: %s", e.message)
 
     # ---- reading state ---------------------------------------------------------------------
 
     def schedulers(self) -> dict:
-        return self.paths.live_schedulers()
+        """Live schedulers whose file has the shape SchedulerChannel writes (stray or
+        hand-made files are ignored rather than break every route)."""
+        return {pid: s for pid, s in self.paths.live_schedulers().items() if _well_formed(s)}
 
     def fingerprint(self) -> ModelFingerprint:
         scheds = self.schedulers()
@@ -78,7 +102,11 @@ class Sidecar:
         }
 
     def history(self) -> list:
-        lines = self.history_file.read_text().splitlines() if self.history_file.exists() else []
+        try:
+            lines = self.history_file.read_text().splitlines() if self.history_file.exists() \
+                else []
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreError(503, f"cannot read the history {self.history_file}: {e}") from e
         out = []
         for line in lines[-HISTORY_KEEP:]:
             try:
@@ -88,30 +116,13 @@ class Sidecar:
         return out
 
     def summaries(self) -> list:
+        """The listing, from the store's cache (each profile validated once per upload and
+        served model). Blocking file I/O: routes call it from a worker thread."""
         try:
             fp = self.fingerprint()
         except StoreError:
             fp = None
-        active_sha = self.active()["sha256"]
-        out = []
-        for name, stored in sorted(self.store.all().items()):
-            problem, compatible = None, None
-            try:
-                validate_for_model(stored.data, fp)
-                compatible = True if fp is not None else None
-            except StoreError as e:
-                problem, compatible = e.message, False
-            d = stored.data
-            out.append({
-                "name": name, "source": stored.source, "sha256": stored.sha256,
-                "anchor_layers": d.get("anchor_layers") if isinstance(d.get("anchor_layers"), list)
-                else None,
-                "topk_fraction": d.get("topk_fraction")
-                if isinstance(d.get("topk_fraction"), (int, float)) else None,
-                "compatible": compatible, "problem": problem,
-                "active": stored.sha256 == active_sha,
-            })
-        return out
+        return self.store.summaries(fp, self.active()["sha256"])
 
     def metrics_view(self) -> dict:
         active = self.active()
@@ -120,15 +131,20 @@ class Sidecar:
 
     # ---- changes -----------------------------------------------------------------------------
 
-    def upload(self, data, replace: bool, client: str) -> tuple[StoredProfile, bool]:
+    async def upload(self, data, replace: bool, client: str) -> tuple[StoredProfile, bool]:
+        async with self._lock:  # not while an activation is under way
+            return await asyncio.to_thread(self._upload, data, replace, client)
+
+    def _upload(self, data, replace: bool, client: str) -> tuple[StoredProfile, bool]:
         try:
             if not isinstance(data, dict):
                 raise StoreError(422, "profile must be a JSON object")
-            validate_for_model(data, self.fingerprint())
+            fp = self.fingerprint()
+            validate_for_model(data, fp)
             if replace and self.store.get_uploaded_sha(data.get("name")) == self.active()["sha256"]:
                 raise StoreError(409, f"profile {data.get('name')!r} is active; activate another "
                                       "profile before replacing it")
-            stored, created = self.store.put(data, replace)
+            stored, created = self.store.put(data, replace, fp)
         except StoreError as e:
             self.audit("upload", client, name=_name_of(data), result="refused", detail=e.message)
             raise
@@ -136,9 +152,25 @@ class Sidecar:
                    result="created" if created else "unchanged")
         return stored, created
 
+    async def delete(self, name: str, client: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._delete, name, client)
+
+    def _delete(self, name: str, client: str) -> None:
+        try:
+            if self.store.get_uploaded_sha(name) == self.active()["sha256"]:
+                raise StoreError(409, f"profile {name!r} is active; activate another profile "
+                                      "before deleting it")
+            stored = self.store.delete(name)
+        except StoreError as e:
+            self.audit("delete", client, name=name, result="refused", detail=e.message)
+            raise
+        self.audit("delete", client, name=name, sha256=stored.sha256, result="deleted")
+
     async def activate(self, name: str, flush_cache: bool, client: str) -> dict:
-        async with self._lock:  # one activation at a time
+        async with self._lock:  # one change at a time
             try:
+                self.reconcile()
                 result = await self._activate(name, client)
             except StoreError as e:
                 self.audit("activate", client, name=name, result="refused", detail=e.message)
@@ -146,45 +178,124 @@ class Sidecar:
         result["flushed_cache"] = await self._flush_cache() if flush_cache else False
         return result
 
+    def history_reconciled(self) -> list:
+        """History, after recording any acknowledged generation it lacks (skipped while an
+        activation holds the lock: that one records its own outcome)."""
+        if not self._lock.locked():
+            self.reconcile()
+        return self.history()
+
     async def _activate(self, name: str, client: str) -> dict:
         fp = self.fingerprint()
-        stored = self.store.get(name)
-        validate_for_model(stored.data, fp)
+        stored = await asyncio.to_thread(self.store.get, name)
+        await asyncio.to_thread(validate_for_model, stored.data, fp)
         before = self.active()
         previous = next(iter(self.schedulers().values()))["current"]
         generation = self._next_generation(before["generation"])
-        ok, why = await self._request(generation, stored.data)
+        ok, why = await self._request(generation, stored.data, kind="activate", client=client,
+                                      previous=before["name"])
         if not ok:
             self.swaps["refused" if why.startswith("refused") else "timeout"] += 1
             rollback = self._next_generation(generation)
-            await self._request(rollback, previous)  # everyone back on the profile they had
+            # everyone back on the profile they had
+            await self._request(rollback, previous, kind="rollback", client=client,
+                                previous=name)
+            self._settle(rollback)
             raise StoreError(409 if why.startswith("refused") else 504,
                              f"activation of {name!r} failed ({why}); "
                              f"{before['name']!r} stays active")
         self.swaps["ok"] += 1
-        entry = {"time": time.time(), "generation": generation, "name": name,
-                 "sha256": stored.sha256, "previous": before["name"], "client": client}
-        with self.history_file.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        self._record_history(generation, name, stored.sha256, before["name"], client)
         self.audit("activate", client, name=name, sha256=stored.sha256, result="active",
                    detail=f"generation {generation}, previous {before['name']!r}")
+        self._settle(generation)
         return {"active": name, "generation": generation, "previous": before["name"],
                 "applies": "from the next batch boundary of every scheduler",
                 "schedulers": self.active()["schedulers"]}
+
+    def _record_history(self, generation: int, name, sha256: str, previous, client: str,
+                        **extra) -> None:
+        entry = {"time": time.time(), "generation": generation, "name": name,
+                 "sha256": sha256, "previous": previous, "client": client, **extra}
+        try:
+            with self.history_file.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as e:
+            raise StoreError(503, f"cannot write the history {self.history_file}: {e}") from e
+
+    def _settle(self, generation: int) -> None:
+        """This sidecar recorded the outcome of ``generation``: reconcile leaves it alone."""
+        try:
+            write_json_atomic(self.settled_file, {"generation": generation, "time": time.time()})
+        except OSError as e:
+            raise StoreError(503, f"cannot write {self.settled_file}: {e}") from e
+
+    def _last_history_generation(self) -> int:
+        return max((h["generation"] for h in self.history()
+                    if isinstance(h, dict) and _is_int(h.get("generation"))), default=0)
+
+    def reconcile(self) -> Optional[dict]:
+        """Record the newest request's generation in history (and the audit log) if every live
+        scheduler acknowledged it (staged or applied; a refusal is not an acknowledgement) but no
+        sidecar settled it. Returns the history entry written, or None."""
+        req = read_json(self.paths.request)
+        if not isinstance(req, dict) or not _is_int(req.get("generation")) \
+                or not isinstance(req.get("profile"), dict):
+            return None
+        generation = req["generation"]
+        settled = read_json(self.settled_file)
+        if isinstance(settled, dict) and _is_int(settled.get("generation")) \
+                and settled["generation"] >= generation:
+            return None
+        if self._last_history_generation() >= generation:
+            return None
+        scheds = self.schedulers()
+        if not scheds or not all(generation in (s.get("applied_generation"),
+                                                s.get("staged_generation"))
+                                 for s in scheds.values()):
+            return None  # not (yet) served: nothing happened that history should show
+        profile = req["profile"]
+        name = profile.get("name") if isinstance(profile.get("name"), str) else None
+        sha = canonical_sha256(profile)
+        client = req.get("client") if isinstance(req.get("client"), str) else "unknown"
+        previous = req.get("previous") if isinstance(req.get("previous"), str) else None
+        kind = req.get("kind") if req.get("kind") in ("activate", "rollback") else "activate"
+        note = (f"{kind} acknowledged by the schedulers, recorded by a later sidecar (the one "
+                "that requested it stopped before recording the outcome)")
+        self._record_history(generation, name, sha, previous, client, note=note)
+        self.audit("reconcile", "sidecar", name=name, sha256=sha, result="recorded",
+                   detail=f"generation {generation}: {note}")
+        self._settle(generation)
+        logger.warning("sidecar: generation %d (%s) was served but not recorded; recorded now",
+                       generation, name)
+        return {"generation": generation, "name": name}
 
     def _next_generation(self, at_least: int) -> int:
         req = read_json(self.paths.request)
         last = req.get("generation", 0) if isinstance(req, dict) else 0
         return max(int(last) if isinstance(last, int) else 0, at_least) + 1
 
-    async def _request(self, generation: int, profile: dict) -> tuple[bool, str]:
-        """Write the request; wait until every live scheduler has staged or refused it."""
-        write_json_atomic(self.paths.request, {"generation": generation, "profile": profile,
-                                               "requested_at": time.time()})
+    async def _request(self, generation: int, profile: dict, kind: str, client: str,
+                       previous: Optional[str]) -> tuple[bool, str]:
+        """Audit, write the request, wait until every live scheduler has staged or refused it.
+
+        The audit line comes first: a sidecar killed right after ``request.json`` changes has
+        still recorded what it asked for. The request carries who asked and why (the schedulers
+        read only ``generation`` and ``profile``), for ``reconcile``."""
+        name = profile.get("name") if isinstance(profile, dict) else None
+        sha = canonical_sha256(profile)
+        self.audit(kind, client, name=name, sha256=sha, result="requested",
+                   detail=f"generation {generation}, previous {previous!r}")
+        try:
+            write_json_atomic(self.paths.request, {
+                "generation": generation, "profile": profile, "requested_at": time.time(),
+                "kind": kind, "client": client, "previous": previous})
+        except OSError as e:
+            raise StoreError(503, f"cannot write {self.paths.request}: {e}") from e
         deadline = time.monotonic() + self.settings.activation_timeout_s
         while True:
             scheds = self.schedulers()
-            refused = [f"{pid}: {s['rejected']['error']}" for pid, s in scheds.items()
+            refused = [f"{pid}: {s['rejected'].get('error')}" for pid, s in scheds.items()
                        if (s.get("rejected") or {}).get("generation") == generation]
             if refused:
                 return False, "refused by scheduler " + "; ".join(refused)
@@ -215,10 +326,14 @@ class Sidecar:
         return False
 
     def audit(self, action: str, client: str, **fields) -> None:
+        """Append one line; a change whose audit line cannot be written does not happen (503)."""
         line = {"time": time.time(), "action": action, "client": client, **fields}
-        ensure_dir(self.audit_file.parent)
-        with self.audit_file.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        try:
+            self.audit_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.audit_file.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:
+            raise StoreError(503, f"cannot write the audit log {self.audit_file}: {e}") from e
         logger.info("audit %s", json.dumps(line))
 
 
@@ -233,6 +348,20 @@ def scheduler_view(pid: int, s: dict) -> dict:
         "staged_generation": s.get("staged_generation"),
         "rejected": s.get("rejected"),
     }
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _well_formed(s: dict) -> bool:
+    """The fields of a scheduler file the sidecar relies on."""
+    fp = s.get("fingerprint")
+    return (_is_int(s.get("current_generation")) and isinstance(fp, dict)
+            and all(f in fp for f in FINGERPRINT_FIELDS) and isinstance(s.get("current"), dict)
+            and all(x is None or _is_int(x) for x in (s.get("applied_generation"),
+                                                      s.get("staged_generation")))
+            and (s.get("rejected") is None or isinstance(s.get("rejected"), dict)))
 
 
 def _name_of(data) -> Optional[str]:

@@ -24,7 +24,8 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from . import sglang_adapter as sa
 from .backend_stats import BackendStats
 from .device_path import POLICIES, DevicePath
-from .config import BudgetConfig, KascadeOptions, PolicyConfig, dense_prefill_below, env_flag
+from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyConfig,
+                     dense_prefill_below, env_flag, prefill_tile_problem)
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
@@ -102,23 +103,38 @@ class KascadeAttnBackend(AttentionBackend):
         self.dense_prefill = env_flag("SGLANG_KASCADE_DENSE_PREFILL")
         self.graphs_unused = False  # decode graphs captured dense for a non-Triton policy
         self._eager_overflow_logged = False
+        why = self.serve_problem(profile, budget, policy)
+        if why:  # at start-up: the server does not start (the reason names the field)
+            raise KascadeConfigError(f"--attention-backend kascade: profile "
+                                     f"{profile.name or ''}: {why}")
         self.set_profile(profile, budget, policy)
 
     def set_profile(self, profile: AnchorProfile, budget: BudgetConfig,
                     policy: PolicyConfig | None = None) -> None:
         """Takes effect from the next forward pass (called between batches). ``policy=None``
-        keeps the current policy (the default policy on the first call)."""
+        keeps the current policy (the default policy on the first call). All or nothing: if
+        any step raises, the profile, budget and policy in force before the call are restored
+        (host attributes and the device path's tables) and the exception propagates."""
         if policy is None:
             policy = getattr(self, "policy", PolicyConfig())
+        # Everything that can fail on the host, before any state changes.
         profile = apply_policy(profile, policy.name)
-        self.profile = profile
-        self.budget = budget
-        self.policy = policy
-        self.roles, self.selects = layer_roles(profile)
-        self.head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
-                          for r in profile.head_map]
-        self.device_path.set_profile(profile, self.roles, self.selects)
-        self.device_path.set_budget(budget)
+        roles, selects = layer_roles(profile)
+        head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
+                     for r in profile.head_map]
+        previous = getattr(self, "profile", None)
+        before = (None if previous is None else
+                  (previous, self.budget, self.policy, self.roles, self.selects, self.head_maps))
+        try:
+            self.device_path.set_profile(profile, roles, selects)
+            self.device_path.set_budget(budget)
+        except BaseException:
+            if before is not None:  # the device tables back to the profile in force
+                self.device_path.set_profile(before[0], before[3], before[4])
+                self.device_path.set_budget(before[1])
+            raise
+        self.profile, self.budget, self.policy = profile, budget, policy
+        self.roles, self.selects, self.head_maps = roles, selects, head_maps
 
     # ---- per forward (host planning) ----------------------------------------------------------
 
@@ -226,12 +242,30 @@ class KascadeAttnBackend(AttentionBackend):
             self._count(True, seq)
             self._note_device_forward(len(seq), graph=True, decode=True)
 
+    def serve_problem(self, profile: AnchorProfile, budget: BudgetConfig,
+                      policy: PolicyConfig) -> str | None:
+        """Why this process cannot serve ``profile`` at ``budget`` under ``policy``, or None:
+        what the field checks of a profile (config.check_budget_fields) cannot know, because it
+        depends on the device and the model. On CUDA, the Triton prefill kernels' tile limit
+        (config.prefill_tile_problem)."""
+        if self.device_path.enabled and self.device_path.applies(False, policy, budget):
+            m = profile.model
+            return prefill_tile_problem(budget.tile_size, m.num_q_heads // m.num_kv_heads,
+                                        m.head_dim)
+        return None
+
     def hot_swap_problem(self, profile: AnchorProfile) -> str | None:
-        """Why ``profile`` cannot be applied in this process, or None. Only captured decode
-        graphs constrain it (same dense layers, Top-k within the captured buffers); asked by the
-        control channel's validator before a profile is staged, and again when it is applied."""
+        """Why ``profile`` cannot be applied in this process, or None: serve_problem, and
+        captured decode graphs (same dense layers, Top-k within the captured buffers); asked by
+        the control channel's validator before a profile is staged (a refusal there is the
+        sidecar's 409), and again when it is applied. The roles are computed as set_profile
+        computes them, so a profile whose roles cannot be built is refused here too."""
+        budget = resolve_budget(profile, self.options)
+        why = self.serve_problem(profile, budget, self.policy)
+        if why:
+            return why
         roles, _ = layer_roles(apply_policy(profile, self.policy.name))
-        return self.device_path.graph_swap_problem(roles, resolve_budget(profile, self.options))
+        return self.device_path.graph_swap_problem(roles, budget)
 
     def _note_device_forward(self, batch: int, graph: bool, decode: bool) -> None:
         self.stats.device_forwards += 1
@@ -258,12 +292,22 @@ class KascadeAttnBackend(AttentionBackend):
         staged = self.control.take_staged()
         if staged is None:
             return
-        why = self.hot_swap_problem(staged.profile)
+        try:
+            why = self.hot_swap_problem(staged.profile)
+            if not why:
+                self.set_profile(staged.profile, resolve_budget(staged.profile, self.options))
+        except Exception as e:  # noqa: BLE001  the second line of defence: never fail the batch
+            # Validation at staging refuses what it knows; anything else raised while applying
+            # leaves the profile in force (set_profile is all or nothing) and is reported.
+            logger.exception("kascade: staged profile %s (generation %d) not applied; profile "
+                             "%s stays active", staged.profile.name, staged.generation,
+                             self.profile.name)
+            why = f"applying it failed: {type(e).__name__}: {e}"
         if why:  # validated before the decode graphs were planned (a start-up race): keep ours
             logger.error("kascade: staged profile %s not applied: %s", staged.profile.name, why)
+            self.stats.swaps_refused += 1
             self.control.report_refused(staged.generation, f"hot-swap refused: {why}")
             return
-        self.set_profile(staged.profile, resolve_budget(staged.profile, self.options))
         self.stats.swaps_applied += 1
         self.control.report_applied(staged.generation)
         logger.info("kascade: profile %s active (generation %d)", staged.profile.name,

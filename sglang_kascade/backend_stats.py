@@ -20,6 +20,7 @@ class BackendStats:
     sparse_forwards: int = 0  # forward passes where at least one request attended sparsely
     dense_fallback_forwards: int = 0  # every request short enough that k >= visible keys: dense
     swaps_applied: int = 0
+    swaps_refused: int = 0  # staged profiles the batch boundary could not apply (previous kept)
     device_forwards: int = 0  # forwards (decode, prefill) where a layer ran on the Triton path
     selection_buckets: list = field(default_factory=lambda: [0] * (len(SELECTION_BUCKETS) + 1))
     selection_sum: int = 0
@@ -45,6 +46,7 @@ class BackendStats:
             "sparse_forwards": self.sparse_forwards,
             "dense_fallback_forwards": self.dense_fallback_forwards,
             "swaps_applied": self.swaps_applied,
+            "swaps_refused": self.swaps_refused,
             "device_forwards": self.device_forwards,
             "selection": {
                 "buckets": list(SELECTION_BUCKETS),

@@ -24,11 +24,30 @@ DEFAULT_SINK_TOKENS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024)
 # (docs/results/e2e-h100.md): sparse prefill TTFT 0.093 vs FlashInfer 0.096 s at 4K (3%, at an
 # accuracy cost), 1.13x at 16K, 1.22x at 32K; per-layer kernels 1.07x at 4K, 1.43x at 8K.
 DEFAULT_CUDA_DENSE_PREFILL_BELOW = 8192
-# On the CPU (the PyTorch path), measured with the embedded SmolLM2 (docs/results/cpu-serving.md,
-# session 11): sparse prefill TTFT 0.99x torch_native's at 2K (no gain), 1.35x at 4K, 1.93x at
+# On the CPU (the PyTorch path), measured with the embedded SmolLM2 (docs/results/cpu-serving.md): sparse prefill TTFT 0.99x torch_native's at 2K (no gain), 1.35x at 4K, 1.93x at
 # 8K; and the short prompts lose accuracy there (passkey at 1-2K: 1.00 / 0.17 dense, 0.33 / 0.00
 # sparse prefill, 1.00 / 0.17 with dense prefill and sparse decode).
 DEFAULT_CPU_DENSE_PREFILL_BELOW = 4096
+# Upper bounds of every numeric option and profile field (check_budget_fields,
+# check_policy_fields, KascadeOptions; docs/profiles.md#bounds). Counts reach int32 device tensors
+# (plans, selection lengths) and int64 arithmetic such as k + round_to - 1 in the decode plan
+# kernel; within these caps all of it stays exact.
+INT32_MAX = 2**31 - 1
+# k_min, round_to, sink_tokens (keys): a budget at or above a request's length already selects
+# every key (BudgetConfig.k_for clamps to the visible keys), so a cap of 2**24 keys (16.7M, above
+# any served context) refuses no budget that serves differently from a larger one.
+MAX_BUDGET_KEYS = 1 << 24
+# tile_size (queries): the Triton prefill kernels hold one tile's queries x the GQA group, each
+# rounded up to a power of two, as one block of tl.dot rows. Measured on an H100 at head dim 128,
+# bf16: blocks of 512 rows compile, 1024 rows exceed the 227 KiB of shared memory. 512 is the
+# largest tile that compiles at all (group size 1); the limit for a model's group size and head
+# dim is prefill_tile_problem, checked by the backend where those kernels run.
+MAX_TILE_SIZE = 512
+MAX_PREFILL_TILE_ROWS = 512  # at head dim 128; scaled down for larger head dims
+# page_tile_size (keys per key tile): selection buffers hold ceil(k / P) * P index slots per query
+# tile and KV head; larger tiles grow them by up to P per tile without selecting differently in
+# kind. 1024 is 64x the default (16) and 64x Quest's published page size.
+MAX_PAGE_TILE_SIZE = 1024
 # BudgetConfig.k_for subtracts this before ceil, so fraction * visible that lands a rounding
 # error above an integer does not add a key; the decode graphs' plan kernel uses the same value.
 K_FOR_SLACK = 1e-9
@@ -46,11 +65,12 @@ OPTION_TABLE = {
     ),
     "k_min": (
         "--kascade-k-min", "SGLANG_KASCADE_K_MIN", int,
-        "Smallest Top-k (keys), >= 1. Overrides the profile.",
+        f"Smallest Top-k (keys), 1..{MAX_BUDGET_KEYS}. Overrides the profile.",
     ),
     "tile_size": (
         "--kascade-tile-size", "SGLANG_KASCADE_TILE_SIZE", int,
-        "Prefill query tile T (tokens), >= 1. Overrides the profile.",
+        f"Prefill query tile T (tokens), 1..{MAX_TILE_SIZE} (on a GPU also within its prefill "
+        "kernels' limit for the model). Overrides the profile.",
     ),
     "granularity": (
         "--kascade-granularity", "SGLANG_KASCADE_GRANULARITY", str,
@@ -58,11 +78,13 @@ OPTION_TABLE = {
     ),
     "page_tile_size": (
         "--kascade-page-tile-size", "SGLANG_KASCADE_PAGE_TILE_SIZE", int,
-        "Keys per key tile when granularity is 'page', >= 1. Overrides the profile.",
+        f"Keys per key tile when granularity is 'page', 1..{MAX_PAGE_TILE_SIZE}. Overrides the "
+        "profile.",
     ),
     "round_to": (
         "--kascade-round-to", "SGLANG_KASCADE_ROUND_TO", int,
-        "Round each Top-k budget up to a multiple of this (kernels), >= 1. Overrides the profile.",
+        f"Round each Top-k budget up to a multiple of this (kernels), 1..{MAX_BUDGET_KEYS}. "
+        "Overrides the profile.",
     ),
     "policy": (
         "--kascade-policy", "SGLANG_KASCADE_POLICY", str,
@@ -71,7 +93,8 @@ OPTION_TABLE = {
     ),
     "sink_tokens": (
         "--kascade-sink-tokens", "SGLANG_KASCADE_SINK_TOKENS", int,
-        f"Sink tokens of the 'streaming' policy, >= 0 (default {DEFAULT_SINK_TOKENS}).",
+        f"Sink tokens of the 'streaming' policy, 0..{MAX_BUDGET_KEYS} (default "
+        f"{DEFAULT_SINK_TOKENS}).",
     ),
     "dense_prefill_below": (
         "--kascade-dense-prefill-below", "SGLANG_KASCADE_DENSE_PREFILL_BELOW", int,
@@ -94,6 +117,11 @@ OPTION_TABLE = {
     "admin_token_file": (
         "--kascade-admin-token-file", "SGLANG_KASCADE_ADMIN_TOKEN_FILE", str,
         "File holding the admin sidecar's bearer token (for --kascade-admin-port).",
+    ),
+    "warmup": (
+        "--kascade-warmup", "SGLANG_KASCADE_WARMUP", str,
+        "'on' (default) or 'off': compile every Triton kernel variant at start-up, so no request "
+        "compiles one (sglang_kascade/warmup.py).",
     ),
 }
 CONTROL_OFF = "off"  # --kascade-control-dir value that disables hot-swap
@@ -120,6 +148,7 @@ class KascadeOptions:
     control_dir: Optional[str] = None
     admin_port: Optional[int] = None
     admin_token_file: Optional[str] = None
+    warmup: Optional[str] = None
 
     def __post_init__(self):
         check_policy_fields(policy=self.policy, sink_tokens=self.sink_tokens, where="option")
@@ -129,9 +158,9 @@ class KascadeOptions:
             raise KascadeConfigError(f"option admin_port={port!r}: must be a port in 1..65535")
         below = self.dense_prefill_below
         if below is not None and (not isinstance(below, int) or isinstance(below, bool)
-                                  or below < 0):
+                                  or not 0 <= below <= INT32_MAX):
             raise KascadeConfigError(
-                f"option dense_prefill_below={below!r}: must be an integer >= 0")
+                f"option dense_prefill_below={below!r}: must be an integer in 0..{INT32_MAX}")
         if self.control_dir is not None and not self.control_dir.strip():
             raise KascadeConfigError("option control_dir='': give a directory or 'off'")
         check_budget_fields(
@@ -189,13 +218,18 @@ def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
     if policy is not None and policy not in POLICIES:
         raise KascadeConfigError(f"{where} policy={policy!r}: must be one of {POLICIES}")
     if sink_tokens is not None and (not isinstance(sink_tokens, int)
-                                    or isinstance(sink_tokens, bool) or sink_tokens < 0):
-        raise KascadeConfigError(f"{where} sink_tokens={sink_tokens!r}: must be an integer >= 0")
+                                    or isinstance(sink_tokens, bool)
+                                    or not 0 <= sink_tokens <= MAX_BUDGET_KEYS):
+        raise KascadeConfigError(f"{where} sink_tokens={sink_tokens!r}: must be an integer in "
+                                 f"0..{MAX_BUDGET_KEYS}")
 
 
 def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
                         granularity=None, page_tile_size=None, round_to=None) -> None:
-    """Range checks shared by options and profiles. ``None`` values are skipped."""
+    """Range checks shared by options (start-up flags and environment), profiles (start-up,
+    the scheduler's staging of a hot swap, the sidecar's upload and activation) and every
+    BudgetConfig. ``None`` values are skipped. The upper bounds are what the backend can serve
+    (constants above); each error names the field, the value and the allowed range."""
 
     def bad(field, value, why):
         raise KascadeConfigError(f"{where} {field}={value!r}: {why}")
@@ -209,16 +243,41 @@ def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size
         # No float() here: a huge JSON integer would raise OverflowError. NaN fails the test.
         if not (0 < topk_fraction <= 1):
             bad("topk_fraction", topk_fraction, "must be in (0, 1]")
-    for field, value in (("k_min", k_min), ("tile_size", tile_size),
-                         ("page_tile_size", page_tile_size), ("round_to", round_to)):
+    for field, value, most in (("k_min", k_min, MAX_BUDGET_KEYS),
+                               ("tile_size", tile_size, MAX_TILE_SIZE),
+                               ("page_tile_size", page_tile_size, MAX_PAGE_TILE_SIZE),
+                               ("round_to", round_to, MAX_BUDGET_KEYS)):
         if value is None:
             continue
         if not is_int(value):
             bad(field, value, "must be an integer")
         if value < 1:
-            bad(field, value, "must be >= 1")
+            bad(field, value, f"must be >= 1 (allowed: 1..{most})")
+        if value > most:
+            bad(field, value, f"must be at most {most} (allowed: 1..{most}; "
+                              "docs/profiles.md#bounds)")
     if granularity is not None and granularity not in GRANULARITIES:
         bad("granularity", granularity, f"must be one of {GRANULARITIES}")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prefill_tile_problem(tile_size: int, group: int, head_dim: int) -> str | None:
+    """Why the Triton prefill kernels cannot run query tiles of ``tile_size`` for a model with
+    ``group`` query heads per KV head and ``head_dim``, or None. Their block holds
+    pow2(tile) x pow2(group) query rows (at least 16) of head_dim values in shared memory
+    (kernels/prefill_select_triton.py ``_rows``, prefill_attention_triton.py); the limit is the
+    one measured at head dim 128 (MAX_PREFILL_TILE_ROWS), scaled by 128 / head_dim above it."""
+    rows = max(_pow2(tile_size) * _pow2(group), 16)
+    most = MAX_PREFILL_TILE_ROWS * 128 // max(128, _pow2(head_dim))
+    if rows <= most:
+        return None
+    fits = max(1, most // _pow2(group))
+    return (f"tile_size={tile_size} with {group} query heads per KV head and head dim {head_dim} "
+            f"needs {rows} query rows per block of the GPU prefill kernels, which fit at most "
+            f"{most}; use tile_size <= {fits}")
 
 
 @dataclass(frozen=True)

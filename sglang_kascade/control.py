@@ -6,7 +6,10 @@ One control directory per served port (mode 0700, owner only) holds plain JSON f
                          forward pass from now on uses, applied / staged / rejected generations
   request.json           written by the sidecar: the newest activation {generation, profile}
   stats/<pid>.json       counters for the sidecar's /metrics, written at most once a second
-  history.jsonl, audit.log, profiles/   the sidecar's own records (server/)
+  history.jsonl, audit.log, settled.json, profiles/   the sidecar's own records (server/)
+
+The directory is this user's only (``prepare_control_dir``): whoever can write into it decides
+which profile every scheduler serves.
 
 Every write goes to a temporary file that is then renamed over the target, so a reader sees the
 old file or the new one, never half of one. Why files and not SGLang's control path: SGLang
@@ -28,6 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
 import threading
 import time
@@ -35,18 +40,126 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .config import KascadeConfigError
+
 logger = logging.getLogger("sglang_kascade")
 
 POLL_S = 0.05
 STATS_EVERY_S = 1.0
 
 
+def default_control_base() -> Path:
+    """The per-user folder holding one control directory per served port.
+
+    ``$XDG_RUNTIME_DIR/sglang-kascade`` when that variable names an absolute path (a folder only
+    this user can enter, made by the login manager), else ``$TMPDIR/sglang-kascade-<uid>``: a
+    predictable name in a shared folder, so ``prepare_control_dir`` checks who made it. The server
+    and a separately started sidecar derive the same path only if they see the same
+    ``XDG_RUNTIME_DIR`` and ``TMPDIR``; otherwise pass ``--control-dir`` explicitly.
+    """
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "sglang-kascade"
+    return Path(tempfile.gettempdir()) / f"sglang-kascade-{os.getuid()}"
+
+
 def default_control_dir(port: int) -> Path:
     """The directory shared by a server on ``port`` and its sidecar, unless one is given."""
-    return Path(tempfile.gettempdir()) / f"sglang-kascade-{os.getuid()}" / str(port)
+    return default_control_base() / str(port)
+
+
+class ControlDirError(KascadeConfigError):
+    """The control directory is not safe to use. Start-up is refused rather than hot-swap turned
+    off quietly: whoever can write into it decides which profile every scheduler serves."""
+
+
+def _who(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _check_private(path: Path, uid: int) -> None:
+    """A level of the control directory this server owns: a real directory (no symlink), owned
+    by this user, nobody else may write into it. Read/search bits for others alone are
+    tightened to 0700 (nobody else could have put anything inside); anything else is refused."""
+    st = os.lstat(path)
+    where = f"control directory level {path}"
+    if stat.S_ISLNK(st.st_mode):
+        raise ControlDirError(f"{where} is a symlink; refusing it (the link could be repointed). "
+                              "Use a real directory or choose another control directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlDirError(f"{where} exists and is not a directory")
+    if st.st_uid != uid:
+        raise ControlDirError(f"{where} is owned by {_who(st.st_uid)}, not by this user "
+                              f"({_who(uid)}); refusing it (its owner could swap the served "
+                              "profile). Remove it or choose another control directory")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlDirError(f"{where} has mode {stat.S_IMODE(st.st_mode):04o}: writable by "
+                              "group or others, who may have placed files in it; refusing it. "
+                              "Remove it (it holds only state that is rebuilt) or choose another "
+                              "control directory")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700, follow_symlinks=False)
+
+
+def _check_ancestor(path: Path, uid: int) -> None:
+    """A folder above the control directory: owned by root or this user, and not writable by
+    others unless sticky (as /tmp): otherwise someone else could rename the levels below."""
+    st = os.lstat(path)
+    if st.st_uid not in (0, uid):
+        raise ControlDirError(f"{path} (above the control directory) is owned by "
+                              f"{_who(st.st_uid)}; refusing a control directory under it")
+    if (stat.S_ISDIR(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            and not st.st_mode & stat.S_ISVTX):
+        raise ControlDirError(f"{path} (above the control directory) has mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}: others may rename what is inside; "
+                              "refusing a control directory under it")
+
+
+def prepare_control_dir(root) -> Path:
+    """Create the control directory (mode 0700 at every level created) or check an existing one.
+
+    Private levels (checked by ``_check_private``): the directory itself, every level created
+    here, and the per-user base of the default path (``default_control_base``). Every folder
+    above them, and every folder on the way to what a symlink above them points at, must satisfy
+    ``_check_ancestor``. Raises ControlDirError naming the path and the reason.
+    """
+    root = Path(os.path.abspath(root))
+    uid = os.geteuid()
+    private = {root}
+    if root.parent == Path(os.path.abspath(default_control_base())):
+        private.add(root.parent)
+    missing = []
+    p = root
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    for level in (p, *p.parents):
+        if level not in private:
+            _check_ancestor(level, uid)
+    if p in private:  # an existing private level: checked before anything is made inside it
+        _check_private(p, uid)
+    real = Path(os.path.realpath(p))
+    if real != p:  # a symlink above the private levels: its target's way must be safe too
+        for level in (real, *real.parents):
+            _check_ancestor(level, uid)
+    for level in reversed(missing):
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:  # made meanwhile (another scheduler): checked below
+            pass
+        private.add(level)
+    for level in sorted(private, key=lambda q: len(q.parts)):  # outermost first
+        _check_private(level, uid)
+    return root
 
 
 def ensure_dir(path: Path) -> Path:
+    """A sub-folder of the (already checked) control directory, mode 0700."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
@@ -68,18 +181,47 @@ def read_json(path: Path):
     """The parsed file, or None if it is missing or unreadable (e.g. mid-rename on old kernels)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
+PID_LIMIT = 1 << 22  # the kernel's ceiling for pid_max (PID_MAX_LIMIT on 64-bit Linux)
+
+
+def pid_max() -> int:
+    """The largest PID this kernel hands out (``/proc/sys/kernel/pid_max``, else 2^22)."""
+    try:
+        return min(int(Path("/proc/sys/kernel/pid_max").read_text().strip()), PID_LIMIT)
+    except (OSError, ValueError):
+        return PID_LIMIT
+
+
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists. Only a real PID counts: 0 and negative numbers address
+    process groups (``kill(0, 0)`` always succeeds), so they are never alive."""
+    if not isinstance(pid, int) or pid <= 0 or pid > PID_LIMIT:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except (OverflowError, OSError):
+        return False
     return True
+
+
+_PID_NAME = re.compile(r"[1-9][0-9]{0,6}\.json", re.ASCII)
+
+
+def pid_of(path: Path) -> Optional[int]:
+    """The PID a ``schedulers/`` or ``stats/`` file is named after, or None for anything else
+    (a stray file: non-ASCII digits, leading zeros, 0, beyond pid_max, not a regular file)."""
+    if not _PID_NAME.fullmatch(path.name):
+        return None
+    pid = int(path.name[:-5])
+    return pid if pid <= pid_max() else None
 
 
 @dataclass(frozen=True)
@@ -108,10 +250,11 @@ class ControlPaths:
         """{pid: parsed JSON} of the files in ``folder`` whose process is alive."""
         found = {}
         for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            if p.stem.isdigit() and pid_alive(int(p.stem)):
+            pid = pid_of(p)
+            if pid is not None and pid_alive(pid):
                 data = read_json(p)
                 if isinstance(data, dict):
-                    found[int(p.stem)] = data
+                    found[pid] = data
         return found
 
     def live_schedulers(self) -> dict:
@@ -123,7 +266,8 @@ class ControlPaths:
     def remove_stale(self) -> None:
         for folder in (self.schedulers, self.stats):
             for p in folder.glob("*.json") if folder.is_dir() else []:
-                if p.stem.isdigit() and not pid_alive(int(p.stem)):
+                pid = pid_of(p)
+                if pid is not None and not pid_alive(pid) and p.is_file():
                     p.unlink(missing_ok=True)
 
 
@@ -143,7 +287,7 @@ class SchedulerChannel:
 
     def __init__(self, root: Path, fingerprint: dict, validate: Callable[[dict], object],
                  active_json: dict, pid: Optional[int] = None):
-        self.paths = ControlPaths(ensure_dir(Path(root)))
+        self.paths = ControlPaths(prepare_control_dir(root))
         self.pid = pid or os.getpid()
         self._validate = validate
         self._lock = threading.Lock()

@@ -55,6 +55,13 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
+def sel_width(kmax: int) -> int:
+    """Last dimension of a prefill selection (``DevicePrefill.sel_slot``): the batch's largest
+    budget padded to a multiple of 16, so the kernels' selection strides keep one specialization
+    (divisible by 16) for every budget and no batch compiles a variant of its own (warmup.py)."""
+    return -(-max(1, kmax) // 16) * 16
+
+
 @dataclass
 class DevicePrefill:
     """Host planning of one extend (prefill) forward for the kernels."""
@@ -68,7 +75,7 @@ class DevicePrefill:
     kmax: int  # largest budget of the batch
     max_start: int  # largest tile start (candidates scanned)
     all_dense: bool  # every tile selects all its candidates
-    sel_slot: torch.Tensor | None = None  # [nt, Hkv, kmax] int32, at the first selecting layer
+    sel_slot: torch.Tensor | None = None  # [nt, Hkv, sel_width(kmax)] int32, 1st selecting layer
     has_selection: bool = False
     layers_run: int = 0
     noted: bool = False  # counted in the backend's stats
@@ -114,6 +121,7 @@ class DevicePath:
         self.graph_budget_f = None  # [2] float64 fraction, slack of k_for (in-graph plan)
         self.graph_budget_i = None  # [2] int64 k_min, round_to
         self.graph_row_src: dict = {}  # batch size -> {(data_ptr of rows, of lengths)} captured
+        self.warm = None  # warmup.WarmUp once warm_up ran (set_budget: a new tile size's prefill)
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
@@ -147,6 +155,21 @@ class DevicePath:
         else:  # stream-ordered before the next replay (set between forwards)
             self.graph_budget_f.copy_(f)
             self.graph_budget_i.copy_(i)
+        if self.warm is not None:  # a hot-swapped tile size: its prefill variants, between batches
+            self.warm.prefill(budget.tile_size)
+
+    def warm_up(self, hq: int, hkv: int, d: int, dtype, tile_size: int, k_pool=None,
+                v_pool=None, r2t_stride: int = 4096) -> int:
+        """Compile every Triton kernel variant eager decode and prefill (at ``tile_size``) can
+        launch for this model, so no request compiles one (warmup.py): head counts, head dim and
+        dtype as served, the server's KV pool (read at slot 0 only) or a scratch one of its
+        layout, ``req_to_token``'s row stride. Returns the variants compiled (0 when already
+        compiled in this process, or under TRITON_INTERPRET)."""
+        from .warmup import WarmUp
+
+        self.warm = WarmUp(self.device, hq, hkv, d, dtype, k_pool, v_pool, r2t_stride)
+        self.warm.run(tile_size)
+        return self.warm.variants
 
     # ---- what a captured decode graph launches per layer -----------------------------------------
 
@@ -446,7 +469,7 @@ class DevicePath:
         self.layers_run += 1
         if role in ("dense_anchor", "anchor"):
             if fwd.sel_slot is None:
-                fwd.sel_slot = torch.empty(fwd.tiles.num_tiles, hkv, max(1, fwd.kmax),
+                fwd.sel_slot = torch.empty(fwd.tiles.num_tiles, hkv, sel_width(fwd.kmax),
                                            dtype=torch.int32, device=self.device)
             prefill_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.tiles, fwd.tile_size,
                            fwd.tile_k, fwd.tile_row, fwd.max_start, scale, fwd.sel_slot)

@@ -16,7 +16,7 @@ select are taken out (their predecessors then feed their successors directly), t
 layers that select are put back (copied from the stash: same kernels, arguments and launch
 attributes), and torch re-instantiates the executable graph (``CUDAGraph.instantiate``; a graph
 in flight finishes on the old one). Not a recapture: no Python runs, the graph's memory stays.
-Measured: a disabled node (``cuGraphNodeSetEnabled``, session 8) still cost ~0.6 us; a removed
+Measured: a disabled node (``cuGraphNodeSetEnabled``) still cost ~0.6 us; a removed
 one costs nothing (docs/results/kernels-h100.md).
 
 The gates stay: a chain left in is always correct, so any driver error puts every chain back and
@@ -43,7 +43,7 @@ logger = logging.getLogger("sglang_kascade")
 
 KERNEL_NODE = 0  # CU_GRAPH_NODE_TYPE_KERNEL
 CAPTURE_ACTIVE = 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
-MAX_NODES_PER_LAYER = 64  # a selection launches 7 kernels; more means the walk went astray
+MAX_NODES_PER_LAYER = 64  # a selection launches up to 9 kernels; more means the walk went astray
 
 
 class DriverError(RuntimeError):

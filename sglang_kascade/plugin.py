@@ -55,6 +55,11 @@ def create_backend(model_runner):
     )
     backend.control = open_control_channel(options, sa.server_port(model_runner), fingerprint,
                                            profile, check=backend.hot_swap_problem)
+    from .warmup import warm_up_backend
+
+    # Every Triton kernel variant compiled now, before SGLang captures its graphs and serves
+    # (a first long prefill would otherwise compile for seconds): warmup.py.
+    warm_up_backend(backend, model_runner, options)
     return backend
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import BudgetConfig, KascadeConfigError, check_budget_fields
+from .config import (INT32_MAX, MAX_BUDGET_KEYS, MAX_PAGE_TILE_SIZE, MAX_TILE_SIZE, BudgetConfig,
+                     KascadeConfigError, check_budget_fields)
 
 SCHEMA_VERSION = 1
 MAX_PROFILE_BYTES = 4 << 20
@@ -108,7 +109,7 @@ PROFILE_JSON_SCHEMA = {
         "model": {
             "type": "object", "required": list(FINGERPRINT_FIELDS), "additionalProperties": True,
             "properties": {"architecture": {"type": "string", "minLength": 1},
-                           **{f: {"type": "integer", "minimum": 1}
+                           **{f: {"type": "integer", "minimum": 1, "maximum": INT32_MAX}
                               for f in FINGERPRINT_FIELDS[1:]}},
         },
         "dense_layers": {**_INT_LIST, "description": "sorted, unique, must contain 0"},
@@ -116,11 +117,11 @@ PROFILE_JSON_SCHEMA = {
         "head_map": {"type": "array", "items": _INT_LIST,
                      "description": "num_layers rows of num_kv_heads anchor-head indices"},
         "topk_fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "k_min": {"type": "integer", "minimum": 1},
-        "tile_size": {"type": "integer", "minimum": 1},
+        "k_min": {"type": "integer", "minimum": 1, "maximum": MAX_BUDGET_KEYS},
+        "tile_size": {"type": "integer", "minimum": 1, "maximum": MAX_TILE_SIZE},
         "granularity": {"type": "string", "enum": ["token", "page"]},
-        "page_tile_size": {"type": "integer", "minimum": 1},
-        "round_to": {"type": "integer", "minimum": 1},
+        "page_tile_size": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_TILE_SIZE},
+        "round_to": {"type": "integer", "minimum": 1, "maximum": MAX_BUDGET_KEYS},
         "provenance": {"type": "object"},
     },
 }
@@ -171,8 +172,8 @@ def profile_from_dict(data: Any) -> AnchorProfile:
         _fail("model.architecture", "must be a non-empty string")
     for f in FINGERPRINT_FIELDS[1:]:
         v = model[f]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            _fail(f"model.{f}", "must be a positive integer")
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= INT32_MAX:
+            _fail(f"model.{f}", f"{v!r} must be an integer in 1..{INT32_MAX}")
     fp = ModelFingerprint(**{f: model[f] for f in FINGERPRINT_FIELDS})
     if fp.num_q_heads % fp.num_kv_heads:
         _fail("model.num_q_heads", "must be a multiple of model.num_kv_heads")

@@ -80,6 +80,8 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
 def _after_from_cli_args(server_args, cls, args, *rest, **kwargs):
     # Validate flags in the launcher process, so a bad value fails before any model loads.
     options = options_from_namespace(args)
+    if getattr(args, "attention_backend", None) == BACKEND_NAME:
+        check_supported_flags(args)
     if getattr(args, "attention_backend", None) == BACKEND_NAME and options.profile:
         from .profile import load_profile
 
@@ -294,28 +296,79 @@ def model_fingerprint(model_runner) -> ModelFingerprint:
     )
 
 
+# KV cache dtypes the backend reads: the Triton kernels load the pool in its own dtype and are
+# tested in bf16 and fp16 (the PyTorch path also in fp32, the CPU's); FP8 / FP4 pools (scaled,
+# packed) would be read as if they held plain values.
+KV_CACHE_DTYPE_FLAGS = ("auto", "bf16", "bfloat16", "fp16", "float16")
+KV_POOL_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
+
+
+def _kv_pool_dtype(runner) -> str:
+    """The KV pool's dtype as SGLang resolved it (``--kv-cache-dtype auto`` follows the model
+    or its quantization config), or '' where the runner does not say."""
+    dtype = getattr(runner, "kv_cache_dtype", None)
+    return str(dtype) if dtype is not None and str(dtype).startswith("torch.") else ""
+
+
+# Server options and model kinds the backend does not serve: (what, refused when (args, model
+# config, model runner) -> bool, why). check_supported refuses the first that applies at
+# start-up; README "Not supported" lists them; tests/test_adapter.py has one case per row.
+UNSUPPORTED = (
+    ("MLA models", lambda a, mc, r: bool(getattr(r, "use_mla_backend", False)),
+     "MLA models are not supported (Kascade selects over per-KV-head keys)"),
+    ("--speculative-algorithm", lambda a, mc, r: bool(getattr(a, "speculative_algorithm", None)),
+     "speculative decoding is not supported yet (verify batches need tree masks)"),
+    ("--enable-mixed-chunk", lambda a, mc, r: bool(getattr(a, "enable_mixed_chunk", False)),
+     "--enable-mixed-chunk is not supported yet (mixed prefill+decode batches)"),
+    ("--tp-size / --dcp-size",
+     lambda a, mc, r: getattr(a, "tp_size", 1) != 1 or getattr(a, "dcp_size", 1) != 1,
+     "tensor/context parallelism is not supported yet (head maps cross ranks)"),
+    ("--pp-size", lambda a, mc, r: (getattr(a, "pp_size", 1) or 1) != 1,
+     "pipeline parallelism is not supported (a reuse layer reads the selection of an anchor "
+     "layer that may run on another pipeline stage)"),
+    ("--kv-cache-dtype",
+     lambda a, mc, r: str(getattr(a, "kv_cache_dtype", None) or "auto") not in KV_CACHE_DTYPE_FLAGS,
+     "--kv-cache-dtype {kv} is not supported (FP8/FP4 KV caches are not read by the sparse "
+     "kernels; use auto, the model's dtype, or bf16)"),
+    ("KV pool dtype", lambda a, mc, r: _kv_pool_dtype(r) not in ("",) + KV_POOL_DTYPES,
+     "a KV cache of {pool} is not supported (quantized KV caches are not read by the sparse "
+     "kernels; serve with a bf16 or fp16 KV cache)"),
+    ("hybrid sliding-window models",
+     lambda a, mc, r: bool(getattr(mc, "is_hybrid_swa", False)
+                           or getattr(r, "is_hybrid_swa", False)),
+     "hybrid sliding-window models are not supported (separate SWA KV pool)"),
+    ("encoder-decoder models", lambda a, mc, r: bool(getattr(mc, "is_encoder_decoder", False)),
+     "encoder-decoder models are not supported"),
+    ("key and value head dims differ",
+     lambda a, mc, r: getattr(mc, "head_dim", 0) != getattr(mc, "v_head_dim",
+                                                            getattr(mc, "head_dim", 0)),
+     "models whose key and value head dims differ are not supported"),
+)
+
+
+# Rows decided by the launcher's flags alone: checked in the launcher too, before SGLang loads
+# the model (some of these options fail later inside SGLang with a message about something else,
+# e.g. an FP8 KV cache on a CPU without AMX).
+LAUNCHER_ROWS = ("--pp-size", "--kv-cache-dtype")
+
+
 def check_supported(model_runner) -> None:
-    """Configurations the method does not cover fail here, at start-up, with the reason."""
-    args = resolved_args(model_runner.server_args)
-    mc = model_runner.model_config
+    """Configurations the method does not cover fail here, at start-up, with the reason
+    (the UNSUPPORTED table)."""
+    _refuse_unsupported(resolved_args(model_runner.server_args), model_runner.model_config,
+                        model_runner, [row[0] for row in UNSUPPORTED])
 
-    def refuse(why):
-        raise KascadeConfigError(f"--attention-backend kascade: {why}")
 
-    if getattr(model_runner, "use_mla_backend", False):
-        refuse("MLA models are not supported (Kascade selects over per-KV-head keys)")
-    if getattr(args, "speculative_algorithm", None):
-        refuse("speculative decoding is not supported yet (verify batches need tree masks)")
-    if getattr(args, "enable_mixed_chunk", False):
-        refuse("--enable-mixed-chunk is not supported yet (mixed prefill+decode batches)")
-    if getattr(args, "tp_size", 1) != 1 or getattr(args, "dcp_size", 1) != 1:
-        refuse("tensor/context parallelism is not supported yet (head maps cross ranks)")
-    if getattr(mc, "is_hybrid_swa", False) or getattr(model_runner, "is_hybrid_swa", False):
-        refuse("hybrid sliding-window models are not supported (separate SWA KV pool)")
-    if getattr(mc, "is_encoder_decoder", False):
-        refuse("encoder-decoder models are not supported")
-    if getattr(mc, "head_dim", 0) != getattr(mc, "v_head_dim", getattr(mc, "head_dim", 0)):
-        refuse("models whose key and value head dims differ are not supported")
+def check_supported_flags(args) -> None:
+    """The LAUNCHER_ROWS of UNSUPPORTED on the parsed launcher flags (argparse namespace)."""
+    _refuse_unsupported(args, None, None, LAUNCHER_ROWS)
+
+
+def _refuse_unsupported(args, mc, runner, rows) -> None:
+    for what, refused, why in UNSUPPORTED:
+        if what in rows and refused(args, mc, runner):
+            raise KascadeConfigError("--attention-backend kascade: " + why.format(
+                kv=getattr(args, "kv_cache_dtype", None), pool=_kv_pool_dtype(runner)))
 
 
 def layer_needs_dense_fallback(layer) -> str:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from .config import CONTROL_OFF, KascadeConfigError, KascadeOptions
-from .control import default_control_dir
+from .control import default_control_dir, prepare_control_dir
 
 logger = logging.getLogger("sglang_kascade")
 TOKEN_ENV = "SGLANG_KASCADE_ADMIN_TOKEN"  # same name as server/auth.py
@@ -38,7 +38,11 @@ def sidecar_command(options: KascadeOptions, host: str, port: int) -> list:
 
 
 def start_sidecar(options: KascadeOptions, host: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(sidecar_command(options, host, port))
+    cmd = sidecar_command(options, host, port)
+    # The control directory is checked here, in the launcher, so an unsafe one stops the start
+    # before any model loads (ControlDirError is a KascadeConfigError naming the path).
+    prepare_control_dir(cmd[cmd.index("--control-dir") + 1])
+    proc = subprocess.Popen(cmd)
     atexit.register(proc.terminate)
     logger.info("kascade: admin sidecar on 127.0.0.1:%d (pid %d)", options.admin_port, proc.pid)
     return proc

@@ -212,8 +212,9 @@ def test_everything_selected_is_dense_attention(dtype):
 
 
 @pytest.mark.parametrize("short_row", [None, 0], ids=["short-rows-whole", "all-multipass"])
-@pytest.mark.parametrize("ragged", [False, True, "collect"],
-                         ids=["uniform", "token-indexed", "token-indexed-collect"])
+@pytest.mark.parametrize("ragged", [False, True, "collect", "overflow"],
+                         ids=["uniform", "token-indexed", "token-indexed-collect",
+                              "token-indexed-collect-overflow"])
 @pytest.mark.parametrize("n,k", [(5000, 500), (3000, 3000), (9000, 1), (20000, 2001)])
 def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
     """Scores with many exact ties (and zeros): the chosen set holds every score above the k-th
@@ -221,11 +222,14 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
     Rows uniform ([B, Hkv, L]: prefill tiles) or token-indexed ([Hkv, T] from tok_off: decode),
     the latter also in collect mode (three full passes, then the candidates per row). Rows up to
     SHORT_ROW keys are selected whole by one program (the lengths here mix both kinds in one
-    launch); ``short_row=0`` sends every row through the passes."""
+    launch); ``short_row=0`` sends every row through the passes. ``overflow``: collect mode with
+    ``cand_max=0``, so every long row's candidates finish through the chunked passes."""
     from sglang_kascade.kernels.topk_triton import topk_select
 
     launch = {} if short_row is None else {"short_row": short_row}
-    launch["collect"] = ragged == "collect"  # token-indexed: both paths, whatever the default
+    launch["collect"] = ragged in ("collect", "overflow")  # both paths, whatever the default
+    if ragged == "overflow":
+        launch["cand_max"] = 0
     if INTERPRET:
         n, k = min(n, 300), min(k, 300)
     gen = torch.Generator().manual_seed(n + k)
@@ -275,8 +279,45 @@ def test_radix_topk_with_ties_matches_torch_topk(n, k, ragged, short_row):
         for h in range(hkv):
             written = torch.zeros(pos.shape[1], dtype=torch.bool)
             for b, (m, kb) in enumerate(zip(lens, budgets)):
-                written[offs[b]:offs[b] + (m if ragged == "collect" else kb)] = True
+                written[offs[b]:offs[b] + (kb if ragged is True else m)] = True
             assert bool((pos[h, ~written] == -7).all())
+
+
+@pytest.mark.parametrize("collect", [True, False], ids=["collect", "five-launches"])
+@pytest.mark.parametrize("n,k", [(20000, 2000), (12000, 11999), (9000, 1)])
+def test_radix_topk_of_nearly_equal_scores(n, k, collect):
+    """Rows whose scores all share one 16-bit prefix (nearly equal, as with random weights):
+    in collect mode every key is a candidate, more than CAND_MAX, so the chunked overflow passes
+    select; the set must still be exact (every score above the k-th largest, enough ties)."""
+    from sglang_kascade.kernels.topk_triton import topk_select
+
+    launch = {"collect": collect}
+    if INTERPRET:  # small rows: lower the thresholds so the same path runs
+        n, k = min(n, 300), min(k, 299)
+        launch.update(short_row=0, cand_max=16)
+    gen = torch.Generator().manual_seed(n + k)
+    hkv, dev = 2, DEVICE
+    # about 1/n, bit patterns on one 16-bit prefix, some exact ties
+    base = (torch.tensor([1.0 / n]).view(torch.int32) & ~0x7FFF) | 0x1000
+    bits = base + torch.randint(0, 400, (hkv, n), generator=gen, dtype=torch.int32)
+    scores = bits.view(torch.float32)
+    r2t = torch.randperm(n, generator=gen).to(torch.int32).view(1, n)
+    hist = torch.empty(4, hkv, 256, dtype=torch.int32, device=dev)
+    ctr = torch.empty(hkv, 2, dtype=torch.int32, device=dev)
+    pos = torch.full((hkv, n), -7, dtype=torch.int32, device=dev)
+    slot = torch.full_like(pos, -7)
+    topk_select(scores.to(dev), torch.tensor([n], dtype=torch.int32, device=dev),
+                torch.tensor([k], dtype=torch.int32, device=dev), r2t.to(dev),
+                torch.zeros(1, dtype=torch.int32, device=dev), hist, ctr, pos, slot, n,
+                tok_off=torch.zeros(1, dtype=torch.int64, device=dev), launch=launch)
+    pos, slot = pos.cpu().long(), slot.cpu()
+    for h in range(hkv):
+        got, row = pos[h, :k], scores[h]
+        assert got.unique().numel() == k and int(got.min()) >= 0 and int(got.max()) < n
+        kth = row.topk(k).values[-1]
+        assert bool((row[got] >= kth).all())
+        assert int((row > kth).sum()) == int((row[got] > kth).sum())
+        assert bool((slot[h, :k] == r2t[0, got]).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

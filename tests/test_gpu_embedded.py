@@ -25,7 +25,7 @@ pytestmark = [
 
 # Prefill CUDA graphs off for both, as kascade always has them (sglang_adapter.py): the same
 # prefill path on both sides, and no 58-size prefill capture at FlashInfer's start (191 s on an
-# H200, session 11).
+# H200).
 BF16 = ["--dtype", "bfloat16", "--mem-fraction-static", "0.3",
         "--cuda-graph-backend-prefill=disabled"]
 

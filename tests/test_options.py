@@ -70,6 +70,7 @@ def test_option_table_covers_every_option_and_budget_field():
     assert policy_fields == {"name", "sink_tokens"}
     operations = {"control_dir", "admin_port", "admin_token_file"}  # hot-swap sidecar
     operations |= {"dense_prefill_below"}  # when sparsity pays (serving, not the budget)
+    operations |= {"warmup"}  # Triton kernels compiled at start-up (warmup.py)
     assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"} - operations
     for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
         assert flag.startswith("--kascade-") and env.startswith("SGLANG_KASCADE_")

@@ -39,7 +39,7 @@ def active_sha(client):
 
 ROUTES = [("get", "/v1/profiles"), ("get", f"/v1/profiles/{SMOL}"), ("post", "/v1/profiles"),
           ("post", f"/v1/profiles/{SMOL}/activate"), ("get", "/v1/active"),
-          ("get", "/v1/history"), ("get", "/metrics")]
+          ("get", "/v1/history"), ("get", "/metrics"), ("delete", "/v1/profiles/smol-alt")]
 
 
 @pytest.mark.parametrize("method,path", ROUTES)
@@ -102,8 +102,8 @@ def test_upload_activate_history_audit_metrics(client, control):
     audit = [json.loads(x) for x in (control / "audit.log").read_text().splitlines()]
     assert [(x["action"], x["result"]) for x in audit] == [
         ("upload", "created"), ("upload", "unchanged"), ("upload", "refused"),
-        ("activate", "active"), ("upload", "refused"), ("activate", "active"),
-        ("upload", "created")]
+        ("activate", "requested"), ("activate", "active"), ("upload", "refused"),
+        ("activate", "requested"), ("activate", "active"), ("upload", "created")]
     assert all(x["client"] for x in audit)
     m = client.get("/metrics", headers=AUTH)
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
@@ -118,14 +118,14 @@ def test_metrics_sum_the_schedulers_stats(control, client):
     from sglang_kascade.control import ControlPaths, write_json_atomic
 
     stats = BackendStats(sparse_forwards=5, dense_fallback_forwards=2, device_forwards=4,
-                         swaps_applied=1)
+                         swaps_applied=1, swaps_refused=3)
     roles = {"dense": 0, "dense_anchor": 1, "anchor": 11, "reuse": 18, "dense_fallback_layers": 0}
     write_json_atomic(ControlPaths(control).stats_file(os.getpid()),
                       stats.snapshot({"roles": roles}))
     text = client.get("/metrics", headers=AUTH).text
     for line in ("kascade_sparse_forwards_total 5.0", "kascade_dense_fallback_forwards_total 2.0",
                  "kascade_device_forwards_total 4.0", "kascade_swaps_applied_total 1.0",
-                 'kascade_layers{role="anchor"} 11.0', 'kascade_layers{role="reuse"} 18.0'):
+                 "kascade_swaps_refused_total 3.0", 'kascade_layers{role="anchor"} 11.0', 'kascade_layers{role="reuse"} 18.0'):
         assert line in text, text
 
 

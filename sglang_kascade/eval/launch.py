@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import requests
 
@@ -50,13 +51,16 @@ def default_device() -> str:
 
 
 def server_command(port: int, backend: str, extra=(), model_path=None, device="cpu",
-                   max_total_tokens: int = MAX_TOTAL_TOKENS) -> list:
+                   max_total_tokens: Optional[int] = MAX_TOTAL_TOKENS) -> list:
+    """``max_total_tokens=None``: no ``--max-total-tokens``, SGLang sizes the KV pool itself
+    (from ``--mem-fraction-static``), as a user's server would."""
+    pool = [] if max_total_tokens is None else ["--max-total-tokens", str(max_total_tokens)]
     return [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", model_path or embedded_model_path(),
         "--device", device,
         "--attention-backend", backend,
-        "--max-total-tokens", str(max_total_tokens),
+        *pool,
         "--host", "127.0.0.1", "--port", str(port),
         "--random-seed", "0",
         *extra,
@@ -87,7 +91,7 @@ class Server:
 
 @contextmanager
 def running_server(backend: str = "kascade", extra=(), model_path=None, device="cpu",
-                   max_total_tokens: int = MAX_TOTAL_TOKENS, log_path=None,
+                   max_total_tokens: Optional[int] = MAX_TOTAL_TOKENS, log_path=None,
                    startup_timeout_s: float = STARTUP_TIMEOUT_S):
     """Yield a ready ``Server``; its process group is terminated afterwards."""
     port = free_port()
