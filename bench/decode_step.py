@@ -44,7 +44,7 @@ from decode_kernels import (D, HKV, HQ, capture_graph, flashinfer_dense, graph_t
 
 from sglang_kascade import graph_nodes  # noqa: E402
 from sglang_kascade.backend import layer_roles  # noqa: E402
-from sglang_kascade.config import BudgetConfig  # noqa: E402
+from sglang_kascade.config import BudgetConfig, DevSwitches  # noqa: E402
 from sglang_kascade.device_path import DevicePath  # noqa: E402
 from sglang_kascade.profile import load_profile  # noqa: E402
 
@@ -102,8 +102,7 @@ def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool 
                 dense[i % POOLS]()
 
     def graph_path(node_switch: bool):  # the server's: capacity = this batch (pool = its keys)
-        os.environ["SGLANG_KASCADE_NODE_SWITCH"] = "1" if node_switch else "0"
-        dp = DevicePath(dev)
+        dp = DevicePath(dev, DevSwitches(node_switch=node_switch))
         dp.set_profile(profile, roles, selects)
         dp.init_graph_state(batch, L, slots, 0, budget)
         return dp, dp.plan_graph(lens)

@@ -1,9 +1,9 @@
 """Side-by-side comparisons of one host session as bar charts.
 
   prefill  per-layer prefill time at one context from bench/prefill_kernels.py JSONs (one bar per
-           file, e.g. shipped launch vs tuned): the 32 layers' time split into layer 0's dense
-           attention, the 5 selections' log-sum-exp pass, their pooled pass + Top-k, and the 31
-           sparse attentions; FlashInfer dense (32 layers) beside them.
+           file, e.g. the first launch settings vs tuned): the 32 layers' time split into
+           layer 0's dense attention, the 5 selections' log-sum-exp pass, their pooled pass +
+           Top-k, and the 31 sparse attentions; FlashInfer dense (32 layers) beside them.
   step     a decode step of bench_one_batch from an e2e JSON whose runs carry ``host_probe``
            (bench/host_probe.py): host work before the graph launch, the graph's GPU time and
            the rest of the measured step (sampling, host after the launch), one bar per run.
@@ -60,7 +60,7 @@ def prefill(dst: str, srcs: list) -> None:
         (r,) = d["rows"]
         ms = r["ms"]
         launch = d["meta"].get("select_launch")
-        labels.append("shipped launch" if not launch else "tuned launch")
+        labels.append("default launch of its commit" if not launch else "--select-launch given")
         dense_layer0.append(ms["dense_flashinfer"])
         lse.append(5 * ms["select_lse_stage"])
         pool_topk.append(5 * (ms["anchor_select"] - ms["select_lse_stage"]))

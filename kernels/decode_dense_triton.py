@@ -29,10 +29,11 @@ def decode_dense_select(
     buf: DecodeBuffers,
     out: torch.Tensor,  # [B, Hq, Dv], written: dense attention
     lscan: int | None = None,
+    launch: dict | None = None,
 ) -> torch.Tensor:
     """Dense decode attention into ``out`` and the selection into buf (as decode_select)."""
     stages = select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale, buf,
-                           lscan, v_pool=v_pool)
+                           lscan, v_pool=v_pool, launch=launch)
     stages["score"]()
     st = buf.step(q.shape[0])
     _, n_chunks = buf.scan(q.shape[0], lscan)  # the chunks the score stage wrote

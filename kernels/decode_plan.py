@@ -15,13 +15,26 @@ captured request row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 SCORE_CHUNKS = (256, 512, 1024, 2048)  # keys per scoring program: one (m, l) partial each
 ATTN_BLOCK_N = 64  # keys per inner step of the sparse attention
-NUM_SMS_H100 = 132
+NUM_SMS_H100 = 132  # the planning default off CUDA (CPU tests): an H100 SXM
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: str) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device``: the split and chunk rules size their grids by
+    it (H100 SXM 132, H100 PCIe 114); NUM_SMS_H100 off CUDA."""
+    dev = torch.device(device)
+    return _sm_count(str(dev)) if dev.type == "cuda" else NUM_SMS_H100
 
 
 def block_g(group: int) -> int:
@@ -62,16 +75,24 @@ def row_offsets(seq_lens: list) -> list:
 
 
 def graph_rows_torch(req_src, seq_src, req_dst, seq_dst, off_dst, topk_dst, budget_f,
-                     budget_i, kmax: int) -> None:
+                     budget_i, kmax: int, row_frac=None) -> None:
     """Reference of graph_plan_triton.graph_rows (also the CPU path: no graphs there): a
     captured graph's static plan from SGLang's static rows, with the budget as device data
-    (``budget_f`` [fraction, slack] float64, ``budget_i`` [k_min, round_to] int64)."""
+    (``budget_f`` [fraction, slack] float64, ``budget_i`` [k_min, round_to] int64) and each
+    row's own fraction (``row_frac`` [>= bs] float64, 0: the server's; None: all the server's).
+    The server's k is clamped to ``kmax`` (the captured capacity), a row's own only to its
+    length."""
     bs = seq_src.shape[0]
     s = seq_src.to(torch.int64)
     frac, slack = budget_f.to(torch.float64)
     k_min, round_to = budget_i.to(torch.int64)
-    k = torch.ceil(frac * s.to(torch.float64) - slack).to(torch.int64).clamp(min=k_min)
-    k = torch.minimum((k + round_to - 1) // round_to * round_to, s).clamp(1, kmax)
+    own = (torch.zeros(bs, dtype=torch.float64, device=s.device) if row_frac is None
+           else row_frac[:bs].to(torch.float64))
+    custom = own > 0
+    f = torch.where(custom, own, frac)
+    k = torch.ceil(f * s.to(torch.float64) - slack).to(torch.int64).clamp(min=k_min)
+    k = torch.minimum((k + round_to - 1) // round_to * round_to, s)
+    k = torch.where(custom, k, k.clamp(max=kmax)).clamp(min=1)
     req_dst[:bs].copy_(req_src)
     seq_dst[:bs].copy_(s)
     off_dst[:bs].copy_(torch.cumsum(s, 0) - s)
@@ -116,6 +137,7 @@ class DecodeBuffers:
     kmax: int  # largest Top-k served
     device: torch.device
     tokens: int = 0  # summed context of a batch (token-indexed buffers; 0: batch * lmax)
+    num_sms: int = 0  # the device's (sm_count) for the split and chunk rules; 0: ask the device
     # Token-indexed: request b's entries of KV head h at [h, tok_off[b] + i], i < seq_lens[b].
     logits: torch.Tensor = field(init=False)  # [Hkv, tokens, G] fp32, log2 units (G-minor:
     # the anchor's attention reads a selected key's G logits from one 32-byte sector)
@@ -136,6 +158,8 @@ class DecodeBuffers:
             raise ValueError(f"kmax {self.kmax} > lmax {self.lmax}")
         if not self.tokens:
             self.tokens = b * self.lmax
+        if not self.num_sms:
+            self.num_sms = sm_count(dev)
         f32 = dict(dtype=torch.float32, device=dev)
         t = self.tokens
         self.logits = torch.empty(hkv, t, g, **f32)
@@ -146,7 +170,7 @@ class DecodeBuffers:
         self.topk_ctr = torch.empty(b * hkv, 2, dtype=torch.int32, device=dev)
         self.attn_ctr = torch.zeros(b * hkv, dtype=torch.int32, device=dev)
         chunk_rows = max(n * self._chunks(n)[1] for n in range(1, b + 1))
-        split_rows = max(n * num_splits(n, hkv, self.kmax) for n in range(1, b + 1))
+        split_rows = max(n * num_splits(n, hkv, self.kmax, self.num_sms) for n in range(1, b + 1))
         hq, d = self.q_heads, self.head_dim
         sizes = dict(part_m=chunk_rows * hkv * g, part_l=chunk_rows * hkv * g,
                      dense_o=chunk_rows * hq * d, dense_lse=chunk_rows * hq,
@@ -155,7 +179,7 @@ class DecodeBuffers:
         self._layouts = {}
 
     def _chunks(self, batch: int) -> tuple:
-        chunk = score_chunk(batch, self.kv_heads, self.lmax)
+        chunk = score_chunk(batch, self.kv_heads, self.lmax, self.num_sms)
         return chunk, -(-self.lmax // chunk)
 
     def step(self, batch: int) -> StepLayout:
@@ -167,7 +191,7 @@ class DecodeBuffers:
             hkv, hq, d = self.kv_heads, self.q_heads, self.head_dim
             g = hq // hkv
             chunk, chunks = self._chunks(batch)
-            splits = num_splits(batch, hkv, self.kmax)
+            splits = num_splits(batch, hkv, self.kmax, self.num_sms)
             sc = self.scratch
 
             def view(name, *shape):

@@ -159,6 +159,7 @@ def decode_select(
     buf: DecodeBuffers,
     lscan: int | None = None,
     gate: torch.Tensor | None = None,
+    launch: dict | None = None,
 ) -> None:
     """Fill buf.logits / pooled / sel_pos / sel_slot (and the step's scratch) for this step: entries
     [tok_off[b], tok_off[b] + topk[b]) of each KV head's row of sel_pos / sel_slot are request
@@ -169,9 +170,10 @@ def decode_select(
     keeps the capacity ``buf.lmax``, eager callers may pass the batch's longest context.
     ``gate`` ([1] int32 on the device, default open): 0 makes every kernel return at once, so a
     captured CUDA graph runs or skips the selection by profile data (device_path.py).
+    ``launch``: as select_stages' (the device path's Top-k switches: config.DevSwitches).
     """
     for stage in select_stages(q, k_pool, req_to_token, req_idx, seq_lens, tok_off, topk, scale,
-                               buf, lscan, gate=gate).values():
+                               buf, lscan, gate=gate, launch=launch).values():
         stage()
 
 

@@ -39,11 +39,11 @@ needed. FlashInfer's radix top-k takes one k for all rows, so ragged budgets wou
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .decode_plan import NUM_SMS_H100, sm_count
 
 NBINS = 256  # 8-bit digits: Triton's histogram costs grow with the bins (2048 bins measured
 # slower than torch.topk on the H100; see docs/results/kernels-h100.md)
@@ -51,9 +51,7 @@ SHIFTS = (23, 15, 7, 0)  # digit p covers bits [SHIFTS[p], SHIFTS[p] + WIDTHS[p]
 WIDTHS = (8, 8, 8, 7)
 NPASS = 4
 TOPK_CHUNKS = (1024, 2048, 4096)  # positions per histogram / compaction program (topk_chunk)
-NUM_SMS = 132  # H100 SXM; the chunk rule wants about four waves of programs
-# A/B of the chunk rule in end-to-end runs (bench/e2e_bench.sh): a fixed chunk for every launch
-CHUNK_OVERRIDE = int(os.environ.get("SGLANG_KASCADE_TOPK_CHUNK", "0") or 0)
+NUM_SMS = NUM_SMS_H100  # topk_chunk's default; topk_select asks the device (sm_count)
 SHORT_ROW = 8192  # rows up to this long: one program selects them whole (module docstring)
 # Collect mode: rows with more candidates than this are finished by the chunked passes, not by
 # one program (its serial cost grows with the candidates: with nearly equal scores, the row)
@@ -61,22 +59,20 @@ CAND_MAX = SHORT_ROW
 # Collect mode (token-indexed rows): three full passes instead of five (module docstring). On by
 # default as measured on the H100 (bench/topk_rows.py, bench/results/topk_rows_h100.json): the
 # Top-k alone at 128K 306 vs 429 us at batch 16, 57 vs 65 us at batch 1; rows of nearly equal
-# scores 540 vs 429 and 78 vs 65 us. SGLANG_KASCADE_TOPK_COLLECT=0 turns it off, for A/B runs
-# (bench/e2e_bench.sh kascade-nocollect).
-COLLECT = os.environ.get("SGLANG_KASCADE_TOPK_COLLECT", "1") != "0"
+# scores 540 vs 429 and 78 vs 65 us. launch={"collect": False} runs the five launches (the
+# server: SGLANG_KASCADE_TOPK_COLLECT=0, config.DevSwitches; bench/e2e_bench.sh kascade-nocollect).
+COLLECT = True
 
 
 _ALWAYS: dict = {}
 
 
-def topk_chunk(rows: int, lscan: int) -> int:
+def topk_chunk(rows: int, lscan: int, num_sms: int = NUM_SMS) -> int:
     """Positions per program: the largest of TOPK_CHUNKS that still gives about four waves of
     programs (rows x chunks), else the smallest. 4096 was the best of 2048-16384 at batch 16,
     128K (128 rows); at batch 1 (8 rows) it leaves 256 programs, each four dependent steps."""
-    if CHUNK_OVERRIDE:
-        return CHUNK_OVERRIDE
     for chunk in reversed(TOPK_CHUNKS):
-        if rows * -(-lscan // chunk) >= 4 * NUM_SMS:
+        if rows * -(-lscan // chunk) >= 4 * num_sms:
             return chunk
     return TOPK_CHUNKS[0]
 
@@ -409,7 +405,7 @@ def topk_select(
     if not zeroed:
         hist[:, :rows].zero_()  # this step's rows only (graph buffers hold many more)
         ctr[:rows].zero_()
-    cfg = dict(CHUNK=topk_chunk(rows, lscan), BLOCK=1024, num_warps=4, short_row=SHORT_ROW)
+    cfg = dict(CHUNK=topk_chunk(rows, lscan, sm_count(scores.device)), BLOCK=1024, num_warps=4, short_row=SHORT_ROW)
     cfg.update(launch or {})
     short_row = cfg.pop("short_row")
     collect = cfg.pop("collect", COLLECT) and ragged

@@ -25,7 +25,7 @@ from . import sglang_adapter as sa
 from .backend_stats import BackendStats
 from .device_path import POLICIES, DevicePath
 from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyConfig,
-                     dense_prefill_below, env_flag, prefill_tile_problem)
+                     dense_prefill_below, DevSwitches, prefill_tile_problem)
 from .kernels.quest_torch import select_quest
 from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
@@ -93,16 +93,23 @@ class KascadeAttnBackend(AttentionBackend):
         self.options = options  # flags / env: laid over every profile, also a hot-swapped one
         self.control = control  # control.SchedulerChannel of the admin sidecar, or None
         self.stats = BackendStats()
-        self.device_path = DevicePath(device)  # batched Triton kernels (CUDA); device_path.py
+        switches = DevSwitches.from_env()  # developer switches, read once (config.py)
+        self.device_path = DevicePath(device, switches)  # batched Triton kernels (CUDA)
         self.device_fwd = None  # its plan of this forward, or None: the PyTorch path
         # Extend forwards (prefill) whose longest sequence is shorter than this run dense through
         # the dense backend; decode stays sparse (--kascade-dense-prefill-below; CUDA default
-        # from the measured break-even). SGLANG_KASCADE_DENSE_PREFILL=1: every prefill dense
-        # (a measurement / operating mode, docs/results/e2e-h100.md).
+        # from the measured break-even). DevSwitches.dense_prefill: every prefill dense (a
+        # measurement / operating mode, docs/results/e2e-h100.md).
         self.dense_prefill_below = dense_prefill_below(options, device)
-        self.dense_prefill = env_flag("SGLANG_KASCADE_DENSE_PREFILL")
+        self.dense_prefill = switches.dense_prefill
         self.graphs_unused = False  # decode graphs captured dense for a non-Triton policy
         self._eager_overflow_logged = False
+        # Each request's own Top-k fraction of this forward ([B], None: the server's budget;
+        # sglang_adapter.request_fractions), and those of the decode batch SGLang is about to
+        # replay in a graph (can_run_graph, read at the replay's init_forward_metadata_out_graph).
+        self._fractions: list | None = None
+        self._graph_fractions: list | None = None
+        self._graph_fractions_logged = False
         why = self.serve_problem(profile, budget, policy)
         if why:  # at start-up: the server does not start (the reason names the field)
             raise KascadeConfigError(f"--attention-backend kascade: profile "
@@ -149,6 +156,9 @@ class KascadeAttnBackend(AttentionBackend):
             return
         pools, prefix, extend, seq = sa.batch_view(forward_batch)
         is_decode = forward_batch.forward_mode.is_decode()
+        fracs = self._fractions = sa.request_fractions(forward_batch)
+        if not is_decode:
+            self.stats.record_requests(sa.request_ids(forward_batch), fracs or [None] * len(seq))
         if not is_decode and self._prefill_runs_dense(seq):
             self.dense_forward = True
             self.plan = None
@@ -157,16 +167,16 @@ class KascadeAttnBackend(AttentionBackend):
             return
         if self.device_path.applies(is_decode, self.policy, self.budget):
             if is_decode:
-                self.device_fwd = self.device_path.plan(pools, seq, self.budget)
+                self.device_fwd = self.device_path.plan(pools, seq, self.budget, fracs)
             else:
                 self.device_fwd = self.device_path.plan_prefill(pools, prefix, extend,
-                                                                self.budget)
+                                                                self.budget, fracs)
             self.plan = None  # planned on first use by a layer the device path does not take
             self._plan_args = (pools, prefix, extend, seq, is_decode)
         else:
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
-                                     seq, is_decode, self.budget)
-        self._count(is_decode, seq)
+                                     seq, is_decode, self.budget, fracs)
+        self._count(is_decode, seq, fracs)
 
     def _prefill_runs_dense(self, seq_lens) -> bool:
         return self.dense_prefill or max(seq_lens) < self.dense_prefill_below
@@ -195,8 +205,15 @@ class KascadeAttnBackend(AttentionBackend):
     def can_run_graph(self, forward_batch) -> bool:
         """Whether a decode batch SGLang would replay fits the captured buffers (its summed
         lengths within the KV pool: not so when requests share a radix-cached prefix beyond
-        it); SGLang runs the others eagerly (sglang_adapter.py hooks its graph runner)."""
+        it) and the rows' own fractions (graphs captured at fraction 1.0 are dense: a row
+        asking for fewer keys runs eagerly); SGLang runs the others eagerly
+        (sglang_adapter.py hooks its graph runner, which asks right before a replay: the rows'
+        fractions are kept for it, init_forward_metadata_out_graph)."""
         if self.graphs_unused:
+            return False
+        fracs = sa.request_fractions(forward_batch)
+        self._graph_fractions = fracs
+        if fracs is not None and not self.device_path.graph_serves_fractions(fracs):
             return False
         seq_sum = getattr(forward_batch, "seq_lens_sum", None)
         cpu = getattr(forward_batch, "seq_lens_cpu", None)
@@ -239,8 +256,26 @@ class KascadeAttnBackend(AttentionBackend):
         self.device_fwd = self.device_path.plan_graph(
             seq, None if in_capture else (fb.req_pool_indices, fb.seq_lens))
         if not in_capture:
-            self._count(True, seq)
+            fracs = self._replay_fractions(len(seq) - int(getattr(fb, "num_padding", 0) or 0))
+            self.device_path.set_graph_fractions(fracs)
+            self._count(True, seq, fracs + [None] * (len(seq) - len(fracs)))
             self._note_device_forward(len(seq), graph=True, decode=True)
+
+    def _replay_fractions(self, rows: int) -> list:
+        """The own fractions of a replayed decode graph's ``rows`` requests, as can_run_graph
+        kept them for this replay (SGLang's ModelRunner asks it right before each replay). None
+        kept (no per-request budgets on this batch, or no can_run_graph before the replay): the
+        server's budget for every row; kept for another number of rows: the same, with a
+        warning (logged once)."""
+        fracs, self._graph_fractions = self._graph_fractions, None
+        if fracs is None or len(fracs) != rows:
+            if fracs is not None and not self._graph_fractions_logged:
+                self._graph_fractions_logged = True
+                logger.warning("kascade: a decode graph replay of %d rows without its requests' "
+                               "own budgets (SGLang did not ask can_run_graph for it); it runs "
+                               "at the server's budget (logged once)", rows)
+            return [None] * rows
+        return list(fracs)
 
     def serve_problem(self, profile: AnchorProfile, budget: BudgetConfig,
                       policy: PolicyConfig) -> str | None:
@@ -313,14 +348,16 @@ class KascadeAttnBackend(AttentionBackend):
         logger.info("kascade: profile %s active (generation %d)", staged.profile.name,
                     staged.generation)
 
-    def _count(self, is_decode: bool, seq_lens: list) -> None:
+    def _count(self, is_decode: bool, seq_lens: list, fracs: list | None = None) -> None:
         # Keys selected by each request's last query (tile): host arithmetic, no device reads.
         if is_decode:
             visible = list(seq_lens)
         else:
             t = self.budget.tile_size
             visible = [((s - 1) // t) * t for s in seq_lens]  # last tile's selectable keys
-        self.stats.record_forward(is_decode, [self.budget.k_for(v) for v in visible], visible)
+        fracs = fracs or [None] * len(visible)
+        self.stats.record_forward(is_decode, [self.budget.k_for(v, f)
+                                              for v, f in zip(visible, fracs)], visible)
         if self.control is not None:
             self.control.maybe_write_stats(
                 lambda: self.stats.snapshot({"roles": self.role_counts()}))
@@ -377,7 +414,7 @@ class KascadeAttnBackend(AttentionBackend):
             return out.reshape(q3.shape[0], hq * layer.v_head_dim)
         if self.plan is None:  # the device path planned this forward but not for this layer
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args,
-                                     self.budget)
+                                     self.budget, self._fractions)
         plan = self.plan
         select = SELECTORS[self.policy.name]
         sels = []

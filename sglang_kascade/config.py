@@ -206,11 +206,59 @@ def dense_prefill_below(options: KascadeOptions, device) -> int:
     return DEFAULT_CPU_DENSE_PREFILL_BELOW
 
 
-def env_flag(name: str, default: bool = False) -> bool:
-    """An on/off environment switch: "1", "true" or "yes" (any case) is on; unset or blank is
-    ``default``; anything else is off."""
-    raw = os.environ.get(name, "")
-    return default if not raw.strip() else raw.lower() in ("1", "true", "yes")
+# Developer switches: environment only (A/B measurements and escape hatches, no launcher flag),
+# read once at start-up (DevSwitches.from_env) and passed down; kernels never read the environment.
+# name -> (env var, default, help)
+DEV_SWITCH_TABLE = {
+    "cuda_graph": ("SGLANG_KASCADE_CUDA_GRAPH", True,
+                   "decode through SGLang's CUDA graphs (0: eager decode; --disable-cuda-graph "
+                   "turns every graph off)"),
+    "node_switch": ("SGLANG_KASCADE_NODE_SWITCH", True,
+                    "take the selection kernels of layers that do not select out of captured "
+                    "decode graphs (0: they stay in, gated off on the device)"),
+    "dense_prefill": ("SGLANG_KASCADE_DENSE_PREFILL", False,
+                      "every prefill dense through the dense backend; decode stays sparse"),
+    "topk_collect": ("SGLANG_KASCADE_TOPK_COLLECT", True,
+                     "decode Top-k in collect mode (0: the five-launch radix select)"),
+    "topk_chunk": ("SGLANG_KASCADE_TOPK_CHUNK", 0,
+                   "decode Top-k positions per program, fixed (0: kernels/topk_triton.py's rule)"),
+}
+
+
+@dataclass(frozen=True)
+class DevSwitches:
+    """The developer switches (DEV_SWITCH_TABLE), as read at start-up."""
+
+    cuda_graph: bool = True
+    node_switch: bool = True
+    dense_prefill: bool = False
+    topk_collect: bool = True
+    topk_chunk: int = 0
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "DevSwitches":
+        values = {}
+        for name, (env, default, _help) in DEV_SWITCH_TABLE.items():
+            raw = environ.get(env, "").strip()
+            if not raw:
+                continue
+            if isinstance(default, bool):
+                values[name] = raw.lower() in ("1", "true", "yes")
+            else:
+                try:
+                    values[name] = int(raw)
+                except ValueError as e:
+                    raise KascadeConfigError(f"{env}={raw!r}: expected an integer") from e
+                if not 0 <= values[name] <= INT32_MAX:
+                    raise KascadeConfigError(f"{env}={raw!r}: must be in 0..{INT32_MAX}")
+        return cls(**values)
+
+    def topk_launch(self) -> dict:
+        """Overrides of the decode Top-k's launch (kernels/topk_triton.topk_select ``launch``)."""
+        out = {} if self.topk_collect else {"collect": False}
+        if self.topk_chunk:
+            out["CHUNK"] = self.topk_chunk
+        return out
 
 
 def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
@@ -297,15 +345,18 @@ class BudgetConfig:
                 raise KascadeConfigError(f"budget {name}=None: must be set")
         check_budget_fields(where="budget", **dataclasses.asdict(self))
 
-    def k_for(self, visible: int) -> int:
+    def k_for(self, visible: int, fraction: float | None = None) -> int:
         """Top-k for a query (tile) that can choose among ``visible`` keys.
 
         k = clamp(ceil(fraction * visible), k_min, visible), rounded up to ``round_to`` and
         clamped to ``visible`` again. ``visible <= k_min`` gives k == visible: dense.
+        ``fraction``: a request's own Top-k fraction (``RequestBudget``), in place of
+        ``topk_fraction``; None: the server's. 1.0 gives k == visible (a dense request).
         """
         if visible <= 0:
             return 0
-        k = max(math.ceil(self.topk_fraction * visible - K_FOR_SLACK), self.k_min)
+        f = self.topk_fraction if fraction is None else fraction
+        k = max(math.ceil(f * visible - K_FOR_SLACK), self.k_min)
         k = -(-k // self.round_to) * self.round_to
         return min(k, visible)
 
@@ -322,3 +373,71 @@ class PolicyConfig:
             if value is None:
                 raise KascadeConfigError(f"policy {name}=None: must be set")
         check_policy_fields(where="PolicyConfig", policy=self.name, sink_tokens=self.sink_tokens)
+
+
+# ---- a request's own budget (SGLang's custom sampling parameters) ---------------------------
+
+# The key of SGLang's ``custom_params`` (a sampling parameter of /generate; a top-level field of
+# the OpenAI-compatible routes' body, e.g. the OpenAI client's ``extra_body``) under which one
+# request asks for its own budget: {"kascade": {"topk": 0.05}} or {"kascade": {"dense": true}}.
+REQUEST_PARAM_KEY = "kascade"
+REQUEST_FIELDS = ("topk", "dense")
+# A request's budget class (backend_stats counters, the response's meta info): the server's
+# budget, its own fraction, or dense (its own fraction 1.0, or dense: true).
+BUDGET_CLASSES = ("default", "custom", "dense")
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """What one request asked for. ``topk_fraction`` replaces the server's fraction (flags over
+    environment over profile) for this request only; k_min, round_to, the tile size and the
+    policy stay the server's (``BudgetConfig.k_for(visible, fraction)``). Dense is fraction 1.0:
+    k = every visible key."""
+
+    topk_fraction: float
+
+    @property
+    def budget_class(self) -> str:
+        return budget_class(self.topk_fraction)
+
+
+def budget_class(fraction: float | None) -> str:
+    """The class of a request's fraction (None: the server's budget)."""
+    if fraction is None:
+        return "default"
+    return "dense" if fraction >= 1.0 else "custom"
+
+
+def parse_request_budget(custom_params) -> RequestBudget | None:
+    """The budget a request's SGLang ``custom_params`` ask for, or None: the server's (no
+    ``kascade`` key, ``null``, ``{}`` or ``{"dense": false}``). Bad values raise
+    KascadeConfigError (a ValueError) with the message the client gets: SGLang answers 400 with
+    it when ``SamplingParams.verify`` raises it (sglang_adapter hooks verify). Refused: a value
+    that is not an object, unknown fields, a ``topk`` that is not a number in (0, 1] (NaN,
+    infinities, booleans and strings included), a ``dense`` that is not a boolean, and both
+    ``topk`` and ``dense: true`` at once."""
+    if not isinstance(custom_params, dict):
+        return None
+    asked = custom_params.get(REQUEST_PARAM_KEY)
+    where = f"custom_params.{REQUEST_PARAM_KEY}"
+    if asked is None:
+        return None
+    if not isinstance(asked, dict):
+        raise KascadeConfigError(f"{where}={asked!r}: must be an object, "
+                                 '{"topk": <fraction in (0, 1]>} or {"dense": true}')
+    unknown = sorted(str(k) for k in asked if k not in REQUEST_FIELDS)
+    if unknown:
+        raise KascadeConfigError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
+                                 f"(allowed: {', '.join(REQUEST_FIELDS)})")
+    dense, topk = asked.get("dense"), asked.get("topk")
+    if dense is not None and not isinstance(dense, bool):
+        raise KascadeConfigError(f"{where}.dense={dense!r}: must be true or false")
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+            raise KascadeConfigError(f"{where}.topk={topk!r}: must be a number in (0, 1]")
+        if not 0 < topk <= 1:  # NaN fails too; no float() first: a huge integer would overflow
+            raise KascadeConfigError(f"{where}.topk={topk!r}: must be in (0, 1]")
+        if dense:
+            raise KascadeConfigError(f"{where}: give topk or dense: true, not both")
+        return RequestBudget(float(topk))
+    return RequestBudget(1.0) if dense else None

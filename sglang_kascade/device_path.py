@@ -8,7 +8,10 @@ tile starting at position s chooses ``k_for(s)`` of the s keys before it and als
 causal diagonal; ``k == candidates`` is dense ("select every key"). Reuse layer KV head h reads
 the latest anchor's head ``head_map[layer][h]``.
 
-Decode (``plan`` / ``forward``):
+Decode: a plan fills the step's rows, row offsets and budgets (``plan``: host tensors of an
+eager step; ``plan_graph`` + ``fill_graph_rows``: static tensors a kernel at the head of a
+captured graph fills from SGLang's static rows), then one run path, ``_forward_decode``, serves
+eager steps and graph captures alike (``decode_kind`` says what a layer launches):
   * dense_anchor that selects: ``decode_dense_select`` (dense output and the selection from one
     pass over K and V: measured 3547 vs 4848 us for FlashInfer + a selection pass at B=16, 128K,
     docs/results/kernels-h100.md); one that does not select: SGLang's dense backend;
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import K_FOR_SLACK
+from .config import K_FOR_SLACK, DevSwitches
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -103,8 +106,10 @@ class DeviceForward:
 
 
 class DevicePath:
-    def __init__(self, device):
+    def __init__(self, device, switches: DevSwitches | None = None):
         self.device = torch.device(device)
+        self.switches = switches or DevSwitches()  # read once at start-up by the backend
+        self.topk_launch = self.switches.topk_launch()  # the decode Top-k's launch overrides
         self.enabled = True  # False: the backend keeps the PyTorch path (tests compare both)
         self.buffers = None  # kernels.decode_plan.DecodeBuffers, grown when needed
         self.selects: list = []
@@ -120,6 +125,7 @@ class DevicePath:
         self.node_switch = None  # graph_nodes.NodeSwitch: selection kernels out where not selecting
         self.graph_budget_f = None  # [2] float64 fraction, slack of k_for (in-graph plan)
         self.graph_budget_i = None  # [2] int64 k_min, round_to
+        self.graph_fracs_set = False  # graph_state["row_frac"] holds a request's own fraction
         self.graph_row_src: dict = {}  # batch size -> {(data_ptr of rows, of lengths)} captured
         self.warm = None  # warmup.WarmUp once warm_up ran (set_budget: a new tile size's prefill)
 
@@ -221,10 +227,12 @@ class DevicePath:
         return (self.enabled and self.device.type == "cuda"
                 and policy.name in POLICIES and budget.granularity == "token")
 
-    def plan(self, pools, seq_lens, budget) -> DeviceForward:
+    def plan(self, pools, seq_lens, budget, fractions=None) -> DeviceForward:
+        """``fractions``: [B] each request's own Top-k fraction or None (the server's)."""
         from .kernels.decode_plan import row_offsets
 
-        ks = [budget.k_for(s) for s in seq_lens]
+        fractions = fractions or [None] * len(seq_lens)
+        ks = [budget.k_for(s, f) for s, f in zip(seq_lens, fractions)]
         dev = self.device
         return DeviceForward(
             req_idx=torch.tensor(pools, dtype=torch.int64).to(dev, non_blocking=True),
@@ -235,13 +243,18 @@ class DevicePath:
             batch=len(seq_lens), lmax=max(seq_lens), kmax=max(ks), tokens=sum(seq_lens),
             all_dense=all(k >= s for k, s in zip(ks, seq_lens)))
 
-    def plan_prefill(self, pools, prefix_lens, extend_lens, budget) -> DevicePrefill:
+    def plan_prefill(self, pools, prefix_lens, extend_lens, budget,
+                     fractions=None) -> DevicePrefill:
+        """``fractions``: [B] each request's own Top-k fraction or None (the server's)."""
         from .kernels.prefill_plan import plan_prefill_tiles
 
         dev, t = self.device, budget.tile_size
         tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev)
         starts = tiles.host_start
-        ks = [budget.k_for(s) for s in starts]
+        first = tiles.req_first_tile
+        fractions = fractions or [None] * len(pools)
+        tile_frac = [fractions[b] for b in range(len(pools)) for _ in range(first[b], first[b + 1])]
+        ks = [budget.k_for(s, f) for s, f in zip(starts, tile_frac)]
         req_idx = torch.tensor(pools, dtype=torch.int64).to(dev, non_blocking=True)
         return DevicePrefill(
             tiles=tiles, req_idx=req_idx, tile_row=req_idx[tiles.tile_req.long()],
@@ -271,7 +284,7 @@ class DevicePath:
             self.set_budget(budget)
         self.graph_kinds = self.graph_kinds_of(self.roles, budget)
         if self.node_switch is None:
-            self.node_switch = NodeSwitch()
+            self.node_switch = NodeSwitch(enabled=self.switches.node_switch)
             self.node_switch.apply(self.selects)
         self.graph_state = dict(
             max_bs=max_bs, lmax=lmax, tokens=tokens, pad_keys=pad_keys,
@@ -279,7 +292,14 @@ class DevicePath:
             req_idx=torch.zeros(max_bs, dtype=torch.int64, device=dev),
             seq_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
             tok_off=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            topk=torch.ones(max_bs, dtype=torch.int32, device=dev))
+            topk=torch.ones(max_bs, dtype=torch.int32, device=dev),
+            # Each row's own Top-k fraction (a request's RequestBudget; 0: the server's),
+            # written on the host before a replay (set_graph_fractions), read by the plan
+            # kernel at the graph's head.
+            row_frac=torch.zeros(max_bs, dtype=torch.float64, device=dev),
+            # Captured at fraction 1.0: every layer dense (graph_kinds_of), so a row asking for
+            # fewer keys cannot be served by these graphs (graph_serves_fractions).
+            captured_dense=budget.topk_fraction >= 1.0)
 
     def graph_fits(self, seq_lens_sum: int, max_seq_len: int) -> bool:
         """Whether a decode batch of these lengths fits the captured buffers, whatever rows
@@ -316,14 +336,41 @@ class DevicePath:
                              lmax=g["lmax"], kmax=g["kmax"], tokens=g["tokens"],
                              all_dense=False, graph=True)
 
+    def graph_serves_fractions(self, fractions) -> bool:
+        """Whether the captured decode graphs serve rows with these own fractions (None: the
+        server's): not where they were captured at fraction 1.0 (every layer dense) and a row
+        asks for fewer keys; SGLang then runs that batch eagerly (backend.can_run_graph)."""
+        g = self.graph_state
+        return g is None or not g["captured_dense"] or all(
+            f is None or f >= 1.0 for f in fractions)
+
+    def set_graph_fractions(self, fractions) -> None:
+        """Each row's own Top-k fraction (None: the server's) into ``row_frac`` before a replay
+        (stream-ordered before it); nothing is copied while every row takes the server's and
+        the table already says so."""
+        g = self.graph_state
+        if all(f is None for f in fractions):
+            if self.graph_fracs_set:
+                g["row_frac"].zero_()
+                self.graph_fracs_set = False
+            return
+        # Rows past the batch (SGLang's padded rows: length 1, so k = 1 at any fraction) keep
+        # whatever they hold.
+        host = torch.tensor([0.0 if f is None else f for f in fractions], dtype=torch.float64)
+        g["row_frac"][:host.shape[0]].copy_(host)
+        self.graph_fracs_set = True
+
     def fill_graph_rows(self, fwd: DeviceForward, req_pool_indices, seq_lens) -> None:
         """The step's plan into the static tensors, from SGLang's static rows: launched inside
         the capture (backend.init_forward_metadata_in_graph), so every replay recomputes it on
-        the device from the rows SGLang copied in. ``k_for`` clamped to the captured Top-k
-        capacity (hot swaps beyond it are refused: graph_swap_problem)."""
+        the device from the rows SGLang copied in and the rows' own fractions
+        (set_graph_fractions). ``k_for`` at the server's fraction is clamped to the captured
+        Top-k capacity (hot swaps beyond it are refused: graph_swap_problem); a row's own
+        fraction only to its length (the token-indexed buffers hold ``seq_lens[b]`` selected
+        entries per row; the kernels size their loops by ``topk[b]``)."""
         g = self.graph_state
         args = (req_pool_indices, seq_lens, g["req_idx"], g["seq_lens"], g["tok_off"],
-                g["topk"], self.graph_budget_f, self.graph_budget_i, g["kmax"])
+                g["topk"], self.graph_budget_f, self.graph_budget_i, g["kmax"], g["row_frac"])
         if self.device.type == "cuda":
             from .kernels.graph_plan_triton import graph_rows
             graph_rows(*args)
@@ -378,36 +425,68 @@ class DevicePath:
         if isinstance(fwd, DevicePrefill):
             return self._forward_prefill(fwd, role, layer_id, q3, k_buf, v_buf, req_to_token,
                                          scale)
+        return self._forward_decode(fwd, role, layer_id, q3, k_buf, v_buf, req_to_token, scale)
+
+    def decode_kind(self, fwd: DeviceForward, role: str, layer_id: int) -> str:
+        """What a decode layer launches: "dense" (SGLang's dense backend), "fused" (layer 0:
+        dense output and the selection from one pass) or "sparse" (attention over a selection,
+        its own or the latest anchor's through the head map). A captured graph launches what
+        its capture fixed (graph_kinds_of: any profile of the same dense layers replays it); an
+        eager step follows the profile and this forward's state."""
         if fwd.graph:
-            return self._forward_graph(fwd, role, layer_id, q3, k_buf, v_buf, req_to_token,
-                                       scale)
-        if fwd.all_dense or (role == "dense_anchor" and not self.selects[layer_id]) or (
-                role == "reuse" and not fwd.has_selection):
-            return None  # caller runs the dense backend
+            return self.graph_kinds[layer_id]
+        if fwd.all_dense or role == "dense":
+            return "dense"
+        if role == "dense_anchor":
+            return "fused" if self.selects[layer_id] else "dense"
+        if role == "anchor" or (role == "reuse" and fwd.has_selection):
+            return "sparse"
+        return "dense"  # a reuse layer whose anchor ran dense (a fallback layer): as the torch path
+
+    def _forward_decode(self, fwd: DeviceForward, role, layer_id, q3, k_buf, v_buf,
+                        req_to_token, scale):
+        """One decode layer, eager or being captured (replays rerun these kernels with the
+        profile tables as they are then). The plan (``plan``: host tensors; ``plan_graph`` +
+        ``fill_graph_rows``: static tensors filled by a kernel at the graph's head) gives the
+        rows, offsets and budgets; from there both run the same launches. In a capture every
+        sparse layer launches its selection gated by ``graph_selects`` (so a hot-swapped profile
+        replays without a recapture; graph_nodes.py takes the chains of layers that do not
+        select out of the kept graph), and its attention reads the stored logits where the gate
+        is open, decided on the device; an eager layer launches the selection only where the
+        profile selects."""
+        kind = self.decode_kind(fwd, role, layer_id)
+        if kind == "dense":
+            return None
+        if fwd.graph and not fwd.rows_filled:  # replays would read a stale plan: refuse
+            raise RuntimeError("kascade: decode graph captured without its plan (SGLang did not "
+                               "call init_forward_metadata_in_graph inside the capture; see "
+                               "sglang_adapter.py for the tested versions); start with "
+                               "--disable-cuda-graph")
         from .kernels.decode_attention_triton import decode_sparse_attention
         from .kernels.decode_dense_triton import decode_dense_select
         from .kernels.decode_select_triton import decode_select
 
         q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
-        if role == "dense_anchor":
-            decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
-                                fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
+        rows = (req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk, scale, buf)
+        launch = {"topk": self.topk_launch} if self.topk_launch else None
+        if kind == "fused":
+            decode_dense_select(q3, k_buf, v_buf, *rows, out, lscan=fwd.lmax, launch=launch)
             fwd.has_selection = True
             return out
-        if role == "anchor":
-            decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off,
-                          fwd.topk, scale, buf, lscan=fwd.lmax)
+        gate = self.graph_selects[layer_id:layer_id + 1] if fwd.graph else None
+        selects = fwd.graph or role == "anchor"
+        if selects:
+            mark = (self.node_switch.mark() if fwd.graph and self.node_switch is not None
+                    else None)
+            decode_select(q3, k_buf, *rows, lscan=fwd.lmax, gate=gate, launch=launch)
+            if mark is not None:  # this layer's selection chain, in or out by profile once adopted
+                self.node_switch.record(layer_id, mark)
             fwd.has_selection = True
-            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off,
-                                           fwd.topk, self.head_map_table[layer_id], scale, buf,
-                                           out, sel_pos=buf.sel_pos, logits=buf.logits)
-        if role == "reuse":
-            if not fwd.has_selection:  # its anchor ran dense (a fallback layer): as the torch path
-                return None
-            return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off,
-                                           fwd.topk, self.head_map_table[layer_id], scale, buf,
-                                           out)
-        raise ValueError(f"role {role!r} has no device path")
+        # A layer that selected attends from its stored logits and the selected V (in a graph:
+        # where its gate is open; its head-map row is then the identity); the others read K.
+        extra = dict(sel_pos=buf.sel_pos, logits=buf.logits, logits_gate=gate) if selects else {}
+        return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
+                                       self.head_map_table[layer_id], scale, buf, out, **extra)
 
     def _begin_layer(self, fwd: DeviceForward, q3, k_buf, v_buf):
         """A decode layer the kernels compute: (q3 with unit last stride, the buffers, the
@@ -419,39 +498,6 @@ class DevicePath:
         if q3.stride(-1) != 1:
             q3 = q3.contiguous()
         return q3, buf, q3.new_empty(b, hq, v_buf.shape[-1])
-
-    def _forward_graph(self, fwd: DeviceForward, role, layer_id, q3, k_buf, v_buf,
-                       req_to_token, scale):
-        """One layer of a decode forward being captured (replays rerun these kernels with the
-        profile tables as they are then). What it launches: ``graph_kinds`` (init_graph_state)."""
-        from .kernels.decode_attention_triton import decode_sparse_attention
-        from .kernels.decode_dense_triton import decode_dense_select
-        from .kernels.decode_select_triton import decode_select
-
-        kind = self.graph_kinds[layer_id]
-        if kind == "dense":
-            return None
-        if not fwd.rows_filled:  # replays would read a stale plan: refuse rather than serve it
-            raise RuntimeError("kascade: decode graph captured without its plan (SGLang did not "
-                               "call init_forward_metadata_in_graph inside the capture; see "
-                               "sglang_adapter.py for the tested versions); start with "
-                               "--disable-cuda-graph")
-        q3, buf, out = self._begin_layer(fwd, q3, k_buf, v_buf)
-        if kind == "fused":
-            decode_dense_select(q3, k_buf, v_buf, req_to_token, fwd.req_idx, fwd.seq_lens,
-                                fwd.tok_off, fwd.topk, scale, buf, out, lscan=fwd.lmax)
-            return out
-        mark = self.node_switch.mark() if self.node_switch is not None else None
-        gate = self.graph_selects[layer_id:layer_id + 1]
-        decode_select(q3, k_buf, req_to_token, fwd.req_idx, fwd.seq_lens, fwd.tok_off, fwd.topk,
-                      scale, buf, lscan=fwd.lmax, gate=gate)
-        if mark is not None:  # this layer's selection chain, in or out by profile once adopted
-            self.node_switch.record(layer_id, mark)
-        # A layer that selects (gate open: its head-map row is the identity) attends from its
-        # stored logits and the selected V; the others read K (decided on the device).
-        return decode_sparse_attention(q3, k_buf, v_buf, buf.sel_slot, fwd.tok_off, fwd.topk,
-                                       self.head_map_table[layer_id], scale, buf, out,
-                                       sel_pos=buf.sel_pos, logits=buf.logits, logits_gate=gate)
 
     def _forward_prefill(self, fwd: DevicePrefill, role, layer_id, q3, k_buf, v_buf,
                          req_to_token, scale):

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import env_flag
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -219,14 +218,14 @@ _SWITCHES: "weakref.WeakSet[NodeSwitch]" = weakref.WeakSet()
 class NodeSwitch:
     """Per DevicePath: the selection chains of its captured graphs, in or out by profile."""
 
-    def __init__(self, driver=None):
+    def __init__(self, driver=None, enabled: bool = True):
         self.driver = driver
         self.broken = None  # why switching stopped (gates only from then on), or None
         self.stuck = False  # broken with chains perhaps still out: the graphs must not replay
         self.pending: dict = {}  # cudaGraph_t -> {layer: [node]} captured, not yet adopted
         self.graphs: list = []  # [_Captured], adopted
         self.selects: list = []  # the profile's layers that select (what apply last set)
-        if driver is None and env_flag("SGLANG_KASCADE_NODE_SWITCH", default=True):
+        if driver is None and enabled:  # config.DevSwitches.node_switch
             try:
                 self.driver = CudaDriver()
             except (OSError, AttributeError) as e:  # no driver library, or an old driver

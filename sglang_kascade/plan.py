@@ -29,15 +29,29 @@ class ForwardPlan:
     selections: list = field(default_factory=list)  # [num requests] Selection of the last anchor
 
 
+def request_k_for(budget: BudgetConfig, fraction: float | None):
+    """``visible -> k`` of one request: the server's budget at the request's own fraction
+    (``RequestBudget``; None: the server's)."""
+    if fraction is None:
+        return budget.k_for
+    return lambda visible: budget.k_for(visible, fraction)
+
+
 def plan_forward(req_to_token, pools, prefix_lens, extend_lens, seq_lens, is_decode: bool,
-                 budget: BudgetConfig) -> ForwardPlan:
+                 budget: BudgetConfig, fractions=None) -> ForwardPlan:
+    """``fractions``: [B] each request's own Top-k fraction or None (the server's); None: the
+    server's for all. A request's tiles, selections and attention depend only on its own
+    budget, so it is served as it would be alone whatever the batch holds."""
     device = req_to_token.device
     plans, q_lo = [], 0
-    for pool, prefix, extend, seq in zip(pools, prefix_lens, extend_lens, seq_lens):
+    fractions = fractions or [None] * len(pools)
+    for pool, prefix, extend, seq, frac in zip(pools, prefix_lens, extend_lens, seq_lens,
+                                               fractions):
+        k_for = request_k_for(budget, frac)
         if is_decode:
-            tiles = decode_tiles(seq, budget.k_for, device)
+            tiles = decode_tiles(seq, k_for, device)
         else:
-            tiles = extend_tiles(prefix, extend, budget.tile_size, budget.k_for, device)
+            tiles = extend_tiles(prefix, extend, budget.tile_size, k_for, device)
         slots = req_to_token[pool, :seq].to(torch.int64)
         plans.append(RequestPlan(q_lo, q_lo + extend, slots, tiles))
         q_lo += extend

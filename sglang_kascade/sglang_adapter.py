@@ -1,44 +1,56 @@
 """Every SGLang internal that sglang-kascade touches, in one place.
 
-Tested with SGLang 0.5.21 (CPU machines, torch 2.13) and written against 0.5.17 (GPU hosts,
-torch 2.11). Each function says which SGLang object it reads or patches and why. Nothing else in
-the package imports from ``sglang`` except ``backend.py`` (the AttentionBackend base class).
+Supports SGLang 0.5.17 through 0.5.23: tested with 0.5.23 on CPU machines (torch 2.13; CI) and
+0.5.17 on GPU hosts (torch 2.11). Where the internals differ inside that range, the choice is made
+by one named function per difference (``graph_resolution_hook``; ``_around_support_triton`` says
+why it is harmless where it is not needed), tested with fakes of each side in
+tests/test_adapter.py. Each function says which SGLang object it reads or patches and why.
+Nothing else in the package imports from ``sglang`` except ``backend.py`` (the AttentionBackend
+base class).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import re
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import OPTION_TABLE, KascadeConfigError, KascadeOptions, env_flag
+from .config import OPTION_TABLE, DevSwitches, KascadeConfigError, KascadeOptions
 from .profile import ModelFingerprint
 
 logger = logging.getLogger("sglang_kascade")
 
 BACKEND_NAME = "kascade"
-SUPPORTED_SGLANG = ((0, 5, 17), (0, 5, 21))  # inclusive range that was tested
+SUPPORTED_SGLANG = ((0, 5, 17), (0, 5, 23))  # inclusive; outside it start-up warns
 _OPTIONS_ATTR = "_kascade_options"  # bookkeeping attribute on ServerArgs (survives pickling)
 
 
-def sglang_version() -> tuple:
-    try:
-        raw = version("sglang")
-    except PackageNotFoundError:
-        return ()
+def version_tuple(raw: str) -> tuple:
+    """(major, minor, patch) of a version string; each part's leading digits ("23rc1" -> 23,
+    "dev0" -> 0), missing parts 0."""
     parts = []
-    for p in raw.split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
+    for p in (raw.split(".") + ["0", "0"])[:3]:
+        digits = re.match(r"\d*", p).group()
         parts.append(int(digits or 0))
     return tuple(parts)
 
 
-def check_sglang_version() -> None:
-    v = sglang_version()
+def sglang_version() -> tuple:
+    try:
+        return version_tuple(version("sglang"))
+    except PackageNotFoundError:
+        return ()
+
+
+def check_sglang_version(v: tuple | None = None) -> None:
+    """Warn (never refuse) when the installed SGLang is outside SUPPORTED_SGLANG."""
+    v = sglang_version() if v is None else v
     lo, hi = SUPPORTED_SGLANG
     if v and not lo <= v <= hi:
         logger.warning(
-            "sglang-kascade was tested with SGLang %s..%s; this is %s. It may still work.",
+            "sglang-kascade supports SGLang %s..%s; this is %s. It may still work.",
             ".".join(map(str, lo)), ".".join(map(str, hi)), ".".join(map(str, v)),
         )
 
@@ -98,9 +110,11 @@ def _after_from_cli_args(server_args, cls, args, *rest, **kwargs):
 
 
 def _around_support_triton(original, backend, *args, **kwargs):
-    # Reason: support_triton(name) is True for every backend but torch_native/intel_amx, which
-    # routes `kascade` on a CPU through Triton-only allocation kernels. Answer for the dense
-    # backend kascade delegates to instead.
+    # Reason: support_triton(name) answers by name alone in 0.5.17-0.5.21 (True for every
+    # backend but torch_native/intel_amx), which routes `kascade` on a CPU through Triton-only
+    # allocation kernels. Answer for the dense backend kascade delegates to instead. 0.5.22+
+    # also ask the platform (`current_platform.capabilities.supports_triton`, False on a CPU),
+    # so there the answer for `kascade` is the same with or without this hook.
     if backend == BACKEND_NAME:
         backend = dense_backend_name()
     return original(backend, *args, **kwargs)
@@ -112,7 +126,7 @@ def decode_graphs_wanted(server_args) -> bool:
     The device path (device_path.py) is capturable, profile hot-swaps included; its graph
     buffers are token-indexed, sized by the KV pool (backend.init_cuda_graph_state)."""
     device = str(getattr(server_args, "device", "cuda") or "cuda")
-    return (env_flag("SGLANG_KASCADE_CUDA_GRAPH", default=True) and device.startswith("cuda")
+    return (DevSwitches.from_env().cuda_graph and device.startswith("cuda")
             and not getattr(server_args, "disable_cuda_graph", False))
 
 

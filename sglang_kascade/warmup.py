@@ -67,14 +67,14 @@ def enabled(options) -> bool:
 # ---- the constexprs that follow the step --------------------------------------------------------
 
 
-def split_counts(kv_heads: int, group: int) -> list:
+def split_counts(kv_heads: int, group: int, num_sms: int | None = None) -> list:
     """One split count per distinct (MERGE, S_CH) of ``_sparse_decode_kernel`` among the counts
     ``num_splits`` can return for ``kv_heads`` (1 up to its value at batch 1 and an unbounded
     Top-k capacity), smallest first."""
     from .kernels.decode_attention_triton import MERGE_MAX_SPLITS, merge_chunk
-    from .kernels.decode_plan import num_splits
+    from .kernels.decode_plan import NUM_SMS_H100, num_splits
 
-    most = num_splits(1, kv_heads, 1 << 40)
+    most = num_splits(1, kv_heads, 1 << 40, num_sms or NUM_SMS_H100)
     seen: dict = {}
     for s in range(1, most + 1):
         seen.setdefault((s <= MERGE_MAX_SPLITS, merge_chunk(group, s)), s)
@@ -182,10 +182,11 @@ class WarmUp:
 
     def decode_attention(self, st) -> None:
         from .kernels.decode_attention_triton import decode_sparse_attention
+        from .kernels.decode_plan import sm_count
 
         out = st.q.new_empty(st.q.shape)
         buf = st.buf
-        for s in split_counts(self.hkv, self.hq // self.hkv):
+        for s in split_counts(self.hkv, self.hq // self.hkv, sm_count(self.device)):
             for anchor in (True, False):  # LOGITS 1 (stored logits + V), 0 (K and V)
                 extra = dict(sel_pos=buf.sel_pos, logits=buf.logits) if anchor else {}
                 decode_sparse_attention(st.q, self.k_pool, self.v_pool, buf.sel_slot, st.tok_off,
@@ -193,10 +194,10 @@ class WarmUp:
                                         launch={"splits": s}, **extra)
 
     def _decode_state(self) -> SimpleNamespace:
-        from .kernels.decode_plan import DecodeBuffers, num_splits
+        from .kernels.decode_plan import DecodeBuffers, num_splits, sm_count
 
         # A Top-k capacity at which one row gets the most splits num_splits gives this Hkv.
-        kmax = 256 * num_splits(1, self.hkv, 1 << 40)
+        kmax = 256 * num_splits(1, self.hkv, 1 << 40, sm_count(self.device))
         lmax = max(1024, 1 << (kmax - 1).bit_length())
         buf = DecodeBuffers(1, self.hq, self.hkv, self.d, lmax, lmax, self.device, tokens=lmax)
         q, r2t, head_map = self._inputs(1, 1, 300)

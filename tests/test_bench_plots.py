@@ -13,10 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RES = ROOT / "bench" / "results"
 
 CASES = {
-    "prefill": ["prefill_kernels_h200_s11_default.json", "prefill_kernels_h200_s11_tuned.json"],
-    "step": ["e2e_h100_s12.json"],
-    "decode": ["16", "decode_kernels_h100_s13_five_launch.json",
-               "decode_kernels_h100_s13_collect.json"],
+    "prefill": ["prefill_kernels_h200_untuned.json", "prefill_kernels_h200_tuned.json"],
+    "step": ["e2e_h100.json"],
+    "decode": ["16", "decode_kernels_h100_five_launch.json", "decode_kernels_h100_collect.json"],
 }
 
 
@@ -33,7 +32,7 @@ def test_plot_side_by_side_decode_rejects_a_batch_not_measured(tmp_path):
     """A batch size the files do not hold is an error, not an empty chart."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "plot_side_by_side.py"), "decode",
                         str(tmp_path / "x.png"), "7",
-                        str(RES / "decode_kernels_h100_s13_collect.json")],
+                        str(RES / "decode_kernels_h100_collect.json")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and "batch 7" in r.stderr
     assert not (tmp_path / "x.png").exists()

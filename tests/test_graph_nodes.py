@@ -271,9 +271,8 @@ def test_give_up_puts_chains_back_when_the_driver_still_answers():
     assert sw.broken and not sw.stuck  # the gates alone decide from now on
 
 
-def test_switch_is_inert_without_a_driver(monkeypatch):
-    monkeypatch.setenv("SGLANG_KASCADE_NODE_SWITCH", "0")
-    sw = NodeSwitch()
+def test_switch_is_inert_without_a_driver():
+    sw = NodeSwitch(enabled=False)  # config.DevSwitches.node_switch off
     assert not sw.active and sw.mark() is None
     sw.apply([1, 0])  # no error
     sw.record(1, None)
