@@ -20,8 +20,8 @@ layer 0 dense, anchors 0, 2, 8, 13, 14), Top-k 10%, page size 1, side by side in
 
 Layers alternate between POOLS copies of the KV pool, so a layer does not find the previous
 layer's keys in L2. Times: median of triton.testing.do_bench over graph replays (ms per step).
-Also the host time of plan_graph per replay (views of the static tensors; since session 12 the
-plan itself is a kernel at the graph's head).
+Also the host time of plan_graph per replay (views of the static tensors; the plan itself is a
+kernel at the graph's head).
 
 Usage (GPU host): PYTHONPATH=/tmp/site python3 -P bench/decode_step.py --out $OUT/step.json
 """

@@ -5,9 +5,9 @@ Llama-3.1-8B shapes (32 query heads, 8 KV heads, head dim 128, bf16), k = ceil(0
 pool, inputs built as decode_kernels.py's bench_point builds them (each request's slots
 contiguous, a real selection from decode_select). Both kernels write the same split partials;
 the TileLang ones are merged by the Triton reduce (combine_splits, timed alone as ``combine``),
-the Triton kernel merges its own in its last split (since session 8: results before that used
-combine_splits for both). Each is captured in a CUDA graph and timed by decode_kernels.graph_time (median,
-L2 flushed before each replay). ``--check`` first compares the outputs: TileLang against Triton,
+the Triton kernel merges its own in its last split when it has at most MERGE_MAX_SPLITS splits,
+else it uses combine_splits too. Each is captured in a CUDA graph and timed by
+decode_kernels.graph_time (median, L2 flushed before each replay). ``--check`` first compares the outputs: TileLang against Triton,
 and both against the PyTorch reference (decode_torch); the run exits 1 after writing the JSON if
 TileLang is off the reference by more than the tests' bf16 bound.
 

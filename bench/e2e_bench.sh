@@ -12,7 +12,7 @@
 # prefill at every length instead of dense below the default threshold), kascade-tcN (the decode
 # Top-k's chunk fixed at N positions per program instead of topk_triton.topk_chunk's rule),
 # kascade-nocollect (the decode Top-k's five-launch path instead of collect mode:
-# topk_triton.COLLECT), kascade-collect (collect mode named explicitly: the default since session 13).
+# topk_triton.COLLECT), kascade-collect (collect mode named explicitly: the same as kascade).
 # Appends one JSON line per run to OUT_DIR/e2e.jsonl (bench_one_batch's result file) and keeps
 # each run's log as OUT_DIR/<backend>-<len>.log. REPEATS=N (default 1) runs every backend N times
 # per length, interleaved (A B A B ...: single runs on lent hosts spread by several percent), logs
@@ -41,7 +41,7 @@ for len in $lens; do
       kascade-sp) attn=kascade; envs=(SGLANG_KASCADE_DENSE_PREFILL_BELOW=0) ;;
       kascade-tc*) attn=kascade; envs=(SGLANG_KASCADE_TOPK_CHUNK=${b#kascade-tc}) ;;
       kascade-nocollect) attn=kascade; envs=(SGLANG_KASCADE_TOPK_COLLECT=0) ;;
-      kascade-collect) attn=kascade; envs=(SGLANG_KASCADE_TOPK_COLLECT=1) ;;  # = kascade since session 13
+      kascade-collect) attn=kascade; envs=(SGLANG_KASCADE_TOPK_COLLECT=1) ;;  # = kascade (the default)
       *) echo "unknown backend name: $b (see the list at the top of $0)" >&2; exit 2 ;;
     esac
     if [ "$len" -ge 65536 ]; then  # every backend alike: room for a 128K prefill's activations

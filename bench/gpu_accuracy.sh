@@ -45,7 +45,7 @@ case "${1:-}" in
     shift 2
     export PYTHONPATH=${PYTHONPATH:-/tmp/site} PYTHONUNBUFFERED=1
     # Prefill CUDA graphs off for every backend alike: SGLang 0.5.17 captures 58 prefill sizes at
-    # start (191 s for FlashInfer on a fresh H200, session 11); accuracy does not depend on them.
+    # start (191 s for FlashInfer on a fresh H200, 2026-12-06); accuracy does not depend on them.
     python3 -P -m sglang_kascade.eval.sweep --device cuda --policies kascade,oracle \
       --budgets 0.1 --server-arg=--dtype --server-arg=bfloat16 \
       --server-arg=--cuda-graph-backend-prefill=disabled \

@@ -1,4 +1,4 @@
-"""Side-by-side comparisons of one host session as bar charts.
+"""Side-by-side comparisons of runs on one host as bar charts.
 
   prefill  per-layer prefill time at one context from bench/prefill_kernels.py JSONs (one bar per
            file, e.g. the first launch settings vs tuned): the 32 layers' time split into

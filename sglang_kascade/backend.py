@@ -9,9 +9,9 @@ layer, by the profile's role:
     policy), then attends over its selection;
   * reuse: attention over the last anchor's selection through the layer's head map.
 
-The selection policy (``--kascade-policy``) is a profile transformation (resolve.py: e.g. every
-layer an anchor) and the selection function anchors call (``SELECTORS`` below); the rest of the
-backend is shared, so policies are compared at equal budget on the same code.
+The selection policy (``--kascade-policy``) is one record of policies.py: a profile
+transformation (e.g. every layer an anchor) and the selection function anchors call; the rest of
+the backend is shared, so policies are compared at equal budget on the same code.
 """
 
 from __future__ import annotations
@@ -23,43 +23,16 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import sglang_adapter as sa
 from .backend_stats import BackendStats
-from .device_path import POLICIES, DevicePath
+from .device_path import DevicePath
 from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyConfig,
                      dense_prefill_below, DevSwitches, prefill_tile_problem)
-from .kernels.quest_torch import select_quest
-from .kernels.selection_torch import select_topk
 from .kernels.sparse_attention_torch import sparse_attention
-from .kernels.streaming_torch import select_streaming
 from .plan import ForwardPlan, plan_forward
 from .profile import AnchorProfile
-from .resolve import apply_policy, resolve_budget
+from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
+from .resolve import resolve_budget
 
 logger = logging.getLogger("sglang_kascade")
-
-
-def _topk(q, k_all, tiles, scale, budget, policy):
-    return select_topk(q, k_all, tiles, scale, budget.granularity, budget.page_tile_size,
-                       pool_all_heads=policy.name == "kascade_pooled")
-
-
-def _quest(q, k_all, tiles, scale, budget, policy):
-    return select_quest(q, k_all, tiles, scale, budget.page_tile_size)
-
-
-def _streaming(q, k_all, tiles, scale, budget, policy):
-    return select_streaming(tiles, k_all.shape[1], policy.sink_tokens)
-
-
-# policy -> selection of an anchor layer: (q [n, Hq, D], k_all [S, Hkv, D], tiles, scale, budget,
-# policy) -> Selection, all at the budget k of each tile (BudgetConfig.k_for).
-SELECTORS = {
-    "kascade": _topk,
-    "kascade_identity": _topk,
-    "kascade_pooled": _topk,
-    "oracle": _topk,
-    "quest": _quest,  # pages of page_tile_size keys, whatever the granularity
-    "streaming": _streaming,
-}
 
 
 def layer_roles(profile: AnchorProfile) -> tuple:
@@ -198,7 +171,7 @@ class KascadeAttnBackend(AttentionBackend):
                 "kascade: decode CUDA graphs unused: they run the Triton path, which serves the "
                 "policies %s at token granularity, and this server has policy %r, granularity "
                 "%r; decode runs eagerly. Start with --disable-cuda-graph to skip capturing them.",
-                ", ".join(POLICIES), self.policy.name, self.budget.granularity)
+                ", ".join(DEVICE_POLICIES), self.policy.name, self.budget.granularity)
             return
         self.device_path.init_graph_state(max_bs, lmax, pool + pad_keys, pad_keys, self.budget)
 
@@ -416,7 +389,7 @@ class KascadeAttnBackend(AttentionBackend):
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args,
                                      self.budget, self._fractions)
         plan = self.plan
-        select = SELECTORS[self.policy.name]
+        select = POLICY_TABLE[self.policy.name].select
         sels = []
         for r, req in enumerate(plan.requests):
             if self.selects[layer_id]:  # scores every key: the request's keys gathered whole

@@ -8,10 +8,16 @@ it to ``stats/<pid>.json``; server/metrics.py sums the live schedulers' snapshot
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from .config import BUDGET_CLASSES, budget_class
 
 # Upper bounds of the selection-size histogram (keys selected per request per forward pass).
 SELECTION_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# Request ids remembered to count a request once over the extend forwards of its prompt (chunked
+# prefill): far more than run at once, and bounded.
+RECENT_REQUESTS = 65536
 
 
 @dataclass
@@ -26,6 +32,25 @@ class BackendStats:
     selection_sum: int = 0
     selection_count: int = 0
     visible_sum: int = 0  # keys each request could have attended to (for the mean density)
+    # Requests by budget class (config.BUDGET_CLASSES: the server's budget, their own fraction,
+    # dense), counted at their first extend forward (record_requests).
+    request_budgets: dict = field(default_factory=lambda: dict.fromkeys(BUDGET_CLASSES, 0))
+    _recent: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def record_requests(self, rids, fractions: list) -> None:
+        """The requests of an extend forward: ``rids`` (None: unknown, every row counts) and
+        each one's own fraction (None: the server's budget). A request prefilled over several
+        forwards (chunked prefill) counts once while its id is among the RECENT_REQUESTS last
+        seen."""
+        for i, frac in enumerate(fractions):
+            rid = rids[i] if rids is not None and i < len(rids) else None
+            if rid is not None:
+                if rid in self._recent:
+                    continue
+                self._recent[rid] = None
+                if len(self._recent) > RECENT_REQUESTS:
+                    self._recent.popitem(last=False)
+            self.request_budgets[budget_class(frac)] += 1
 
     def record_forward(self, is_decode: bool, ks: list, visible: list) -> None:
         """``ks[i]`` keys selected of ``visible[i]`` candidates for request i (its last tile)."""
@@ -48,6 +73,7 @@ class BackendStats:
             "swaps_applied": self.swaps_applied,
             "swaps_refused": self.swaps_refused,
             "device_forwards": self.device_forwards,
+            "request_budgets": dict(self.request_budgets),
             "selection": {
                 "buckets": list(SELECTION_BUCKETS),
                 "counts": list(self.selection_buckets),

@@ -408,6 +408,12 @@ def budget_class(fraction: float | None) -> str:
     return "dense" if fraction >= 1.0 else "custom"
 
 
+def _shown(value, most: int = 40) -> str:
+    """A client's value in an error message, cut to ``most`` characters."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
 def parse_request_budget(custom_params) -> RequestBudget | None:
     """The budget a request's SGLang ``custom_params`` ask for, or None: the server's (no
     ``kascade`` key, ``null``, ``{}`` or ``{"dense": false}``). Bad values raise
@@ -423,20 +429,20 @@ def parse_request_budget(custom_params) -> RequestBudget | None:
     if asked is None:
         return None
     if not isinstance(asked, dict):
-        raise KascadeConfigError(f"{where}={asked!r}: must be an object, "
+        raise KascadeConfigError(f"{where}={_shown(asked)}: must be an object, "
                                  '{"topk": <fraction in (0, 1]>} or {"dense": true}')
     unknown = sorted(str(k) for k in asked if k not in REQUEST_FIELDS)
     if unknown:
-        raise KascadeConfigError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
+        raise KascadeConfigError(f"{where}: unknown field(s) {', '.join(map(_shown, unknown))} "
                                  f"(allowed: {', '.join(REQUEST_FIELDS)})")
     dense, topk = asked.get("dense"), asked.get("topk")
     if dense is not None and not isinstance(dense, bool):
-        raise KascadeConfigError(f"{where}.dense={dense!r}: must be true or false")
+        raise KascadeConfigError(f"{where}.dense={_shown(dense)}: must be true or false")
     if topk is not None:
         if isinstance(topk, bool) or not isinstance(topk, (int, float)):
-            raise KascadeConfigError(f"{where}.topk={topk!r}: must be a number in (0, 1]")
+            raise KascadeConfigError(f"{where}.topk={_shown(topk)}: must be a number in (0, 1]")
         if not 0 < topk <= 1:  # NaN fails too; no float() first: a huge integer would overflow
-            raise KascadeConfigError(f"{where}.topk={topk!r}: must be in (0, 1]")
+            raise KascadeConfigError(f"{where}.topk={_shown(topk)}: must be in (0, 1]")
         if dense:
             raise KascadeConfigError(f"{where}: give topk or dense: true, not both")
         return RequestBudget(float(topk))

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import K_FOR_SLACK, DevSwitches
+from .policies import POLICY_TABLE
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -51,7 +52,6 @@ def _row_src(req_pool_indices, seq_lens) -> tuple:
     """Which static row tensors a decode graph's plan kernel reads (their storage)."""
     return req_pool_indices.data_ptr(), seq_lens.data_ptr()
 
-POLICIES = ("kascade", "kascade_identity", "oracle")  # token-granularity per-KV-head pooled Top-k
 
 
 def _pow2(n: int, floor: int) -> int:
@@ -225,7 +225,7 @@ class DevicePath:
 
     def applies(self, is_decode: bool, policy, budget) -> bool:
         return (self.enabled and self.device.type == "cuda"
-                and policy.name in POLICIES and budget.granularity == "token")
+                and POLICY_TABLE[policy.name].on_device and budget.granularity == "token")
 
     def plan(self, pools, seq_lens, budget, fractions=None) -> DeviceForward:
         """``fractions``: [B] each request's own Top-k fraction or None (the server's)."""

@@ -18,6 +18,7 @@ def register() -> None:
     sa.check_sglang_version()
     sa.register_backend(create_backend)
     sa.register_hooks()
+    sa.register_request_budget_hooks()
     from .cpu_workarounds import patch_sglang_paged_allocation
 
     patch_sglang_paged_allocation()  # no-op unless torch is a CPU build

@@ -99,7 +99,8 @@ def _after_from_cli_args(server_args, cls, args, *rest, **kwargs):
 
         load_profile(options.profile)  # raises KascadeConfigError naming the bad field
     # Bookkeeping attributes (leading underscore, not a field) travel with ServerArgs when it is
-    # pickled into the scheduler processes (0.5.21: ServerArgs.__reduce__ keeps __dict__).
+    # pickled into the scheduler processes (0.5.21-0.5.23: ServerArgs.__reduce__ keeps __dict__;
+    # 0.5.17: a plain dataclass, pickled with its __dict__).
     setattr(server_args, _OPTIONS_ATTR, options)
     merged = options.merged_over(KascadeOptions.from_env())
     if getattr(args, "attention_backend", None) == BACKEND_NAME and merged.admin_port:
@@ -141,8 +142,8 @@ def _log_graphs(decode_graphs: bool) -> None:
 
 def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
     # Reason: SGLang turns CUDA graphs off only for torch_native/flex; the PyTorch kascade path
-    # syncs with the host (per-request loops), so it cannot be captured yet. 0.5.21 resolves in
-    # arg_groups/attention_hook.py and declares resolutions instead of writing the record.
+    # syncs with the host (per-request loops), so it cannot be captured yet. 0.5.21-0.5.23
+    # resolve in arg_groups/attention_hook.py and declare resolutions instead of writing the record.
     from sglang.srt.arg_groups.overrides import declare_resolution, resolved_view, resolving_view
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
 
@@ -159,10 +160,9 @@ def _cuda_graphs_off_resolution_hooks(result, server_args, *args, **kwargs):
 
 def _cuda_graphs_off_server_args_method(result, self, *args, **kwargs):
     # Same reason as above; 0.5.17 resolves in ServerArgs methods that write the record.
-    from sglang.srt.arg_groups.overrides import resolved_view
     from sglang.srt.model_executor.cuda_graph_config import Backend
 
-    if resolved_view(self).attention_backend == BACKEND_NAME:
+    if resolved_args(self).attention_backend == BACKEND_NAME:
         decode_graphs = decode_graphs_wanted(self)
         _log_graphs(decode_graphs)
         if not decode_graphs:
@@ -175,7 +175,7 @@ def _around_decode_graph_can_run(original, runner, forward_batch, *args, **kwarg
     # Reason: kascade's captured decode graphs hold token-indexed buffers sized by the KV pool; a
     # batch whose summed lengths exceed it (requests sharing a radix-cached prefix) must run
     # eagerly. SGLang asks the attention backend only with padding disabled (backend.can_run),
-    # so the runner's own check is extended here. Same method in 0.5.17 and 0.5.21.
+    # so the runner's own check is extended here. Same method in 0.5.17 through 0.5.23.
     ok = original(runner, forward_batch, *args, **kwargs)
     backend = getattr(runner, "attn_backend", None) or getattr(
         getattr(runner, "model_runner", None), "attn_backend", None)
@@ -202,7 +202,7 @@ def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **
     # the graph's cudaGraph_t and re-instantiates it, and torch destroys the cudaGraph_t at
     # instantiation unless the CUDAGraph was made with keep_graph=True;
     # FullCudaGraphBackend.capture_one makes it with ``torch.cuda.CUDAGraph()`` and keeps it in
-    # ``_graphs[shape_key]`` (same in 0.5.17 and 0.5.21). Only while a kascade NodeSwitch is
+    # ``_graphs[shape_key]`` (same in 0.5.17 through 0.5.23). Only while a kascade NodeSwitch is
     # live; other backends capture as before.
     import torch
 
@@ -233,31 +233,48 @@ def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **
     return result
 
 
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+# Where SGLang switches CUDA graphs per attention backend: 0.5.21-0.5.23 in this module (it
+# declares resolutions), 0.5.17 in a ServerArgs method that writes the record. Chosen by whether
+# the module exists, not by version number.
+ATTENTION_HOOK_MODULE = "sglang.srt.arg_groups.attention_hook"
+
+
+def graph_resolution_hook(module_exists=_module_exists) -> tuple:
+    """(target, AFTER hook) that turns kascade's CUDA graphs off where they cannot run."""
+    if module_exists(ATTENTION_HOOK_MODULE):
+        return (ATTENTION_HOOK_MODULE + ".handle_attention_backend_compatibility",
+                _cuda_graphs_off_resolution_hooks)
+    return ("sglang.srt.server_args.ServerArgs._handle_attention_backend_compatibility",
+            _cuda_graphs_off_server_args_method)
+
+
+def hook_table(module_exists=_module_exists) -> list:
+    """The hooks register_hooks installs: (target, hook, HookType name). The same targets exist
+    in 0.5.17 through 0.5.23 but for graph_resolution_hook's."""
+    return [
+        ("sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, "AFTER"),
+        ("sglang.srt.server_args.ServerArgs.from_cli_args", _after_from_cli_args, "AFTER"),
+        ("sglang.srt.utils.common.support_triton", _around_support_triton, "AROUND"),
+        ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
+         ".can_run_graph", _around_decode_graph_can_run, "AROUND"),
+        ("sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
+         ".capture_one", _around_full_graph_capture_one, "AROUND"),
+        (*graph_resolution_hook(module_exists), "AFTER"),
+    ]
+
+
 def register_hooks() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args",
-                          _after_add_cli_args, HookType.AFTER)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args",
-                          _after_from_cli_args, HookType.AFTER)
-    HookRegistry.register("sglang.srt.utils.common.support_triton",
-                          _around_support_triton, HookType.AROUND)
-    HookRegistry.register(
-        "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
-        ".can_run_graph", _around_decode_graph_can_run, HookType.AROUND)
-    HookRegistry.register(
-        "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
-        ".capture_one", _around_full_graph_capture_one, HookType.AROUND)
-    import importlib.util
-
-    if importlib.util.find_spec("sglang.srt.arg_groups.attention_hook") is not None:
-        HookRegistry.register(
-            "sglang.srt.arg_groups.attention_hook.handle_attention_backend_compatibility",
-            _cuda_graphs_off_resolution_hooks, HookType.AFTER)
-    else:
-        HookRegistry.register(
-            "sglang.srt.server_args.ServerArgs._handle_attention_backend_compatibility",
-            _cuda_graphs_off_server_args_method, HookType.AFTER)
+    for target, hook, kind in hook_table():
+        HookRegistry.register(target, hook, getattr(HookType, kind))
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,3 +439,126 @@ def batch_view(forward_batch):
     prefix = list(fb.extend_prefix_lens_cpu)
     extend = list(fb.extend_seq_lens_cpu)
     return pools, prefix, extend, seq_lens
+
+
+# --------------------------------------------------------------------------------------------
+# A request's own budget: SGLang's custom sampling parameters (config.parse_request_budget).
+# --------------------------------------------------------------------------------------------
+
+_FRACTIONS_ATTR = "_kascade_fractions"  # on a ForwardBatch: [B] own fraction or None per row
+_REQ_FRACTION_ATTR = "_kascade_fraction"  # on a Req: its parsed fraction (parsed once)
+_UNPARSED = object()
+
+
+def request_fraction(req) -> float | None:
+    """The own Top-k fraction of a scheduler ``Req`` (1.0: dense), or None: the server's budget.
+    ``req.sampling_params.custom_params`` is the request's, validated in the tokenizer process
+    (_after_sampling_params_verify); parsed once per Req."""
+    cached = getattr(req, _REQ_FRACTION_ATTR, _UNPARSED)
+    if cached is not _UNPARSED:
+        return cached
+    from .config import REQUEST_PARAM_KEY, parse_request_budget
+
+    params = getattr(getattr(req, "sampling_params", None), "custom_params", None)
+    frac = None
+    if isinstance(params, dict) and params.get(REQUEST_PARAM_KEY) is not None:
+        budget = parse_request_budget(params)
+        frac = None if budget is None else budget.topk_fraction
+    try:
+        setattr(req, _REQ_FRACTION_ATTR, frac)
+    except AttributeError:  # a Req with slots: parsed again next time
+        pass
+    return frac
+
+
+def _after_forward_batch_init(forward_batch, cls, batch, *args, **kwargs):
+    # Reason: the attention backend sees a ForwardBatch, which carries no sampling parameters
+    # (sampling_info.custom_params only with --enable-custom-logit-processor); init_new reads the
+    # ScheduleBatch whose ``reqs`` are its rows, in order (0.5.17 to 0.5.23). Host values only.
+    reqs = getattr(batch, "reqs", None)
+    if reqs is not None and forward_batch is not None:
+        fracs = [request_fraction(r) for r in reqs]
+        if len(fracs) == int(getattr(forward_batch, "batch_size", len(fracs)) or 0):
+            setattr(forward_batch, _FRACTIONS_ATTR,
+                    None if all(f is None for f in fracs) else fracs)
+    return forward_batch
+
+
+def request_fractions(forward_batch) -> list | None:
+    """[B] each row's own Top-k fraction (None: the server's budget), or None: every row at the
+    server's (no request asked, or a ForwardBatch not built by ForwardBatch.init_new)."""
+    return getattr(forward_batch, _FRACTIONS_ATTR, None)
+
+
+def request_ids(forward_batch) -> list | None:
+    """[B] SGLang's request ids of the rows (``ForwardBatch.rids``), or None."""
+    return getattr(forward_batch, "rids", None)
+
+
+def _after_sampling_params_verify(result, sampling_params, *args, **kwargs):
+    # Reason: SGLang validates a request's sampling parameters in the tokenizer process
+    # (TokenizerManager._create_tokenized_object calls verify) and answers a ValueError from it
+    # with HTTP 400 and the message (/generate and the OpenAI routes), before the request
+    # reaches a scheduler. KascadeConfigError is a ValueError.
+    from .config import parse_request_budget
+
+    parse_request_budget(getattr(sampling_params, "custom_params", None))
+    return result
+
+
+def response_budget_info(custom_params) -> dict:
+    """The ``kascade`` entry of a response's meta info: the budget class (config.BUDGET_CLASSES)
+    and, for a request's own fraction, ``topk``."""
+    from .config import parse_request_budget
+
+    budget = parse_request_budget(custom_params)
+    if budget is None:
+        return {"budget": "default"}
+    info = {"budget": budget.budget_class}
+    if budget.budget_class == "custom":
+        info["topk"] = budget.topk_fraction
+    return info
+
+
+def _around_wait_one_response(original, manager, obj, *args, **kwargs):
+    # Reason: a response's meta info is assembled in TokenizerManager._handle_batch_output with
+    # no hook for a plugin; _wait_one_response yields each output dict (streamed chunks and the
+    # final one) of one request, whose sampling parameters (validated) are at hand here.
+    gen = original(manager, obj, *args, **kwargs)
+    try:
+        if resolved_args(manager.server_args).attention_backend != BACKEND_NAME:
+            return gen
+        sp = getattr(obj, "sampling_params", None)
+        if not isinstance(sp, dict):  # an embedding request, or a batch not yet split
+            return gen
+        preferred = getattr(manager, "preferred_sampling_params", None) or {}
+        info = response_budget_info({**preferred, **sp}.get("custom_params"))
+    except Exception:  # noqa: BLE001 - never fail a response over its meta info
+        logger.debug("kascade: no budget meta info for this response", exc_info=True)
+        return gen
+    return _with_budget_meta(gen, info)
+
+
+async def _with_budget_meta(gen, info: dict):
+    try:
+        async for out in gen:
+            meta = out.get("meta_info") if isinstance(out, dict) else None
+            if isinstance(meta, dict):
+                meta.setdefault("kascade", dict(info))
+            yield out
+    finally:
+        await gen.aclose()
+
+
+def register_request_budget_hooks() -> None:
+    """Per-request budgets: validated where SGLang validates sampling parameters (HTTP 400),
+    handed to the backend with each ForwardBatch, reported in each response's meta info."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.sampling.sampling_params.SamplingParams.verify",
+                          _after_sampling_params_verify, HookType.AFTER)
+    HookRegistry.register(
+        "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+        _after_forward_batch_init, HookType.AFTER)
+    HookRegistry.register("sglang.srt.managers.tokenizer_manager.TokenizerManager"
+                          "._wait_one_response", _around_wait_one_response, HookType.AROUND)

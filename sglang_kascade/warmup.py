@@ -287,11 +287,11 @@ def warm_up_backend(backend, model_runner, options) -> None:
     before SGLang captures its CUDA graphs and serves. Skipped off CUDA, with
     ``--kascade-warmup off``, under a policy the device path does not run, and for models its
     kernels do not take (DevicePath.layer_supported: they would run the PyTorch path)."""
-    from .device_path import POLICIES
+    from .policies import POLICY_TABLE
 
     if not enabled(options) or torch.device(backend.device).type != "cuda":
         return
-    if backend.policy.name not in POLICIES:
+    if not POLICY_TABLE[backend.policy.name].on_device:
         logger.info("kascade: no Triton warm-up (policy %s runs the PyTorch path)",
                     backend.policy.name)
         return

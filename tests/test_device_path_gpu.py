@@ -36,7 +36,7 @@ from test_backend_vs_reference import FakeLayer as Layer
 from sglang_kascade import graph_nodes
 from sglang_kascade.backend import KascadeAttnBackend
 from sglang_kascade.config import PolicyConfig
-from sglang_kascade.device_path import POLICIES
+from sglang_kascade.policies import DEVICE_POLICIES
 from sglang_kascade.kernels import topk_triton
 from sglang_kascade.profile import profile_from_dict
 
@@ -249,7 +249,7 @@ def run(setup: Setup, case, device_path: bool) -> Run:
                    out_cache_loc=torch.stack([setup.slots[r][s - 1] for r, s in
                                               zip(reqs, seq)]).to(DEV))
         be.init_forward_metadata(fb)
-        if device_path and policy in POLICIES:
+        if device_path and policy in DEVICE_POLICIES:
             assert be.device_fwd is not None
             if not be.device_fwd.all_dense:
                 poison(be.device_path._buffers(be.device_fwd, hq, hkv, d))
@@ -261,7 +261,7 @@ def run(setup: Setup, case, device_path: bool) -> Run:
             out = be.forward(q.reshape(len(reqs), -1), k, v, layer, fb)
             assert out.shape == (len(reqs), hq * d) and out.dtype == dtype
             outputs[f, layer.layer_id] = out.reshape(len(reqs), hq, d).float().cpu()
-            if be.selects[layer.layer_id] and policy in POLICIES:
+            if be.selects[layer.layer_id] and policy in DEVICE_POLICIES:
                 for i, s in enumerate(seq):
                     sels[f, layer.layer_id, i] = selection_of(be, i, s, hkv)
         if DEV == "cuda":

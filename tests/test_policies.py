@@ -20,7 +20,6 @@ import torch
 
 import reference as ref
 import test_backend_vs_reference as tb
-from sglang_kascade.backend import SELECTORS
 from sglang_kascade.config import (DEFAULT_POLICY, DEFAULT_SINK_TOKENS, OPTION_TABLE, POLICIES,
                                    KascadeConfigError, KascadeOptions, PolicyConfig)
 from sglang_kascade.kernels.quest_torch import select_quest
@@ -28,8 +27,9 @@ from sglang_kascade.kernels.selection_torch import select_topk
 from sglang_kascade.kernels.sparse_attention_torch import sparse_attention
 from sglang_kascade.kernels.streaming_torch import select_streaming
 from sglang_kascade.profile import ModelFingerprint, derived_default_profile, profile_from_dict
-from sglang_kascade.resolve import (PROFILE_TRANSFORMS, apply_policy, every_layer_selects,
-                                    identity_head_map, resolve_policy)
+from sglang_kascade.policies import (DEVICE_POLICIES, POLICY_TABLE, apply_policy,
+                                     every_layer_selects, identity_head_map)
+from sglang_kascade.resolve import resolve_policy
 from sglang_kascade.sglang_adapter import add_kascade_flags, options_from_namespace
 from test_kernels_vs_reference import (SMALL, TINY, Case, kernel_tiles, make_inputs, oracle_tiles,
                                        seed_of)
@@ -54,7 +54,8 @@ def clean_env(monkeypatch):
 def test_policy_tables_cover_every_policy():
     assert POLICIES == ("kascade", "kascade_identity", "kascade_pooled", "oracle", "quest",
                         "streaming")
-    assert tuple(PROFILE_TRANSFORMS) == POLICIES and tuple(SELECTORS) == POLICIES
+    assert tuple(POLICY_TABLE) == POLICIES
+    assert DEVICE_POLICIES == ("kascade", "kascade_identity", "oracle")
     assert DEFAULT_POLICY == "kascade" and DEFAULT_SINK_TOKENS == 4
     assert OPTION_TABLE["policy"][:3] == ("--kascade-policy", "SGLANG_KASCADE_POLICY", str)
     assert OPTION_TABLE["sink_tokens"][:3] == ("--kascade-sink-tokens",
@@ -280,12 +281,12 @@ def test_pooling_over_all_heads_changes_selections():
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_every_policy_selects_the_kascade_budget(case):
-    """Through the backend's SELECTORS: k keys per (KV head, tile), or ceil(k/P) pages (Quest)."""
+    """Through each policy's selection: k keys per (KV head, tile), or ceil(k/P) pages (Quest)."""
     q, k, _, scale = make_inputs(case, seed_of(case, 15))
     kt, ot = kernel_tiles(case), oracle_tiles(case)
     budget = dataclasses.replace(case.budget, page_tile_size=5)
     for policy in POLICIES:
-        sel = SELECTORS[policy](q, k, kt, scale, budget, PolicyConfig(policy))
+        sel = POLICY_TABLE[policy].select(q, k, kt, scale, budget, PolicyConfig(policy))
         assert sel.dense == kt.all_dense, policy
         mask = ref.mask_from_kernel(sel, ot, case.hkv, case.seq)
         for t, (s, kk) in enumerate(zip(ot.starts, ot.ks)):

@@ -1,0 +1,77 @@
+"""Selection policies (``--kascade-policy``): one record each.
+
+A policy is what changes between the method and its baselines at an equal budget: a profile
+transformation (e.g. every layer an anchor), the selection function an anchor layer calls on the
+PyTorch path, and whether the batched Triton path (device_path.py) serves it. Everything else
+(tiles, budgets ``BudgetConfig.k_for``, paging, the causal diagonal, the attention kernel, dense
+delegation) is shared, so policies are compared on the same code. The names (and their order) are
+``config.POLICIES``, the option's allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import POLICIES
+from .kernels.quest_torch import select_quest
+from .kernels.selection_torch import select_topk
+from .kernels.streaming_torch import select_streaming
+from .profile import AnchorProfile
+
+
+def identity_head_map(profile: AnchorProfile) -> AnchorProfile:
+    """Same anchors; every reuse KV head reads the same-numbered anchor head."""
+    ident = tuple(range(profile.model.num_kv_heads))
+    return dataclasses.replace(profile, head_map=(ident,) * profile.num_layers)
+
+
+def every_layer_selects(profile: AnchorProfile) -> AnchorProfile:
+    """Every layer is an anchor (identity head map): no layer reuses another's selection."""
+    return dataclasses.replace(identity_head_map(profile),
+                               anchor_layers=tuple(range(profile.num_layers)))
+
+
+def _unchanged(profile: AnchorProfile) -> AnchorProfile:
+    return profile
+
+
+# Selection of an anchor layer on the PyTorch path: (q [n, Hq, D], k_all [S, Hkv, D], tiles,
+# scale, budget, policy config) -> Selection, at the budget k of each tile.
+def _topk(q, k_all, tiles, scale, budget, policy):
+    return select_topk(q, k_all, tiles, scale, budget.granularity, budget.page_tile_size,
+                       pool_all_heads=policy.name == "kascade_pooled")
+
+
+def _quest(q, k_all, tiles, scale, budget, policy):  # pages of page_tile_size keys
+    return select_quest(q, k_all, tiles, scale, budget.page_tile_size)
+
+
+def _streaming(q, k_all, tiles, scale, budget, policy):
+    return select_streaming(tiles, k_all.shape[1], policy.sink_tokens)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    transform: Callable[[AnchorProfile], AnchorProfile]  # idempotent; dense layers kept
+    select: Callable  # an anchor layer's selection on the PyTorch path
+    on_device: bool  # the Triton path serves it (token granularity, per-KV-head pooled Top-k)
+
+
+POLICY_TABLE = {p.name: p for p in (
+    Policy("kascade", _unchanged, _topk, on_device=True),
+    Policy("kascade_identity", identity_head_map, _topk, on_device=True),
+    Policy("kascade_pooled", _unchanged, _topk, on_device=False),  # pooled over all heads
+    Policy("oracle", every_layer_selects, _topk, on_device=True),  # exact Top-k in every layer
+    Policy("quest", every_layer_selects, _quest, on_device=False),  # own pages in every layer
+    Policy("streaming", every_layer_selects, _streaming, on_device=False),  # sinks + window
+)}
+assert tuple(POLICY_TABLE) == POLICIES
+DEVICE_POLICIES = tuple(name for name, p in POLICY_TABLE.items() if p.on_device)
+
+
+def apply_policy(profile: AnchorProfile, policy: str) -> AnchorProfile:
+    """The profile a policy runs with."""
+    return POLICY_TABLE[policy].transform(profile)
