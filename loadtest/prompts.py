@@ -80,7 +80,7 @@ def _phrase(rng: random.Random, sentence: str, n_words: int = 4) -> str:
 
 
 def _essays() -> list:
-    from sglang_kascade.calibrate.data import heldout_documents
+    from sglang_kascade.corpus import heldout_documents
 
     return [(p.stem, p.read_text(encoding="utf-8", errors="replace"))
             for p in heldout_documents()]

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from sglang_kascade.calibrate.data import (DataError, calibration_documents,  # noqa: E402
+from sglang_kascade.corpus import (DataError, calibration_documents,  # noqa: E402
                                            heldout_documents, load_samples, read_documents)
 
 

@@ -1,5 +1,5 @@
 """Per-block statistics (sglang_kascade/calibrate/stats.py) against the serving selection
-(kernels.selection_torch.select_topk), and the development data split (calibrate/data.py)."""
+(kernels.selection_torch.select_topk), and the development data split (corpus.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from sglang_kascade.calibrate import data as data_mod
+from sglang_kascade import corpus as data_mod
 from sglang_kascade.calibrate.stats import block_selection, diagonal_mass, selection_units
 from sglang_kascade.config import BudgetConfig
 from sglang_kascade.kernels.selection_torch import pooled_tile_probs, select_topk, tile_blocks

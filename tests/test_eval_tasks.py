@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from sglang_kascade.calibrate.data import (DataError, calibration_documents,  # noqa: E402
+from sglang_kascade.corpus import (DataError, calibration_documents,  # noqa: E402
                                            heldout_documents, read_documents)
 from sglang_kascade.eval import cli, results, scoring, sweep  # noqa: E402
 from sglang_kascade.eval.client import ServerInfo, kascade_flags  # noqa: E402

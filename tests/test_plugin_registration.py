@@ -58,14 +58,25 @@ def test_out_of_range_flag_is_refused(loaded):
                              "--kascade-k-min", "0"])
 
 
-def test_support_triton_follows_the_dense_backend_on_cpu(loaded):
+def test_support_triton_follows_the_dense_backend(loaded):
     import torch
     from sglang.srt.utils import common
 
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
-    assert common.support_triton("kascade") is False
-    assert common.support_triton("triton") is True
+    from sglang_kascade.sglang_adapter import dense_backend_name
+
+    assert common.support_triton("kascade") is common.support_triton(dense_backend_name())
+    if not torch.cuda.is_available():  # torch_native: SGLang's torch allocation kernels
+        assert common.support_triton("kascade") is False
+
+
+def test_every_adapter_hook_is_applied(loaded):
+    """Each target of the adapter's hook table resolves against this SGLang (a moved or renamed
+    function would leave its hook unapplied, which SGLang only logs)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_kascade.sglang_adapter import hook_table
+
+    assert [t for t, _, _ in hook_table() if t not in HookRegistry._patched] == []
 
 
 @pytest.mark.parametrize("target", [

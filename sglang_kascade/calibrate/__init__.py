@@ -8,6 +8,6 @@ Modules, one job each: ``data`` (development text and the calibration / evaluati
 ``pipeline`` (ties them together, builds the profile), ``cli``.
 """
 
-from .data import calibration_documents, heldout_documents
+from ..corpus import calibration_documents, heldout_documents
 
 __all__ = ["calibration_documents", "heldout_documents"]

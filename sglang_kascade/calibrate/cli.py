@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .data import DataError, load_samples
+    from ..corpus import DataError, load_samples
     from .dp import layer_weights
     from .headmap import summarize
     from .model import fingerprint, load_model, resolve_dtype

