@@ -11,7 +11,7 @@ from typing import Optional
 from fastapi import HTTPException, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-TOKEN_ENV = "SGLANG_KASCADE_ADMIN_TOKEN"
+from sglang_kascade.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 MIN_TOKEN_CHARS = 16
 
 bearer = HTTPBearer(auto_error=False, description="Admin token (--token-file or "

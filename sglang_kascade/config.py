@@ -125,6 +125,8 @@ OPTION_TABLE = {
     ),
 }
 CONTROL_OFF = "off"  # --kascade-control-dir value that disables hot-swap
+# The admin sidecar's bearer token, when no token file is given (server/auth.py, sidecar_launch.py)
+ADMIN_TOKEN_ENV = "SGLANG_KASCADE_ADMIN_TOKEN"
 
 
 class KascadeConfigError(ValueError):

@@ -6,7 +6,8 @@ reason. They are installed at interpreter start-up by a ``.pth`` file (``install
 SGLang spawns scheduler processes that import ``torchvision`` and ``sgl_kernel`` before any plugin
 code runs in them.
 
-Pinned to: torch 2.13.0 (CPU), torchvision 0.28.0 (CUDA wheel), sglang 0.5.21.
+Pinned to: torch 2.13.0 (CPU), torchvision 0.28.0 (CUDA wheel), sglang 0.5.23 (scripts/setup.sh);
+the same shims serve 0.5.21.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def _define_torchvision_fake_ops() -> None:
 
 
 class _SglKernelStub(types.ModuleType):
-    # Reason: sgl_kernel on PyPI is CUDA-only, yet SGLang 0.5.21 imports its CPU kernels (names
-    # ending in `_cpu`: copy_all_layer_kv_cache_cpu, assign_req_to_token_pool_cpu, the EAGLE tree
-    # helpers, ...) at module level under `if _is_cpu:`, outside any try/except. None of them is
-    # called when serving Llama-family models without speculative decoding on a CPU without AMX, so
-    # those names resolve to functions that raise if called. Other names stay missing, so SGLang's
-    # own `except ImportError` fallbacks keep working.
+    # Reason: sgl_kernel on PyPI is CUDA-only, yet SGLang 0.5.21-0.5.23 import its CPU kernels
+    # (names ending in `_cpu`: copy_all_layer_kv_cache_cpu, assign_req_to_token_pool_cpu, the EAGLE
+    # tree helpers, ...) at module level under `if _is_cpu:`, outside any try/except. None of them
+    # is called when serving Llama-family models without speculative decoding on a CPU without
+    # AMX, so those names resolve to functions that raise if called. Other names stay missing, so
+    # SGLang's own `except ImportError` fallbacks keep working.
     def __getattr__(self, name: str):
         if not name.endswith("_cpu"):
             raise AttributeError(f"sgl_kernel stub has no {name!r}")
@@ -151,10 +152,12 @@ def _alloc_decode_torch(seq_lens, last_loc, free_pages, out_indices, _bs_pow2, p
 
 
 def patch_sglang_paged_allocation() -> None:
-    # Reason: with --page-size > 1 SGLang 0.5.21 allocates slots with Triton kernels
-    # (mem_cache/allocator/paged.py alloc_extend_kernel/alloc_decode_kernel) and finds the last
-    # slot with get_last_loc_triton for every backend but torch_native/ascend; Triton has no CPU
-    # driver. SGLang ships torch equivalents (alloc_extend_naive, get_last_loc_torch): use them.
+    # Reason: with --page-size > 1 SGLang 0.5.17-0.5.21 allocate slots with Triton kernels
+    # (mem_cache/allocator/paged.py alloc_extend_kernel/alloc_decode_kernel), and 0.5.17-0.5.23
+    # find the last slot with get_last_loc_triton for every backend but torch_native/ascend;
+    # Triton has no CPU driver. SGLang ships torch equivalents (alloc_extend_naive,
+    # get_last_loc_torch): use them. 0.5.22+ pick torch allocation kernels themselves where the
+    # platform has no Triton (the replaced kernels are then not called).
     if not _torch_is_cpu_build():
         return
     from sglang.srt.mem_cache import allocation

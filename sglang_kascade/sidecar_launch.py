@@ -13,11 +13,11 @@ import os
 import subprocess
 import sys
 
+from .config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from .config import CONTROL_OFF, KascadeConfigError, KascadeOptions
 from .control import default_control_dir, prepare_control_dir
 
 logger = logging.getLogger("sglang_kascade")
-TOKEN_ENV = "SGLANG_KASCADE_ADMIN_TOKEN"  # same name as server/auth.py
 
 
 def sidecar_command(options: KascadeOptions, host: str, port: int) -> list:
