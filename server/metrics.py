@@ -12,6 +12,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily)
 
 ROLES = ("dense", "dense_anchor", "anchor", "reuse")
+BUDGET_CLASSES = ("default", "custom", "dense")  # sglang_kascade.config.BUDGET_CLASSES
 
 
 class SidecarCollector:
@@ -70,6 +71,14 @@ class SidecarCollector:
             "Forward passes (decode and prefill) served by the Triton kernels (CUDA; the rest: "
             "PyTorch path or dense)",
             value=sum(s.get("device_forwards", 0) for s in stats))
+        budgets = CounterMetricFamily(
+            "kascade_requests", "Requests by budget class: the server's budget (default), their "
+            "own Top-k fraction (custom) or dense, asked through custom_params",
+            labels=["budget"])
+        for cls in BUDGET_CLASSES:
+            budgets.add_metric([cls], sum(s.get("request_budgets", {}).get(cls, 0)
+                                          for s in stats))
+        yield budgets
         yield self._selection_histogram(stats)
 
     @staticmethod

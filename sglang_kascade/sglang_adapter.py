@@ -445,15 +445,25 @@ def batch_view(forward_batch):
 # A request's own budget: SGLang's custom sampling parameters (config.parse_request_budget).
 # --------------------------------------------------------------------------------------------
 
-_FRACTIONS_ATTR = "_kascade_fractions"  # on a ForwardBatch: [B] own fraction or None per row
 _REQ_FRACTION_ATTR = "_kascade_fraction"  # on a Req: its parsed fraction (parsed once)
 _UNPARSED = object()
+_asked = False  # some request of this process asked for its own budget (decode skips until then)
+
+
+class RequestIds(list):
+    """``ForwardBatch.rids`` with each row's own fraction attached (``fractions``: [B] fraction or
+    None). SGLang's runners copy a ForwardBatch with ``dataclasses.replace`` (the eager runner's
+    static buffers; 0.5.21), which keeps declared fields only: the rids list travels by
+    reference, an attribute of the ForwardBatch would not."""
+
+    fractions: list | None = None
 
 
 def request_fraction(req) -> float | None:
     """The own Top-k fraction of a scheduler ``Req`` (1.0: dense), or None: the server's budget.
     ``req.sampling_params.custom_params`` is the request's, validated in the tokenizer process
     (_after_sampling_params_verify); parsed once per Req."""
+    global _asked
     cached = getattr(req, _REQ_FRACTION_ATTR, _UNPARSED)
     if cached is not _UNPARSED:
         return cached
@@ -464,6 +474,7 @@ def request_fraction(req) -> float | None:
     if isinstance(params, dict) and params.get(REQUEST_PARAM_KEY) is not None:
         budget = parse_request_budget(params)
         frac = None if budget is None else budget.topk_fraction
+        _asked = _asked or frac is not None
     try:
         setattr(req, _REQ_FRACTION_ATTR, frac)
     except AttributeError:  # a Req with slots: parsed again next time
@@ -474,20 +485,27 @@ def request_fraction(req) -> float | None:
 def _after_forward_batch_init(forward_batch, cls, batch, *args, **kwargs):
     # Reason: the attention backend sees a ForwardBatch, which carries no sampling parameters
     # (sampling_info.custom_params only with --enable-custom-logit-processor); init_new reads the
-    # ScheduleBatch whose ``reqs`` are its rows, in order (0.5.17 to 0.5.23). Host values only.
+    # ScheduleBatch whose ``reqs`` are its rows, in order, and fills ``rids`` from them (0.5.17 to
+    # 0.5.23). A request enters through an extend forward (prefill, or again after a
+    # retraction), so decode forwards are skipped until some request asked. Host values only.
     reqs = getattr(batch, "reqs", None)
-    if reqs is not None and forward_batch is not None:
-        fracs = [request_fraction(r) for r in reqs]
-        if len(fracs) == int(getattr(forward_batch, "batch_size", len(fracs)) or 0):
-            setattr(forward_batch, _FRACTIONS_ATTR,
-                    None if all(f is None for f in fracs) else fracs)
+    mode = getattr(forward_batch, "forward_mode", None)
+    if not reqs or forward_batch is None or (
+            not _asked and mode is not None and mode.is_decode()):
+        return forward_batch
+    fracs = [request_fraction(r) for r in reqs]
+    rids = getattr(forward_batch, "rids", None)
+    if (isinstance(rids, list) and len(rids) == len(fracs)
+            and any(f is not None for f in fracs)):  # else: rids as SGLang made them
+        rids = forward_batch.rids = RequestIds(rids)
+        rids.fractions = fracs
     return forward_batch
 
 
 def request_fractions(forward_batch) -> list | None:
     """[B] each row's own Top-k fraction (None: the server's budget), or None: every row at the
     server's (no request asked, or a ForwardBatch not built by ForwardBatch.init_new)."""
-    return getattr(forward_batch, _FRACTIONS_ATTR, None)
+    return getattr(getattr(forward_batch, "rids", None), "fractions", None)
 
 
 def request_ids(forward_batch) -> list | None:

@@ -22,8 +22,8 @@ def test_entry_point_is_declared():
 
 
 def test_backend_choice_and_factory_registered(loaded):
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES  # 0.5.17 to 0.5.23
 
     from sglang_kascade.plugin import create_backend
 

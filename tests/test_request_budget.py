@@ -45,7 +45,7 @@ torch.set_num_threads(1)
     ({"kascade": {"dense": True}}, RequestBudget(1.0)),
     ({"kascade": {"topk": 0.2, "dense": False}}, RequestBudget(0.2)),
     ({"kascade": {"topk": None, "dense": True}}, RequestBudget(1.0)),
-    ({"kascade": {"topk": 0.3}, "__req__": object()}, RequestBudget(0.3)),  # as the scheduler has it
+    ({"kascade": {"topk": 0.3}, "__req__": object()}, RequestBudget(0.3)),  # in the scheduler
 ])
 def test_valid_request_budgets(params, want):
     assert parse_request_budget(params) == want
@@ -214,19 +214,49 @@ def _req(custom):
     return SimpleNamespace(sampling_params=SimpleNamespace(custom_params=custom))
 
 
-def test_forward_batch_hook_hands_each_row_its_fraction():
+def _fb(n, decode=False):
+    return SimpleNamespace(rids=[f"r{i}" for i in range(n)],
+                           forward_mode=tb.FakeForwardMode(decode))
+
+
+def test_forward_batch_hook_hands_each_row_its_fraction(monkeypatch):
+    """The fractions ride on ForwardBatch.rids, which SGLang's runners keep when they copy a
+    ForwardBatch with dataclasses.replace (an attribute of the batch would be dropped)."""
+    import dataclasses
+
     reqs = [_req(None), _req({"kascade": {"dense": True}}), _req({"kascade": {"topk": 0.05}}),
             _req({"thinking_budget": 3})]
-    fb = SimpleNamespace(batch_size=4)
+    fb = _fb(4)
     assert sa._after_forward_batch_init(fb, object, SimpleNamespace(reqs=reqs)) is fb
+    assert fb.rids == ["r0", "r1", "r2", "r3"]
     assert sa.request_fractions(fb) == [None, 1.0, 0.05, None]
     assert reqs[2]._kascade_fraction == 0.05  # parsed once per request
     reqs[2].sampling_params.custom_params = {"kascade": {"topk": 0.9}}
     assert sa.request_fraction(reqs[2]) == 0.05
-    plain = SimpleNamespace(batch_size=2)
+
+    @dataclasses.dataclass
+    class Batch:  # as SGLang's eager runner copies a ForwardBatch into its static buffers
+        rids: list
+        input_ids: list
+
+    copy = dataclasses.replace(Batch(fb.rids, [1]), input_ids=[2])
+    assert sa.request_fractions(copy) == [None, 1.0, 0.05, None]
+    plain = _fb(2)
     sa._after_forward_batch_init(plain, object, SimpleNamespace(reqs=[_req(None), _req({})]))
     assert sa.request_fractions(plain) is None  # every row at the server's budget
-    assert sa.request_fractions(SimpleNamespace()) is None  # not built by init_new (graph capture)
+    assert sa.request_fractions(SimpleNamespace(rids=None)) is None  # a graph capture's batch
+    # decode forwards are skipped until some request of the process asked (it asks at prefill)
+    monkeypatch.setattr(sa, "_asked", False)
+    asks = SimpleNamespace(reqs=[_req({"kascade": {"topk": 0.2}})])
+    dec = _fb(1, decode=True)
+    sa._after_forward_batch_init(dec, object, asks)
+    assert sa.request_fractions(dec) is None
+    ext = _fb(1)
+    sa._after_forward_batch_init(ext, object, SimpleNamespace(reqs=list(asks.reqs)))
+    assert sa.request_fractions(ext) == [0.2] and sa._asked
+    dec = _fb(1, decode=True)
+    sa._after_forward_batch_init(dec, object, asks)
+    assert sa.request_fractions(dec) == [0.2]
 
 
 def test_response_meta_info_names_the_budget():
@@ -372,3 +402,19 @@ def test_mixed_batch_budgets_really_differ(mixed_batches):
     assert min(ks["B"]) > max(ks["C"]) > 0 and min(ks["C"]) > max(ks["D"]) > 0
     assert run.backend.stats.snapshot({})["request_budgets"] == {"default": 1, "custom": 2,
                                                                   "dense": 1}
+
+
+def test_sidecar_exports_requests_by_budget_class():
+    from sglang_kascade.server.metrics import render
+
+    snap = BackendStats()
+    snap.record_requests(["a", "b", "c"], [None, 0.05, 1.0])
+    other = BackendStats()
+    other.record_requests(["x"], [0.3])
+    view = {"stats": {1: snap.snapshot({}), 2: other.snapshot({}), 3: {}}, "active": None,
+            "schedulers": [1, 2, 3], "swaps": {}}
+    text = render(lambda: view).decode()
+    for line in ('kascade_requests_total{budget="default"} 1.0',
+                 'kascade_requests_total{budget="custom"} 2.0',
+                 'kascade_requests_total{budget="dense"} 1.0'):
+        assert line in text

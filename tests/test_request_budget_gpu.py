@@ -19,7 +19,8 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")]
+    not (torch.cuda.is_available() or INTERPRET),
+    reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")]
 
 
 @pytest.mark.parametrize("fraction,k_min,round_to,kmax", [(0.1, 128, 1, 1024), (0.3, 7, 8, 64),
@@ -73,6 +74,7 @@ def test_device_path_mixed_batch_matches_each_request_alone(monkeypatch):
     class Mixed(tb.FakeForwardBatch):  # as init_new builds it under the plugin (sglang_adapter)
         def __post_init__(self):
             names = [by_pool[int(p)] for p in self.req_pool_indices.tolist()]
+            self.rids = names
             reqs = [trb._req({"kascade": trb.ASKS[n]} if trb.ASKS[n] else None) for n in names]
             trb.sa._after_forward_batch_init(self, type(self), SimpleNamespace(reqs=reqs))
 
@@ -89,3 +91,58 @@ def test_device_path_mixed_batch_matches_each_request_alone(monkeypatch):
             # the sparse kernels over all its keys (the bound of test_device_prefill_gpu.py)
             torch.testing.assert_close(mixed.outputs[key].float(), alone.outputs[key].float(),
                                        atol=3e-2, rtol=2e-2, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.server
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_served_mixed_batch_in_decode_graphs_matches_each_request_alone():
+    """The stock command on the GPU (decode CUDA graphs on), random weights as in
+    test_gpu_serving.py: dense, 5%, 20% and default requests sent together give each request
+    its tokens alone. Graphs of other batch sizes split the attention differently (float
+    rounding), so the runs may part at a near tie (random weights: flat logits), as graph and
+    eager decode do in test_gpu_serving.py."""
+    import concurrent.futures as cf
+    import threading
+
+    import requests
+
+    from server_utils import STARTUP_TIMEOUT_S, assert_greedy_runs_agree, flush_cache
+    from sglang_kascade.eval import launch
+    from test_gpu_serving import COMMON, MODEL
+
+    asks = {"dense": {"dense": True}, "5%": {"topk": 0.05}, "20%": {"topk": 0.2},
+            "default": None}
+    g = torch.Generator().manual_seed(3)
+    prompts = {name: torch.randint(100, 120000, (3000,), generator=g).tolist() for name in asks}
+
+    def generate(url, name):
+        sp = {"max_new_tokens": 16, "temperature": 0.0}
+        if asks[name] is not None:
+            sp["custom_params"] = {"kascade": asks[name]}
+        r = requests.post(url + "/generate", timeout=600, json={
+            "input_ids": prompts[name], "sampling_params": sp, "return_logprob": True,
+            "top_logprobs_num": 2})
+        r.raise_for_status()
+        return r.json()
+
+    extra = COMMON + ["--kascade-k-min", "32", "--kascade-dense-prefill-below", "0"]
+    with launch.running_server("kascade", extra, MODEL, "cuda",
+                               startup_timeout_s=STARTUP_TIMEOUT_S) as server:
+        alone = {}
+        for name in asks:
+            flush_cache(server.url)
+            alone[name] = generate(server.url, name)
+        flush_cache(server.url)
+        start = threading.Barrier(len(asks))
+
+        def send(name):
+            start.wait()
+            return name, generate(server.url, name)
+
+        with cf.ThreadPoolExecutor(len(asks)) as pool:
+            mixed = dict(pool.map(send, asks))
+        log = server.log.read_text(errors="replace")
+    assert "Triton kernels in a CUDA graph" in log, log[-3000:]
+    for name in asks:
+        assert mixed[name]["meta_info"]["kascade"] == alone[name]["meta_info"]["kascade"]
+        assert_greedy_runs_agree(alone[name], mixed[name], min_agree=1)
