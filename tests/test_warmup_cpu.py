@@ -55,7 +55,7 @@ FIXED_INTS = {"sm_scale_log2", "s_qb", "s_qh", "s_qn", "s_ks", "s_kh", "s_vs", "
 # s_ob / s_oh are hq * n * dv and n * dv (divisible by 16 for any n: dv >= 16), kept; s_eb /
 # s_eh (hq * n, n) are do_not_specialize there (checked per kernel below).
 POINTERS = {"req_src", "seq_src", "req_dst", "seq_dst", "off_dst", "topk_dst", "budget_f",
-            "budget_i"}  # the graph plan's (named without _ptr)
+            "budget_i", "row_frac"}  # the graph plan's (named without _ptr)
 MUST_NOT_SPECIALIZE = {  # plain ints that follow the request mix, per kernel
     "decode_select_triton._score_kernel": {"n_hist_rows", "s_lh", "s_pb", "s_ph", "s_pg", "s_eb",
                                            "s_eh"},
