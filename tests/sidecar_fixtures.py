@@ -4,9 +4,11 @@ for SGLang's scheduler processes (the same SchedulerChannel class, watcher threa
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from sglang_kascade.control import SchedulerChannel
@@ -56,3 +58,11 @@ def sidecar_client(control_dir: Path, **settings):
 def upload(client, data, **params):
     return client.post("/v1/profiles", content=json.dumps(data), params=params,
                        headers={**AUTH, "Content-Type": "application/json"})
+
+
+@pytest.fixture
+def control(tmp_path):
+    d = tmp_path / "control"
+    ch = fake_scheduler(d, os.getpid())
+    yield d
+    ch.stop()

@@ -11,16 +11,9 @@ import os
 import pytest
 
 from sglang_kascade.control import ControlPaths, read_json
-from sidecar_fixtures import (AUTH, SMOL, TOKEN, alt_profile, fake_scheduler, sidecar_client,
-                              smol_profile, upload)
+from sidecar_fixtures import (AUTH, SMOL, TOKEN, alt_profile, control,  # noqa: F401 (fixture)
+                              fake_scheduler, sidecar_client, smol_profile, upload)
 
-
-@pytest.fixture
-def control(tmp_path):
-    d = tmp_path / "control"
-    ch = fake_scheduler(d, os.getpid())
-    yield d
-    ch.stop()
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from sglang_kascade.config import KascadeConfigError, KascadeOptions
 from sglang_kascade.control import (ControlPaths, default_control_dir, pid_alive, read_json,
                                     write_json_atomic)
 from sglang_kascade.profile import load_profile
-from sidecar_fixtures import (AUTH, SMOL, TOKEN, alt_profile, fake_scheduler, sidecar_client,
-                              smol_profile, upload)
+from sidecar_fixtures import (AUTH, SMOL, TOKEN, alt_profile, control,  # noqa: F401 (fixture)
+                              fake_scheduler, sidecar_client, smol_profile, upload)
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
@@ -36,13 +36,6 @@ IS_ROOT = os.geteuid() == 0
 def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
-
-@pytest.fixture
-def control(tmp_path):
-    d = tmp_path / "control"
-    ch = fake_scheduler(d, os.getpid())
-    yield d
-    ch.stop()
 
 
 @pytest.fixture
