@@ -12,8 +12,8 @@ The directory is this user's only (``prepare_control_dir``): whoever can write i
 which profile every scheduler serves.
 
 Every write goes to a temporary file that is then renamed over the target, so a reader sees the
-old file or the new one, never half of one. Why files and not SGLang's control path: SGLang
-0.5.21's HTTP server has no generic call into the scheduler processes (``collective_rpc`` exists
+old file or the new one, never half of one. Why files and not SGLang's control path:
+SGLang's HTTP server (0.5.17-0.5.23) has no generic call into the scheduler processes (``collective_rpc`` exists
 only on the in-process ``Engine``, over an IPC socket with a random name, with flat scalar
 arguments; ``/set_internal_state`` takes a fixed allow-list of server-args keys), so using it would
 mean patching SGLang's HTTP server and scheduler. A directory works for any number of scheduler
