@@ -3,8 +3,8 @@
 Triton compiles a kernel at its first launch with a new specialization key: the constexpr
 values, the launch options, each pointer's dtype and 16-byte alignment, and for each plain int
 argument whether it is 1 and whether it is divisible by 16 (triton/runtime/jit.py; the same rules
-in Triton 3.6 on the GPU hosts). A fresh server compiled in its first long chunked prefills,
-3-8 s at a time. The contract now: after ``warm_up``, no request compiles a kernel of ours.
+in Triton 3.6 on the GPU hosts); compiled while serving, that stalls a long chunked prefill for
+seconds at a time. The contract: after ``warm_up``, no request compiles a kernel of ours.
 
 How each run-time value is kept out of the key (kernels/*_triton.py):
   * plain int arguments that follow the request mix (split and chunk counts, a block's first
