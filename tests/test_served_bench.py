@@ -97,7 +97,7 @@ def test_cuda_servers_leave_the_pool_to_sglang_and_fit_the_longest_cell(tmp_path
     i = extra.index("--context-length")
     assert int(extra[i + 1]) >= 131072 + args.new_tokens
     assert env == {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"}  # past 131072 positions
-    assert extra[extra.index("--mem-fraction-static") + 1] == "0.85"
+    assert extra[extra.index("--mem-fraction-static") + 1] == "0.8"
     assert extra[-2:] == ["--chunked-prefill-size", "8192"] and "dummy" in extra
 
 
