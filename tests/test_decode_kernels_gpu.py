@@ -430,12 +430,14 @@ def test_decode_step_replays_under_a_cuda_graph_with_new_lengths():
             assert rel_err(outs[0][b:b + 1].cpu(), dense) < REL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("row_fractions", [False, True], ids=["server-budget", "own-fractions"])
 @pytest.mark.parametrize("fraction,k_min,round_to,kmax", [(0.1, 128, 1, 1024), (0.3, 7, 8, 64),
                                                           (1.0, 16, 1, 4096)])
-def test_graph_plan_kernel_matches_reference(fraction, k_min, round_to, kmax):
+def test_graph_plan_kernel_matches_reference(fraction, k_min, round_to, kmax, row_fractions):
     """The plan kernel captured at a decode graph's head (graph_plan_triton) against its torch
     reference on a random ragged batch: rows, lengths, exclusive cumsum, clamped budgets; the
-    outputs' entries past the batch stay poisoned."""
+    outputs' entries past the batch stay poisoned. ``own-fractions``: rows with their own Top-k
+    fraction (a request's custom_params; 0 = the server's), bounded by their length only."""
     from sglang_kascade.config import BudgetConfig
     from sglang_kascade.device_path import DevicePath
     from sglang_kascade.kernels.decode_plan import graph_rows_torch
@@ -444,16 +446,25 @@ def test_graph_plan_kernel_matches_reference(fraction, k_min, round_to, kmax):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{fraction}{kmax}".encode()))
     bs = 37
     seq = torch.randint(1, 20000, (bs,), generator=gen, dtype=torch.int32)
-    seq[:4] = torch.tensor([1, 10, 1280, 3000], dtype=torch.int32)  # padded row, exact products
+    seq[:5] = torch.tensor([1, 10, 1280, 3000, 19999], dtype=torch.int32)  # padded row, exact
     rows = torch.randperm(200, generator=gen)[:bs]
+    own = [0.0, 0.05, 1.0, 0.2, 0.14, 0.5, 1e-6, 0.999]  # 0: the server's fraction
+    row_frac = torch.full((bs + 5,), 0.33, dtype=torch.float64)  # past the batch: not read
+    row_frac[:bs] = torch.tensor([own[i % len(own)] for i in range(bs)], dtype=torch.float64)
+    extra = (row_frac.to(DEVICE),) if row_fractions else ()
     dp = DevicePath(DEVICE)
     dp.set_budget(BudgetConfig(topk_fraction=fraction, k_min=k_min, round_to=round_to))
     outs = []
     for fn in (graph_rows, graph_rows_torch):
         out = [torch.full((bs + 5,), -7, dtype=dt, device=DEVICE)
                for dt in (torch.int64, torch.int32, torch.int64, torch.int32)]
-        fn(rows.to(DEVICE), seq.to(DEVICE), *out, dp.graph_budget_f, dp.graph_budget_i, kmax)
+        fn(rows.to(DEVICE), seq.to(DEVICE), *out, dp.graph_budget_f, dp.graph_budget_i, kmax,
+           *extra)
         outs.append([t.cpu() for t in out])
     for got, want in zip(*outs):
         assert torch.equal(got, want)
-    assert (outs[0][3][:bs] <= kmax).all() and (outs[0][3][:bs] >= 1).all()
+    topk = outs[0][3][:bs]
+    custom = row_frac[:bs] > 0 if row_fractions else torch.zeros(bs, dtype=torch.bool)
+    assert (topk >= 1).all() and (topk[~custom] <= kmax).all() and (topk <= seq).all()
+    if row_fractions:
+        assert (topk[custom] > kmax).any()  # a row's own fraction is bounded by its length only

@@ -1,63 +1,23 @@
-"""Per-request budgets on the device path: the decode graphs' plan kernel
-(kernels/graph_plan_triton.py) with per-row fractions against its torch reference
-(decode_plan.graph_rows_torch, itself checked against BudgetConfig.k_for in
-test_request_budget.py), and, on CUDA, a mixed batch of the scenario of
-test_backend_vs_reference.py through the Triton kernels against each request served alone.
+"""Per-request budgets on the device path, on CUDA: a mixed batch of the scenario of
+test_backend_vs_reference.py through the Triton kernels against each request served alone, and
+a served mixed batch in decode graphs. (The decode graphs' plan kernel with per-row fractions
+against its torch reference: test_decode_kernels_gpu.py, test_graph_plan_kernel_matches_reference.)
 
-Marker ``gpu``; the plan kernel also runs under TRITON_INTERPRET=1 without a GPU.
+Marker ``gpu``.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not (torch.cuda.is_available() or INTERPRET),
-    reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")]
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("fraction,k_min,round_to,kmax", [(0.1, 128, 1, 1024), (0.3, 7, 8, 64),
-                                                          (1.0, 16, 1, 4096)])
-def test_graph_plan_kernel_with_row_fractions_matches_reference(fraction, k_min, round_to, kmax):
-    from sglang_kascade.config import BudgetConfig
-    from sglang_kascade.device_path import DevicePath
-    from sglang_kascade.kernels.decode_plan import graph_rows_torch
-    from sglang_kascade.kernels.graph_plan_triton import graph_rows
-
-    gen = torch.Generator().manual_seed(11)
-    bs = 37
-    seq = torch.randint(1, 20000, (bs,), generator=gen, dtype=torch.int32)
-    seq[:5] = torch.tensor([1, 10, 1280, 3000, 19999], dtype=torch.int32)
-    own = [0.0, 0.05, 1.0, 0.2, 0.14, 0.5, 1e-6, 0.999]  # 0: the server's fraction
-    row_frac = torch.full((bs + 5,), 0.33, dtype=torch.float64)  # past the batch: not read
-    row_frac[:bs] = torch.tensor([own[i % len(own)] for i in range(bs)], dtype=torch.float64)
-    rows = torch.randperm(200, generator=gen)[:bs]
-    dp = DevicePath(DEVICE)
-    dp.set_budget(BudgetConfig(topk_fraction=fraction, k_min=k_min, round_to=round_to))
-    outs = []
-    for fn in (graph_rows, graph_rows_torch):
-        out = [torch.full((bs + 5,), -7, dtype=dt, device=DEVICE)
-               for dt in (torch.int64, torch.int32, torch.int64, torch.int32)]
-        fn(rows.to(DEVICE), seq.to(DEVICE), *out, dp.graph_budget_f, dp.graph_budget_i, kmax,
-           row_frac.to(DEVICE))
-        outs.append([t.cpu() for t in out])
-    for got, want in zip(*outs):
-        assert torch.equal(got, want)
-    topk = outs[0][3][:bs]
-    custom = row_frac[:bs] > 0
-    assert (topk >= 1).all() and (topk[~custom] <= kmax).all()
-    assert (topk[custom] > kmax).any()  # a row's own fraction is bounded by its length only
-    assert (topk <= seq).all()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_path_mixed_batch_matches_each_request_alone(monkeypatch):
     """Dense, 10%, 50% and default requests batched through the Triton prefill and decode
     kernels (eager) against the same requests with the server's budget at their fraction."""
@@ -94,7 +54,6 @@ def test_device_path_mixed_batch_matches_each_request_alone(monkeypatch):
 
 
 @pytest.mark.server
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_served_mixed_batch_in_decode_graphs_matches_each_request_alone():
     """The stock command on the GPU (decode CUDA graphs on), random weights as in
     test_gpu_serving.py: dense, 5%, 20% and default requests sent together give each request
