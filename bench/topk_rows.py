@@ -48,26 +48,33 @@ MODES = {"collect": dict(collect=True), "five": dict(collect=False),
          "collect_serial": dict(collect=True, cand_max=1 << 30)}
 
 
-def time_topk(kind: str, batch: int, length: int, launch: dict) -> float:
-    dev = torch.device("cuda")
-    scores = scores_of(kind, batch, length, dev)
+def decode_rows(scores: torch.Tensor, batch: int, length: int, k: int):
+    """The decode Top-k on ``scores`` [Hkv, batch * length] (token-indexed rows of ``length``
+    keys, budget ``k`` each, identity slots): (run(launch), pos [Hkv, batch * length])."""
+    dev, hkv = scores.device, scores.shape[0]
     tok_off = torch.arange(batch, dtype=torch.int64, device=dev) * length
     seq = torch.full((batch,), length, dtype=torch.int32, device=dev)
-    topk = torch.full((batch,), max(128, length // 10), dtype=torch.int32, device=dev)
+    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
     r2t = torch.arange(batch * length, dtype=torch.int32, device=dev).view(batch, length)
     req = torch.arange(batch, dtype=torch.int32, device=dev)
-    hist = torch.empty(4, batch * HKV, 256, dtype=torch.int32, device=dev)
-    ctr = torch.empty(batch * HKV, 2, dtype=torch.int32, device=dev)
-    pos = torch.empty(HKV, batch * length, dtype=torch.int32, device=dev)
+    hist = torch.empty(4, batch * hkv, 256, dtype=torch.int32, device=dev)
+    ctr = torch.empty(batch * hkv, 2, dtype=torch.int32, device=dev)
+    pos = torch.empty(hkv, batch * length, dtype=torch.int32, device=dev)
     slot = torch.empty_like(pos)
 
-    def run():
+    def run(launch: dict | None = None):
         topk_select(scores, seq, topk, r2t, req, hist, ctr, pos, slot, length,
                     launch=launch, tok_off=tok_off)
 
-    ms = graph_time(run)
+    return run, pos
+
+
+def time_topk(kind: str, batch: int, length: int, launch: dict) -> float:
+    scores = scores_of(kind, batch, length, torch.device("cuda"))
+    k = max(128, length // 10)
+    run, pos = decode_rows(scores, batch, length, k)
+    ms = graph_time(lambda: run(launch))
     # the selection must be exact whatever the mode: its smallest kept score >= the k-th largest
-    k = int(topk[0])
     for b in range(batch):
         row = scores[:, b * length:(b + 1) * length]
         kth = row.topk(k, dim=-1).values[:, -1]

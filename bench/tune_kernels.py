@@ -40,29 +40,19 @@ def tune_topk(batch, L, hkv=8, frac=0.1):
     path over chunk / block / warps, then collect mode (topk_triton's docstring) beside it."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode_kernels import graph_time
+    from topk_rows import decode_rows
 
     from sglang_kascade.kernels.topk_triton import topk_chunk
 
-    dev = torch.device("cuda")
-    scores = torch.rand(hkv, batch * L, device=dev) ** 8  # skewed, like probabilities
-    tok_off = torch.arange(batch, dtype=torch.int64, device=dev) * L
-    seq = torch.full((batch,), L, dtype=torch.int32, device=dev)
-    k = int(frac * L)
-    topk = torch.full((batch,), k, dtype=torch.int32, device=dev)
-    r2t = torch.arange(batch * L, dtype=torch.int32, device=dev).view(batch, L)
-    req = torch.arange(batch, dtype=torch.int32, device=dev)
-    hist = torch.empty(4, batch * hkv, 256, dtype=torch.int32, device=dev)
-    ctr = torch.empty(batch * hkv, 2, dtype=torch.int32, device=dev)
-    pos = torch.empty(hkv, batch * L, dtype=torch.int32, device=dev)
-    slot = torch.empty_like(pos)
+    scores = torch.rand(hkv, batch * L, device="cuda") ** 8  # skewed, like probabilities
+    run, _ = decode_rows(scores, batch, L, int(frac * L))
     print(f"topk B={batch} L={L} default chunk {topk_chunk(batch * hkv, L)}", flush=True)
     five = [dict(CHUNK=c, BLOCK=b, num_warps=w, collect=False) for c, b, w in itertools.product(
         (512, 1024, 2048, 4096, 8192), (512, 1024), (4, 8)) if b <= c]
     collect = [dict(CHUNK=c, BLOCK=1024, num_warps=w, collect=True)
                for c, w in itertools.product((1024, 2048, 4096), (4, 8))]
     for cfg in five + collect:
-        t = graph_time(lambda: topk_select(scores, seq, topk, r2t, req, hist, ctr, pos, slot, L,
-                                           cfg, tok_off=tok_off))
+        t = graph_time(lambda: run(cfg))
         print(f"topk B={batch} L={L} {cfg} {t * 1e3:.1f} us", flush=True)
 
 
