@@ -566,6 +566,14 @@ def test_reuse_layers_use_head_map(case):
     assert distinguished >= 5
 
 
+def assert_same_selection(a, b) -> None:
+    """Two selections of one request and layer choose the same keys (dense or not)."""
+    assert a.dense == b.dense
+    if not a.dense:
+        assert torch.equal(a.valid, b.valid)
+        assert torch.equal(a.idx[a.valid], b.idx[b.valid])
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_batched_equals_one_request_at_a_time(case):
     scn, b, s, _ = runs(case)
@@ -574,11 +582,7 @@ def test_batched_equals_one_request_at_a_time(case):
         torch.testing.assert_close(b.outputs[key], s.outputs[key], atol=1e-6, rtol=0,
                                    msg=lambda m: f"{key}: {m}")
     for key in b.selections:
-        sb, ss = b.selections[key], s.selections[key]
-        assert sb.dense == ss.dense
-        if not sb.dense:
-            assert torch.equal(sb.valid, ss.valid)
-            assert torch.equal(sb.idx[sb.valid], ss.idx[ss.valid])
+        assert_same_selection(b.selections[key], s.selections[key])
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "single"])

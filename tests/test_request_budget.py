@@ -372,11 +372,7 @@ def test_mixed_batch_gives_each_request_what_it_gets_alone(mixed_batches, monkey
                                        atol=tb.ATOL[torch.float32], rtol=tb.RTOL[torch.float32],
                                        msg=lambda m: f"{name} {key} vs oracle: {m}")
             if key in mixed.selections:
-                sm, sa_ = mixed.selections[key], alone.selections[key]
-                assert sm.dense == sa_.dense
-                if not sm.dense:
-                    assert torch.equal(sm.valid, sa_.valid)
-                    assert torch.equal(sm.idx[sm.valid], sa_.idx[sa_.valid])
+                tb.assert_same_selection(mixed.selections[key], alone.selections[key])
 
 
 def test_mixed_batch_budgets_really_differ(mixed_batches):
