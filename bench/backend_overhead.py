@@ -160,7 +160,7 @@ def decode(length: int, out: dict, prof_dir: Path):
     for layer in layers:
         t0 = time.perf_counter()
         be.forward(qs[layer.layer_id], ks, ks, layer, fb)
-        roles.setdefault(be.roles[layer.layer_id], []).append(time.perf_counter() - t0)
+        roles.setdefault(be.layers.roles[layer.layer_id], []).append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     # CUDA graph of the 32 layers (metadata outside, as SGLang's replay does)
     be.init_forward_metadata(fb)
@@ -215,7 +215,7 @@ def prefill(length: int, out: dict):
         t0 = time.perf_counter()
         be.forward(q, k, k, Layer(lid), fb)
         torch.cuda.synchronize()
-        times[f"layer{lid}_{be.roles[lid]}_s"] = time.perf_counter() - t0
+        times[f"layer{lid}_{be.layers.roles[lid]}_s"] = time.perf_counter() - t0
     res = {"context": length, **times}
     print(json.dumps(res), flush=True)
     out.setdefault("prefill_torch_path", []).append(res)

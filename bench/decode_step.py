@@ -43,7 +43,7 @@ from decode_kernels import (D, HKV, HQ, capture_graph, flashinfer_dense, graph_t
                             replay_time)
 
 from sglang_kascade import graph_nodes  # noqa: E402
-from sglang_kascade.backend import layer_roles  # noqa: E402
+from sglang_kascade.layers import LayerTable  # noqa: E402
 from sglang_kascade.config import BudgetConfig, DevSwitches  # noqa: E402
 from sglang_kascade.device_path import DevicePath  # noqa: E402
 from sglang_kascade.profile import load_profile  # noqa: E402
@@ -79,7 +79,8 @@ def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool 
     dtype = torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(batch * 7919 + L)
     profile = load_profile("llama-3.1-8b-instruct")
-    roles, selects = layer_roles(profile)
+    layers = LayerTable.of(profile)
+    roles = layers.roles
     n_layers = len(roles)
     budget = BudgetConfig(topk_fraction=fraction, k_min=k_min)
     slots = batch * L
@@ -103,7 +104,7 @@ def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool 
 
     def graph_path(node_switch: bool):  # the server's: capacity = this batch (pool = its keys)
         dp = DevicePath(dev, DevSwitches(node_switch=node_switch))
-        dp.set_profile(profile, roles, selects)
+        dp.set_profile(layers)
         dp.init_graph_state(batch, L, slots, 0, budget)
         return dp, dp.plan_graph(lens)
 
@@ -128,12 +129,12 @@ def step_point(batch: int, L: int, fraction: float, k_min: int, breakdown: bool 
     dg, gfwd = graph_path(False)
     times["kascade_gated"] = graph_time(lambda: graph_layers(dg, gfwd))
     de = DevicePath(dev)  # the eager path (only the anchors select), captured
-    de.set_profile(profile, roles, selects)
+    de.set_profile(layers)
     efwd = de.plan(req_idx.tolist(), lens, budget)
     times["kascade_exact"] = graph_time(lambda: run_layers(de, efwd))
     times["flashinfer"] = graph_time(lambda: [dense[i % POOLS]() for i in range(n_layers)])
     return dict(batch=batch, context=L, topk=budget.k_for(L), layers=n_layers,
-                anchors=[i for i, s in enumerate(selects) if s], ms=times,
+                anchors=[i for i, s in enumerate(layers.selects) if s], ms=times,
                 plan_graph_host_us=plan_us, selection_nodes_off=nodes_off, kernels=kernels,
                 speedup={k: times["flashinfer"] / v for k, v in times.items()
                          if k != "flashinfer"})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from . import sglang_adapter as sa
@@ -27,22 +26,13 @@ from .device_path import DevicePath
 from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyConfig,
                      dense_prefill_below, DevSwitches, prefill_tile_problem)
 from .kernels.sparse_attention_torch import sparse_attention
+from .layers import LayerTable
 from .plan import ForwardPlan, plan_forward
 from .profile import AnchorProfile
 from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
 from .resolve import resolve_budget
 
 logger = logging.getLogger("sglang_kascade")
-
-
-def layer_roles(profile: AnchorProfile) -> tuple:
-    """(roles, selects) per layer: the profile's role, and whether the layer selects. A dense
-    anchor selects only if a reuse layer reads it (layer 0 under "oracle" does not)."""
-    roles = [profile.role(i) for i in range(profile.num_layers)]
-    read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
-    selects = [role == "anchor" or (role == "dense_anchor" and i in read)
-               for i, role in enumerate(roles)]
-    return roles, selects
 
 
 class KascadeAttnBackend(AttentionBackend):
@@ -99,22 +89,19 @@ class KascadeAttnBackend(AttentionBackend):
             policy = getattr(self, "policy", PolicyConfig())
         # Everything that can fail on the host, before any state changes.
         profile = apply_policy(profile, policy.name)
-        roles, selects = layer_roles(profile)
-        head_maps = [torch.tensor(r, dtype=torch.int64, device=self.device)
-                     for r in profile.head_map]
-        previous = getattr(self, "profile", None)
-        before = (None if previous is None else
-                  (previous, self.budget, self.policy, self.roles, self.selects, self.head_maps))
+        layers = LayerTable.of(profile)
+        head_maps = layers.head_map_rows(self.device)
+        before = getattr(self, "layers", None)
         try:
-            self.device_path.set_profile(profile, roles, selects)
+            self.device_path.set_profile(layers)
             self.device_path.set_budget(budget)
         except BaseException:
             if before is not None:  # the device tables back to the profile in force
-                self.device_path.set_profile(before[0], before[3], before[4])
-                self.device_path.set_budget(before[1])
+                self.device_path.set_profile(before)
+                self.device_path.set_budget(self.budget)
             raise
         self.profile, self.budget, self.policy = profile, budget, policy
-        self.roles, self.selects, self.head_maps = roles, selects, head_maps
+        self.layers, self.head_maps = layers, head_maps  # head_maps: [L] int64 [Hkv], this device
 
     # ---- per forward (host planning) ----------------------------------------------------------
 
@@ -272,8 +259,8 @@ class KascadeAttnBackend(AttentionBackend):
         why = self.serve_problem(profile, budget, self.policy)
         if why:
             return why
-        roles, _ = layer_roles(apply_policy(profile, self.policy.name))
-        return self.device_path.graph_swap_problem(roles, budget)
+        layers = LayerTable.of(apply_policy(profile, self.policy.name))
+        return self.device_path.graph_swap_problem(layers.roles, budget)
 
     def _note_device_forward(self, batch: int, graph: bool, decode: bool) -> None:
         self.stats.device_forwards += 1
@@ -336,9 +323,7 @@ class KascadeAttnBackend(AttentionBackend):
                 lambda: self.stats.snapshot({"roles": self.role_counts()}))
 
     def role_counts(self) -> dict:
-        counts = {"dense": 0, "dense_anchor": 0, "anchor": 0, "reuse": 0}
-        for role in self.roles:
-            counts[role] += 1
+        counts = self.layers.role_counts()
         counts["dense_fallback_layers"] = len(self._fallback_warned)
         return counts
 
@@ -358,7 +343,7 @@ class KascadeAttnBackend(AttentionBackend):
 
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs):
         layer_id = layer.layer_id
-        role = self.roles[layer_id]
+        role = self.layers.roles[layer_id]
         if self.dense_forward:  # a short prefill (_prefill_runs_dense), or unused graphs
             return self._dense(q, k, v, layer, forward_batch, save_kv_cache, decode, **kwargs)
         why_dense = sa.layer_needs_dense_fallback(layer)
@@ -392,7 +377,7 @@ class KascadeAttnBackend(AttentionBackend):
         select = POLICY_TABLE[self.policy.name].select
         sels = []
         for r, req in enumerate(plan.requests):
-            if self.selects[layer_id]:  # scores every key: the request's keys gathered whole
+            if self.layers.selects[layer_id]:  # scores every key: the request's keys gathered whole
                 k_all = k_buf.index_select(0, req.slots)  # [S, Hkv, D]
                 plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_all, req.tiles,
                                             layer.scaling, self.budget, self.policy)

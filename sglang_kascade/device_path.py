@@ -112,8 +112,7 @@ class DevicePath:
         self.topk_launch = self.switches.topk_launch()  # the decode Top-k's launch overrides
         self.enabled = True  # False: the backend keeps the PyTorch path (tests compare both)
         self.buffers = None  # kernels.decode_plan.DecodeBuffers, grown when needed
-        self.selects: list = []
-        self.roles: list = []
+        self.layers = None  # layers.LayerTable of the profile in force (set_profile)
         self.layers_run = 0  # layers computed by the kernels, all forwards (tests, logging)
         self.graph_state = None  # static plan tensors + capacity for CUDA graphs, or None
         self.graph_buffers = None  # DecodeBuffers of the captured graphs (never reallocated)
@@ -131,25 +130,19 @@ class DevicePath:
 
     # ---- profile (set_profile / hot swap) --------------------------------------------------------
 
-    def set_profile(self, profile, roles, selects) -> None:
-        if any(sel and role == "reuse" for sel, role in zip(selects, roles)):
-            raise ValueError("a reuse layer cannot select (graphs attend from a selecting "
-                             "layer's own logits, through an identity head map)")
-        self.roles = list(roles)
-        self.selects = list(selects)
+    def set_profile(self, layers) -> None:
+        """``layers``: the layers.LayerTable of the profile now in force."""
+        self.layers = layers
         if self.device.type != "cuda":
             return
-        ident = list(range(len(profile.head_map[0]) if profile.head_map else 0))
-        sel = torch.tensor([int(x) for x in selects], dtype=torch.int32)
-        hm = torch.tensor([list(r) if role == "reuse" else ident
-                           for r, role in zip(profile.head_map, roles)], dtype=torch.int32)
+        sel, hm = layers.device_tables()
         if self.graph_selects is None or self.head_map_table.shape != hm.shape:
             self.graph_selects, self.head_map_table = sel.to(self.device), hm.to(self.device)
         else:  # in place: captured graphs read these addresses
             self.graph_selects.copy_(sel)
             self.head_map_table.copy_(hm)
         if self.node_switch is not None:  # after the gates: a chain taken out has its gate at 0
-            self.node_switch.apply(self.selects)
+            self.node_switch.apply(self.layers.selects)
 
     def set_budget(self, budget) -> None:
         """The budget as device data, read by the in-graph plan kernel of captured decode graphs
@@ -282,10 +275,10 @@ class DevicePath:
         dev = self.device
         if self.graph_budget_f is None:
             self.set_budget(budget)
-        self.graph_kinds = self.graph_kinds_of(self.roles, budget)
+        self.graph_kinds = self.graph_kinds_of(self.layers.roles, budget)
         if self.node_switch is None:
             self.node_switch = NodeSwitch(enabled=self.switches.node_switch)
-            self.node_switch.apply(self.selects)
+            self.node_switch.apply(self.layers.selects)
         self.graph_state = dict(
             max_bs=max_bs, lmax=lmax, tokens=tokens, pad_keys=pad_keys,
             kmax=min(lmax, _pow2(budget.k_for(lmax), 256)),
@@ -438,7 +431,7 @@ class DevicePath:
         if fwd.all_dense or role == "dense":
             return "dense"
         if role == "dense_anchor":
-            return "fused" if self.selects[layer_id] else "dense"
+            return "fused" if self.layers.selects[layer_id] else "dense"
         if role == "anchor" or (role == "reuse" and fwd.has_selection):
             return "sparse"
         return "dense"  # a reuse layer whose anchor ran dense (a fallback layer): as the torch path
@@ -503,7 +496,7 @@ class DevicePath:
                          req_to_token, scale):
         """Output [N, Hq, Dv] of one layer of an extend forward, or None: the dense backend
         (a dense_anchor has selected first, when it selects)."""
-        if fwd.all_dense or (role == "dense_anchor" and not self.selects[layer_id]):
+        if fwd.all_dense or (role == "dense_anchor" and not self.layers.selects[layer_id]):
             return None
         from .kernels.prefill_attention_triton import prefill_sparse_attention
         from .kernels.prefill_select_triton import prefill_select

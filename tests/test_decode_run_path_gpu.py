@@ -10,12 +10,13 @@ Marker ``gpu``: needs CUDA (graphs); SGLang is not imported (runs on a bare torc
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from decode_inputs import make_decode_batch, rel_err
+
+from sglang_kascade.layers import LayerTable
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -45,20 +46,20 @@ def test_eager_and_captured_decode_take_one_run_path(lens):
                               seed=11)
     rev = tuple(reversed(range(hkv)))
     ident = tuple(range(hkv))
-    prof = SimpleNamespace(head_map=(ident, rev, ident, ident, rev))  # what set_profile reads
+    layers = LayerTable(tuple(ROLES), tuple(SELECTS), (ident, rev, ident, ident, rev))
     gen = torch.Generator().manual_seed(5)
     steps = [(lens, batch.q), ([max(1, n - 37) for n in lens],
                                (torch.randn(batch.q.shape, generator=gen) * 3).to(dev, dtype))]
 
     eager = DevicePath(dev, DevSwitches(node_switch=False))
-    eager.set_profile(prof, ROLES, SELECTS)
+    eager.set_profile(layers)
     want = []
     for s, q in steps:
         fwd = eager.plan(batch.req_idx.tolist(), s, budget)
         want.append([o.float().cpu() for o in _layers(eager, fwd, q, batch, scale)])
 
     graph = DevicePath(dev, DevSwitches(node_switch=False))
-    graph.set_profile(prof, ROLES, SELECTS)
+    graph.set_profile(layers)
     graph.set_budget(budget)
     graph.init_graph_state(len(lens), max(lens), sum(lens) + 64, 0, budget)
     req = batch.req_idx.to(torch.int64).clone()  # SGLang's static rows and lengths

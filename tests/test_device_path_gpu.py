@@ -261,7 +261,7 @@ def run(setup: Setup, case, device_path: bool) -> Run:
             out = be.forward(q.reshape(len(reqs), -1), k, v, layer, fb)
             assert out.shape == (len(reqs), hq * d) and out.dtype == dtype
             outputs[f, layer.layer_id] = out.reshape(len(reqs), hq, d).float().cpu()
-            if be.selects[layer.layer_id] and policy in DEVICE_POLICIES:
+            if be.layers.selects[layer.layer_id] and policy in DEVICE_POLICIES:
                 for i, s in enumerate(seq):
                     sels[f, layer.layer_id, i] = selection_of(be, i, s, hkv)
         if DEV == "cuda":
@@ -315,12 +315,12 @@ def oracle_check(setup: Setup, case, res: Run, label: str):
     for f, (reqs, seq) in enumerate(setup.forwards):
         cur = [None] * len(reqs)  # latest selection per request (None: none this forward)
         for lid in range(NUM_LAYERS):
-            role = be.roles[lid]
+            role = be.layers.roles[lid]
             q = setup.data[f, lid][0]
             for i, (r, s) in enumerate(zip(reqs, seq)):
                 kk, vv = request_kv(res.kv, lid, setup.slots[r][:s].to(DEV))
                 qi = q[i:i + 1]
-                if be.selects[lid]:
+                if be.layers.selects[lid]:
                     tiles = ref.oracle_decode_tiles(s, lambda n: n)
                     scores = ref.pooled_scores(qi, kk, tiles, scale)[:, 0]  # [Hkv, L]
                     sel = res.selections[f, lid, i]
@@ -393,7 +393,7 @@ def check_device_path(case):
         agree = [True] * len(reqs)
         for lid in range(NUM_LAYERS):
             for i in range(len(reqs)):
-                if be.selects[lid]:
+                if be.layers.selects[lid]:
                     agree[i] = agree[i] and all(
                         torch.equal(a, b) for a, b in zip(dev.selections[f, lid, i],
                                                          cpu_path.selections[f, lid, i]))
@@ -407,10 +407,10 @@ def check_device_path(case):
         sparse = any(be.budget.k_for(s) < s for s in seq)
         expect_dense = set()
         for lid in range(NUM_LAYERS):
-            role = be.roles[lid]
-            if not sparse or role == "dense" or (role == "dense_anchor" and not be.selects[lid]):
+            role = be.layers.roles[lid]
+            if not sparse or role == "dense" or (role == "dense_anchor" and not be.layers.selects[lid]):
                 expect_dense.add(lid)
-            elif role == "reuse" and not any(be.selects[a] for a in range(lid)):
+            elif role == "reuse" and not any(be.layers.selects[a] for a in range(lid)):
                 expect_dense.add(lid)
         assert set(dev.dense_calls[f]) == expect_dense, (f, dev.dense_calls[f], expect_dense)
     n_sparse = sum(any(be.budget.k_for(s) < s for s in seq) for _, seq in setup.forwards)
@@ -625,8 +625,8 @@ def check_graph_replay(case, swap, nodes, monkeypatch):
         sparse = [i for i, k in enumerate(be.device_path.graph_kinds) if k == "sparse"]
         per_layer = {len(cap.chains[i].stash) for i in sparse}  # the selection's kernels
         assert sorted(cap.chains) == sparse and len(per_layer) == 1 and min(per_layer) >= 3
-        assert cap.live and all(cap.chains[i].on == bool(be.selects[i]) for i in sparse)
-        out = min(per_layer) * sum(not be.selects[i] for i in sparse)
+        assert cap.live and all(cap.chains[i].on == bool(be.layers.selects[i]) for i in sparse)
+        out = min(per_layer) * sum(not be.layers.selects[i] for i in sparse)
         assert sw.disabled_nodes() == out
         assert sw.driver.node_count(graph.raw_cuda_graph()) == captured_nodes - out
 

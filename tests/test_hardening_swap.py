@@ -76,8 +76,7 @@ def test_a_swap_that_raises_while_applied_keeps_the_old_profile(tmp_path, monkey
         assert torch.equal(out, only_a.outputs[key]), key
     be, a = swapped.backend, only_a.backend
     assert (be.profile, be.budget, be.policy) == (a.profile, a.budget, a.policy)
-    assert be.roles == a.roles and be.selects == a.selects
-    assert be.device_path.roles == a.roles and be.device_path.selects == a.selects
+    assert be.layers == a.layers and be.device_path.layers == a.layers
     assert all(torch.equal(x, y) for x, y in zip(be.head_maps, a.head_maps))
     assert be.stats.swaps_applied == 0 and be.stats.swaps_refused == 1
     state = scheduler_state(tmp_path)

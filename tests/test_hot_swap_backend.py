@@ -134,7 +134,7 @@ def _graph_backend(pd, kmax=64, lmax=512):
     profile = profile_from_dict(pd)
     be = KascadeAttnBackend(None, None, None, profile, profile.budget, "cpu")
     dp = be.device_path
-    dp.graph_kinds = dp.graph_kinds_of(be.roles, be.budget)
+    dp.graph_kinds = dp.graph_kinds_of(be.layers.roles, be.budget)
     dp.graph_state = {"lmax": lmax, "kmax": kmax}
     return be
 

@@ -28,6 +28,7 @@ import torch
 
 from sglang_kascade.config import BudgetConfig
 from sglang_kascade.device_path import DevicePath
+from sglang_kascade.layers import LayerTable
 from sglang_kascade.warmup import compiled_by_kernel, compiled_variants
 
 pytestmark = [pytest.mark.gpu,
@@ -52,7 +53,7 @@ def _profile(dp, roles, perm):
     ident = list(range(HKV))
     maps = [perm if role == "reuse" else ident for role in roles]
     selects = [role in ("dense_anchor", "anchor") for role in roles]
-    dp.set_profile(SimpleNamespace(head_map=maps), roles, selects)
+    dp.set_profile(LayerTable(tuple(roles), tuple(selects), tuple(map(tuple, maps))))
     return roles
 
 

@@ -434,7 +434,7 @@ def test_backend_policy_roles_and_dense_delegation(case, policy):
         want = [lid not in dense for lid in range(tb.NUM_LAYERS)]
     else:
         want = [lid in anchors for lid in range(tb.NUM_LAYERS)]
-    assert run.backend.selects == want
+    assert list(run.backend.layers.selects) == want
     assert run.backend.policy == policy_config(policy)
     for f, delegated in enumerate(run.dense_layers_per_forward):
         assert dense <= delegated

@@ -6,7 +6,6 @@ its do_not_specialize lists: constexprs, dtypes, ints == 1 / divisible by 16, po
 launch options). The warm-up runs, then decode and prefill workloads of other shapes through
 DevicePath; prints every key they add (none: "OK")."""
 import random, sys, time
-from types import SimpleNamespace
 import torch
 from triton.runtime import interpreter as I
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -32,6 +31,7 @@ I.InterpretedFunction.run = _run
 
 from sglang_kascade.config import BudgetConfig
 from sglang_kascade.device_path import DevicePath
+from sglang_kascade.layers import LayerTable
 
 HQ, HKV, D, DT = 8, 2, 32, torch.float16
 SLOTS, ROWS, WIDTH = 4096, 16, 3001
@@ -41,8 +41,8 @@ V = torch.randn(SLOTS, HKV, D, generator=g).to(DT)
 R2T = torch.randint(0, SLOTS, (ROWS, WIDTH), generator=g, dtype=torch.int32)
 dp = DevicePath("cpu")
 roles = ["dense_anchor", "anchor", "reuse", "reuse"]
-dp.set_profile(SimpleNamespace(head_map=[[0, 1], [0, 1], [1, 0], [1, 0]]), roles,
-               [True, True, False, False])
+dp.set_profile(LayerTable(tuple(roles), (True, True, False, False),
+                          ((0, 1), (0, 1), (1, 0), (1, 0))))
 dp.head_map_table = torch.tensor(  # set_profile builds it on CUDA only
     [[0, 1], [0, 1], [1, 0], [1, 0]], dtype=torch.int32)
 budget = BudgetConfig(topk_fraction=0.5, k_min=16, tile_size=16)
