@@ -17,11 +17,25 @@ logger = logging.getLogger("sglang_kascade")
 def register() -> None:
     sa.check_sglang_version()
     sa.register_backend(create_backend)
-    sa.register_hooks()
+    sa.register_hooks(launcher_parsed=_launcher_parsed, graph_editor=_graph_editor)
     sa.register_request_budget_hooks()
     from .cpu_workarounds import patch_sglang_paged_allocation
 
     patch_sglang_paged_allocation()  # no-op unless torch is a CPU build
+
+
+def _launcher_parsed(options, host: str, port: int) -> None:
+    """The launcher of a kascade server parsed its flags: start the admin sidecar if asked."""
+    if options.admin_port:
+        from .sidecar_launch import start_sidecar
+
+        start_sidecar(options, host, port)
+
+
+def _graph_editor():
+    from . import graph_nodes  # ctypes on libcuda: loaded at the first graph capture only
+
+    return graph_nodes
 
 
 def create_backend(model_runner):

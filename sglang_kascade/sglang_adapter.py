@@ -6,7 +6,9 @@ by one named function per difference (``graph_resolution_hook``; ``_around_suppo
 why it is harmless where it is not needed), tested with fakes of each side in
 tests/test_adapter.py. Each function says which SGLang object it reads or patches and why.
 Nothing else in the package imports from ``sglang`` except ``backend.py`` (the AttentionBackend
-base class).
+base class). The other way round, this module calls into the package only through
+``PACKAGE_HOOKS``, which ``plugin.register`` fills: the sidecar launcher and the graph editor hang
+off the plugin, not off the adapter.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import argparse
 import importlib.util
 import logging
 import re
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Optional
 
 from .config import OPTION_TABLE, DevSwitches, KascadeConfigError, KascadeOptions
 from .profile import ModelFingerprint
@@ -25,6 +29,20 @@ logger = logging.getLogger("sglang_kascade")
 BACKEND_NAME = "kascade"
 SUPPORTED_SGLANG = ((0, 5, 17), (0, 5, 23))  # inclusive; outside it start-up warns
 _OPTIONS_ATTR = "_kascade_options"  # bookkeeping attribute on ServerArgs (survives pickling)
+
+
+@dataclass
+class PackageHooks:
+    """What the SGLang hooks below call back into the package (plugin.register sets them)."""
+    # launcher process, after a kascade server's flags are parsed: (options over the
+    # environment, --host, --port) -> None (the admin sidecar starts here)
+    launcher_parsed: Optional[Callable] = None
+    # () -> the captured-graph editor (graph_nodes): wanted() -> bool, adopt(graph),
+    # give_up(err); imported on first use, at the first capture
+    graph_editor: Optional[Callable] = None
+
+
+PACKAGE_HOOKS = PackageHooks()
 
 
 def version_tuple(raw: str) -> tuple:
@@ -102,11 +120,10 @@ def _after_from_cli_args(server_args, cls, args, *rest, **kwargs):
     # pickled into the scheduler processes (0.5.21-0.5.23: ServerArgs.__reduce__ keeps __dict__;
     # 0.5.17: a plain dataclass, pickled with its __dict__).
     setattr(server_args, _OPTIONS_ATTR, options)
-    merged = options.merged_over(KascadeOptions.from_env())
-    if getattr(args, "attention_backend", None) == BACKEND_NAME and merged.admin_port:
-        from .sidecar_launch import start_sidecar
-
-        start_sidecar(merged, getattr(args, "host", "127.0.0.1"), int(getattr(args, "port", 30000)))
+    hook = PACKAGE_HOOKS.launcher_parsed
+    if getattr(args, "attention_backend", None) == BACKEND_NAME and hook is not None:
+        hook(options.merged_over(KascadeOptions.from_env()), getattr(args, "host", "127.0.0.1"),
+             int(getattr(args, "port", 30000)))
     return server_args
 
 
@@ -206,9 +223,8 @@ def _around_full_graph_capture_one(original, graph_backend, shape_key, *args, **
     # live; other backends capture as before.
     import torch
 
-    from . import graph_nodes
-
-    if not graph_nodes.wanted() or not _graphs_can_be_kept(torch):
+    graph_nodes = PACKAGE_HOOKS.graph_editor() if PACKAGE_HOOKS.graph_editor else None
+    if graph_nodes is None or not graph_nodes.wanted() or not _graphs_can_be_kept(torch):
         return original(graph_backend, shape_key, *args, **kwargs)
     plain = torch.cuda.CUDAGraph
 
@@ -270,8 +286,12 @@ def hook_table(module_exists=_module_exists) -> list:
     ]
 
 
-def register_hooks() -> None:
+def register_hooks(launcher_parsed: Optional[Callable] = None,
+                   graph_editor: Optional[Callable] = None) -> None:
+    """Install hook_table's hooks; ``launcher_parsed`` and ``graph_editor``: PackageHooks."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    PACKAGE_HOOKS.launcher_parsed, PACKAGE_HOOKS.graph_editor = launcher_parsed, graph_editor
 
     for target, hook, kind in hook_table():
         HookRegistry.register(target, hook, getattr(HookType, kind))

@@ -335,9 +335,14 @@ class FakeFullGraphBackend:
 
 @pytest.fixture
 def fake_cuda_graph(monkeypatch):
+    """A torch whose CUDAGraph is the fake, and the adapter's capture hook wired to
+    graph_nodes as plugin.register wires it."""
     import torch
 
+    from sglang_kascade import sglang_adapter
+
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeTorchGraph)
+    monkeypatch.setattr(sglang_adapter.PACKAGE_HOOKS, "graph_editor", lambda: graph_nodes)
     return torch
 
 

@@ -37,3 +37,14 @@ def _imports(folder: str) -> set:
 def test_eval_does_not_import_calibrate():
     assert "calibrate" not in _imports("eval")
     assert "corpus" in _imports("eval") and "corpus" in _imports("calibrate")
+
+
+def test_the_sglang_adapter_imports_only_config_and_profile():
+    """Start-up runs plugin -> adapter (SGLang internals) -> resolve -> backend: the adapter's hooks
+    reach the sidecar launcher and the graph editor through PackageHooks, set by the plugin."""
+    tree = ast.parse((PKG / "sglang_adapter.py").read_text())
+    ours = {node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1}
+    ours |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.level == 1 and node.module is None for alias in node.names}
+    assert ours <= {"config", "profile"}, ours
