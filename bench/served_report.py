@@ -101,7 +101,9 @@ def command_lines(meta: dict, backends: list) -> list:
     return lines
 
 
-def page(d: dict, result_path: str, page_path: str, png_name: str) -> str:
+def page(d: dict, result_path: str, page_path: str, png_name: str, note: str = "") -> str:
+    """The results page; ``note``: hand-written analysis (PAGE.note.md beside the page: what the
+    figures mean against the targets), placed under the ratio table."""
     meta = d["meta"]
     kas, base = plots.served_backends(d)
     backends = [b for b in (kas, base) if b]
@@ -123,6 +125,7 @@ def page(d: dict, result_path: str, page_path: str, png_name: str) -> str:
         f"{kas} / {base} for output tokens/s; above 1 means {kas} is better.", "",
         *ratio_table(d, kas, base), "",
         f"![served sweep]({png_name})", "",
+        *([note.strip(), ""] if note.strip() else []),
         "## Figures", "",
         "ITL is per token (a streamed chunk of k tokens after a gap g counts as k tokens of "
         "g / k), pooled over the cell's requests; output tokens/s is every completion token "
@@ -139,7 +142,8 @@ def page(d: dict, result_path: str, page_path: str, png_name: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("result", help="bench/e2e_served.py's JSON")
-    ap.add_argument("page", help="the markdown page to write (its PNG goes beside it)")
+    ap.add_argument("page", help="the markdown page to write (its PNG goes beside it; "
+                                 "PAGE.note.md beside it, if any, goes under the ratio table)")
     args = ap.parse_args(argv)
     d = json.loads(Path(args.result).read_text())
     if plots.served_backends(d)[1] is None:
@@ -148,7 +152,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plots.served(str(png), args.result)
-    out.write_text(page(d, args.result, args.page, png.name) + "\n")
+    note_path = out.with_suffix(".note.md")
+    note = note_path.read_text() if note_path.exists() else ""
+    out.write_text(page(d, args.result, args.page, png.name, note) + "\n")
     print(f"wrote {out} and {png}")
     return 0
 

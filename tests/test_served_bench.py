@@ -203,10 +203,14 @@ def render_and_check(result: Path, tmp_path: Path) -> None:
                     str(result)], check=True, cwd=tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     page = tmp_path / "results" / "served-test.md"
+    page.parent.mkdir(exist_ok=True)
+    page.with_suffix(".note.md").write_text("## Against the targets\n\nnote line\n")
     subprocess.run([sys.executable, str(BENCH / "served_report.py"), str(result), str(page)],
                    check=True, cwd=tmp_path)
     text = page.read_text()
     assert "![served sweep](served-test.png)" in text and (page.parent / "served-test.png").exists()
+    # the hand-written note sits between the ratio table's plot and the figures
+    assert text.index("served-test.png)") < text.index("note line") < text.index("## Figures")
     meta = json.loads(result.read_text())["meta"]
     assert meta["command"] in text and meta["commit"] in text
     for cell in meta["cells"]:
