@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 GRANULARITIES = ("token", "page")
 # Selection policies of the backend (docs/profiles.md). All select at the same budget k
@@ -52,76 +52,105 @@ MAX_PAGE_TILE_SIZE = 1024
 # error above an integer does not add a key; the decode graphs' plan kernel uses the same value.
 K_FOR_SLACK = 1e-9
 
-# name -> (flag, env var, type, help). One table, so flags, env vars and docs cannot drift apart.
+WARMUP_CHOICES = ("on", "off")
+
+
+class Setting(NamedTuple):
+    """One user option: its launcher flag, the environment variable that is its fallback, its
+    type, what it means, its default and its allowed values. ``default``: what applies when no
+    flag, variable or profile gives a value (None: nothing, or a value computed where the help
+    says). ``allowed``: (lo, hi) inclusive for integers, the choices for strings, None where a
+    check of its own applies (the help says which); the checks below read it from here."""
+    flag: str
+    env: str
+    type: type
+    help: str
+    default: object = None
+    allowed: Optional[tuple] = None
+
+
+# name -> Setting. One table, so flags, env vars, checks and docs cannot drift apart.
 OPTION_TABLE = {
-    "profile": (
+    "profile": Setting(
         "--kascade-profile", "SGLANG_KASCADE_PROFILE", str,
         "Anchor profile: a JSON path or the name of a shipped profile in sglang_kascade/profiles. "
         "Default: the shipped profile matching the model, else a derived default (with a warning).",
     ),
-    "topk_fraction": (
+    "topk_fraction": Setting(
         "--kascade-topk", "SGLANG_KASCADE_TOPK", float,
         "Top-k budget as a fraction of the visible keys, in (0, 1]. Overrides the profile.",
+        default=0.10,
     ),
-    "k_min": (
+    "k_min": Setting(
         "--kascade-k-min", "SGLANG_KASCADE_K_MIN", int,
         f"Smallest Top-k (keys), 1..{MAX_BUDGET_KEYS}. Overrides the profile.",
+        default=128, allowed=(1, MAX_BUDGET_KEYS),
     ),
-    "tile_size": (
+    "tile_size": Setting(
         "--kascade-tile-size", "SGLANG_KASCADE_TILE_SIZE", int,
         f"Prefill query tile T (tokens), 1..{MAX_TILE_SIZE} (on a GPU also within its prefill "
         "kernels' limit for the model). Overrides the profile.",
+        default=32, allowed=(1, MAX_TILE_SIZE),
     ),
-    "granularity": (
+    "granularity": Setting(
         "--kascade-granularity", "SGLANG_KASCADE_GRANULARITY", str,
         "Selection granularity: 'token' (the paper) or 'page' (Top-k key tiles of page_tile_size).",
+        default="token", allowed=GRANULARITIES,
     ),
-    "page_tile_size": (
+    "page_tile_size": Setting(
         "--kascade-page-tile-size", "SGLANG_KASCADE_PAGE_TILE_SIZE", int,
         f"Keys per key tile when granularity is 'page', 1..{MAX_PAGE_TILE_SIZE}. Overrides the "
         "profile.",
+        default=16, allowed=(1, MAX_PAGE_TILE_SIZE),
     ),
-    "round_to": (
+    "round_to": Setting(
         "--kascade-round-to", "SGLANG_KASCADE_ROUND_TO", int,
         f"Round each Top-k budget up to a multiple of this (kernels), 1..{MAX_BUDGET_KEYS}. "
         "Overrides the profile.",
+        default=1, allowed=(1, MAX_BUDGET_KEYS),
     ),
-    "policy": (
+    "policy": Setting(
         "--kascade-policy", "SGLANG_KASCADE_POLICY", str,
         f"Selection policy, one of {', '.join(POLICIES)} (default {DEFAULT_POLICY}); every "
         "policy selects the same number of keys per tile.",
+        default=DEFAULT_POLICY, allowed=POLICIES,
     ),
-    "sink_tokens": (
+    "sink_tokens": Setting(
         "--kascade-sink-tokens", "SGLANG_KASCADE_SINK_TOKENS", int,
         f"Sink tokens of the 'streaming' policy, 0..{MAX_BUDGET_KEYS} (default "
         f"{DEFAULT_SINK_TOKENS}).",
+        default=DEFAULT_SINK_TOKENS, allowed=(0, MAX_BUDGET_KEYS),
     ),
-    "dense_prefill_below": (
+    "dense_prefill_below": Setting(
         "--kascade-dense-prefill-below", "SGLANG_KASCADE_DENSE_PREFILL_BELOW", int,
         "Extend (prefill) forwards whose longest sequence is shorter than this many tokens run "
         "dense through the dense backend (sparsity does not pay there), >= 0; decode stays "
         f"sparse. Default: {DEFAULT_CUDA_DENSE_PREFILL_BELOW} on CUDA, "
         f"{DEFAULT_CPU_DENSE_PREFILL_BELOW} on CPU (measured break-even, "
         "docs/results/e2e-h100.md and cpu-serving.md); 0: sparse prefill at every length.",
+        allowed=(0, INT32_MAX),
     ),
-    "control_dir": (
+    "control_dir": Setting(
         "--kascade-control-dir", "SGLANG_KASCADE_CONTROL_DIR", str,
         "Control directory shared with the admin sidecar for profile hot-swap; 'off' disables "
-        "hot-swap. Default: $TMPDIR/sglang-kascade-<uid>/<server port>.",
+        "hot-swap. Default: $XDG_RUNTIME_DIR/sglang-kascade/<server port>, else "
+        "$TMPDIR/sglang-kascade-<uid>/<server port>.",
     ),
-    "admin_port": (
+    "admin_port": Setting(
         "--kascade-admin-port", "SGLANG_KASCADE_ADMIN_PORT", int,
         "Also start the admin sidecar on this loopback port (token from "
         "--kascade-admin-token-file or SGLANG_KASCADE_ADMIN_TOKEN).",
+        allowed=(1, 65535),
     ),
-    "admin_token_file": (
+    "admin_token_file": Setting(
         "--kascade-admin-token-file", "SGLANG_KASCADE_ADMIN_TOKEN_FILE", str,
         "File holding the admin sidecar's bearer token (for --kascade-admin-port).",
     ),
-    "warmup": (
+    "warmup": Setting(
         "--kascade-warmup", "SGLANG_KASCADE_WARMUP", str,
         "'on' (default) or 'off': compile every Triton kernel variant at start-up, so no request "
         "compiles one (sglang_kascade/warmup.py).",
+        default="on", allowed=WARMUP_CHOICES,
     ),
 }
 CONTROL_OFF = "off"  # --kascade-control-dir value that disables hot-swap
@@ -154,15 +183,10 @@ class KascadeOptions:
 
     def __post_init__(self):
         check_policy_fields(policy=self.policy, sink_tokens=self.sink_tokens, where="option")
-        port = self.admin_port
-        if port is not None and (not isinstance(port, int) or isinstance(port, bool)
-                                 or not 1 <= port <= 65535):
-            raise KascadeConfigError(f"option admin_port={port!r}: must be a port in 1..65535")
-        below = self.dense_prefill_below
-        if below is not None and (not isinstance(below, int) or isinstance(below, bool)
-                                  or not 0 <= below <= INT32_MAX):
-            raise KascadeConfigError(
-                f"option dense_prefill_below={below!r}: must be an integer in 0..{INT32_MAX}")
+        for name in ("admin_port", "dense_prefill_below"):
+            check_int_range(name, getattr(self, name), where="option")
+        if self.warmup is not None and self.warmup.strip().lower() not in WARMUP_CHOICES:
+            raise KascadeConfigError(f"option warmup={self.warmup!r}: must be 'on' or 'off'")
         if self.control_dir is not None and not self.control_dir.strip():
             raise KascadeConfigError("option control_dir='': give a directory or 'off'")
         check_budget_fields(
@@ -178,7 +202,8 @@ class KascadeOptions:
     @classmethod
     def from_env(cls, environ=os.environ) -> "KascadeOptions":
         values = {}
-        for name, (_flag, env, typ, _help) in OPTION_TABLE.items():
+        for name, setting in OPTION_TABLE.items():
+            env, typ = setting.env, setting.type
             raw = environ.get(env)
             if raw is None or raw == "":
                 continue
@@ -263,15 +288,19 @@ class DevSwitches:
         return out
 
 
+def check_int_range(name: str, value, *, where: str) -> None:
+    """``value`` (None: unset) an integer within OPTION_TABLE[name].allowed."""
+    lo, hi = OPTION_TABLE[name].allowed
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or not lo <= value <= hi):
+        raise KascadeConfigError(f"{where} {name}={value!r}: must be an integer in {lo}..{hi}")
+
+
 def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
     """Range checks of the policy options. ``None`` values are skipped."""
-    if policy is not None and policy not in POLICIES:
+    if policy is not None and policy not in OPTION_TABLE["policy"].allowed:
         raise KascadeConfigError(f"{where} policy={policy!r}: must be one of {POLICIES}")
-    if sink_tokens is not None and (not isinstance(sink_tokens, int)
-                                    or isinstance(sink_tokens, bool)
-                                    or not 0 <= sink_tokens <= MAX_BUDGET_KEYS):
-        raise KascadeConfigError(f"{where} sink_tokens={sink_tokens!r}: must be an integer in "
-                                 f"0..{MAX_BUDGET_KEYS}")
+    check_int_range("sink_tokens", sink_tokens, where=where)
 
 
 def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
@@ -293,20 +322,19 @@ def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size
         # No float() here: a huge JSON integer would raise OverflowError. NaN fails the test.
         if not (0 < topk_fraction <= 1):
             bad("topk_fraction", topk_fraction, "must be in (0, 1]")
-    for field, value, most in (("k_min", k_min, MAX_BUDGET_KEYS),
-                               ("tile_size", tile_size, MAX_TILE_SIZE),
-                               ("page_tile_size", page_tile_size, MAX_PAGE_TILE_SIZE),
-                               ("round_to", round_to, MAX_BUDGET_KEYS)):
+    for field, value in (("k_min", k_min), ("tile_size", tile_size),
+                         ("page_tile_size", page_tile_size), ("round_to", round_to)):
         if value is None:
             continue
+        least, most = OPTION_TABLE[field].allowed
         if not is_int(value):
             bad(field, value, "must be an integer")
-        if value < 1:
-            bad(field, value, f"must be >= 1 (allowed: 1..{most})")
+        if value < least:
+            bad(field, value, f"must be >= {least} (allowed: {least}..{most})")
         if value > most:
-            bad(field, value, f"must be at most {most} (allowed: 1..{most}; "
+            bad(field, value, f"must be at most {most} (allowed: {least}..{most}; "
                               "docs/profiles.md#bounds)")
-    if granularity is not None and granularity not in GRANULARITIES:
+    if granularity is not None and granularity not in OPTION_TABLE["granularity"].allowed:
         bad("granularity", granularity, f"must be one of {GRANULARITIES}")
 
 
@@ -334,12 +362,12 @@ def prefill_tile_problem(tile_size: int, group: int, head_dim: int) -> str | Non
 class BudgetConfig:
     """The resolved selection budget: profile values with option overrides applied."""
 
-    topk_fraction: float = 0.10
-    k_min: int = 128
-    tile_size: int = 32
-    granularity: str = "token"
-    page_tile_size: int = 16
-    round_to: int = 1
+    topk_fraction: float = OPTION_TABLE["topk_fraction"].default  # 0.10
+    k_min: int = OPTION_TABLE["k_min"].default  # 128
+    tile_size: int = OPTION_TABLE["tile_size"].default  # 32
+    granularity: str = OPTION_TABLE["granularity"].default  # "token"
+    page_tile_size: int = OPTION_TABLE["page_tile_size"].default  # 16
+    round_to: int = OPTION_TABLE["round_to"].default  # 1
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():

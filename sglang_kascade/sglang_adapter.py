@@ -90,11 +90,11 @@ def register_backend(factory) -> None:
 
 def add_kascade_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Kascade sparse attention (sglang-kascade)")
-    for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
-        if any(flag in a.option_strings for a in parser._actions):
+    for name, s in OPTION_TABLE.items():
+        if any(s.flag in a.option_strings for a in parser._actions):
             continue
-        group.add_argument(flag, dest=f"kascade_{name}", type=typ, default=None,
-                           help=f"{help_text} (env fallback: {env})")
+        group.add_argument(s.flag, dest=f"kascade_{name}", type=s.type, default=None,
+                           help=f"{s.help} (env fallback: {s.env})")
 
 
 def options_from_namespace(args: argparse.Namespace) -> KascadeOptions:

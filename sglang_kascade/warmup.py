@@ -43,7 +43,6 @@ from types import SimpleNamespace
 
 import torch
 
-from .config import KascadeConfigError
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -56,12 +55,8 @@ GROUPS = ("decode selection", "decode layer 0", "decode attention", "prefill sel
 
 def enabled(options) -> bool:
     """``--kascade-warmup`` / SGLANG_KASCADE_WARMUP: "on" (default) or "off"."""
-    value = getattr(options, "warmup", None)
-    if value is None or value.strip().lower() == "on":
-        return True
-    if value.strip().lower() == "off":
-        return False
-    raise KascadeConfigError(f"option warmup={value!r}: must be 'on' or 'off'")
+    value = getattr(options, "warmup", None)  # checked by KascadeOptions: on/off, any case
+    return value is None or value.strip().lower() == "on"
 
 
 # ---- the constexprs that follow the step --------------------------------------------------------

@@ -108,7 +108,7 @@ def test_options_are_bounded_at_start_up(name, monkeypatch):
     with pytest.raises(KascadeConfigError) as e:
         KascadeOptions(**{name: over})
     assert f"{name}={over!r}" in str(e.value) and str(top) in str(e.value)
-    env = OPTION_TABLE[name][1]
+    env = OPTION_TABLE[name].env
     with pytest.raises(KascadeConfigError, match=name):
         KascadeOptions.from_env({env: str(over)})
 

@@ -20,8 +20,8 @@ from sglang_kascade.sglang_adapter import (_OPTIONS_ATTR, add_kascade_flags, kas
                                            options_from_namespace)
 
 FP = ModelFingerprint("LlamaForCausalLM", 30, 9, 3, 64)
-ENV = {name: env for name, (_flag, env, _typ, _help) in OPTION_TABLE.items()}
-FLAG = {name: flag for name, (flag, _env, _typ, _help) in OPTION_TABLE.items()}
+ENV = {name: s.env for name, s in OPTION_TABLE.items()}
+FLAG = {name: s.flag for name, s in OPTION_TABLE.items()}
 
 
 def names_field(message: str, field: str) -> bool:
@@ -72,9 +72,19 @@ def test_option_table_covers_every_option_and_budget_field():
     operations |= {"dense_prefill_below"}  # when sparsity pays (serving, not the budget)
     operations |= {"warmup"}  # Triton kernels compiled at start-up (warmup.py)
     assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"} - operations
-    for name, (flag, env, typ, help_text) in OPTION_TABLE.items():
-        assert flag.startswith("--kascade-") and env.startswith("SGLANG_KASCADE_")
-        assert typ in (str, int, float) and help_text
+    for name, s in OPTION_TABLE.items():
+        assert s.flag.startswith("--kascade-") and s.env.startswith("SGLANG_KASCADE_")
+        assert s.type in (str, int, float) and s.help
+        if s.allowed is not None and s.type is int:  # an inclusive range the checks read
+            lo, hi = s.allowed
+            assert isinstance(lo, int) and isinstance(hi, int) and lo <= hi
+        elif s.allowed is not None:  # choices
+            assert s.type is str and all(isinstance(c, str) for c in s.allowed)
+        if s.default is not None:
+            assert isinstance(s.default, s.type), name
+            assert s.allowed is None or s.type is not int or s.allowed[0] <= s.default <= \
+                s.allowed[1]
+            assert s.allowed is None or s.type is int or s.default in s.allowed
     assert len(set(FLAG.values())) == len(FLAG) and len(set(ENV.values())) == len(ENV)
 
 
@@ -167,7 +177,7 @@ def test_from_env_bad_type_names_the_variable(name, raw):
         KascadeOptions.from_env({ENV[name]: raw})
     msg = str(ei.value)
     assert ENV[name] in msg and repr(raw) in msg, msg
-    assert OPTION_TABLE[name][2].__name__ in msg  # the expected type
+    assert OPTION_TABLE[name].type.__name__ in msg  # the expected type
 
 
 @pytest.mark.parametrize("name,raw", [("k_min", "0"), ("topk_fraction", "1.5"),
@@ -326,8 +336,9 @@ def make_parser() -> argparse.ArgumentParser:
 def test_flags_are_registered_with_env_in_help():
     parser = make_parser()
     help_text = parser.format_help()
-    for name, (flag, env, _typ, _help) in OPTION_TABLE.items():
-        assert flag in help_text and env in help_text
+    for name, s in OPTION_TABLE.items():
+        flag = s.flag
+        assert flag in help_text and s.env in help_text
         action = next(a for a in parser._actions if flag in a.option_strings)
         assert action.dest == f"kascade_{name}" and action.default is None
 

@@ -37,7 +37,7 @@ from test_kernels_vs_reference import (SMALL, TINY, Case, kernel_tiles, make_inp
 # Tiny tensors: OpenMP threads only add synchronisation cost (10-40x slower on 2 busy cores).
 torch.set_num_threads(1)
 
-ENV = {name: env for name, (_flag, env, _typ, _help) in OPTION_TABLE.items()}
+ENV = {name: s.env for name, s in OPTION_TABLE.items()}
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,7 @@ def test_policy_tables_cover_every_policy():
     assert DEVICE_POLICIES == ("kascade", "kascade_identity", "oracle")
     assert DEFAULT_POLICY == "kascade" and DEFAULT_SINK_TOKENS == 4
     assert OPTION_TABLE["policy"][:3] == ("--kascade-policy", "SGLANG_KASCADE_POLICY", str)
+    assert OPTION_TABLE["policy"].allowed == POLICIES
     assert OPTION_TABLE["sink_tokens"][:3] == ("--kascade-sink-tokens",
                                                "SGLANG_KASCADE_SINK_TOKENS", int)
 

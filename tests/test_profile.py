@@ -735,6 +735,6 @@ def test_docs_mention_every_field_flag_and_env_var():
     text = DOC.read_text(encoding="utf-8")
     for name in list(REQUIRED) + list(OPTIONAL_DEFAULTS) + list(FINGERPRINT_FIELDS):
         assert f"`{name}`" in text, name
-    for flag, env, _typ, _help in OPTION_TABLE.values():
-        assert f"`{flag}`" in text and f"`{env}`" in text, flag
+    for s in OPTION_TABLE.values():
+        assert f"`{s.flag}`" in text and f"`{s.env}`" in text, s.flag
     assert f"{MAX_PROFILE_BYTES:,}" in text
