@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,27 +313,36 @@ def model_max_positions(args) -> int:
         return 1 << 30
 
 
+@contextmanager
+def served_server(backend: str, args, setup: tuple, deadline: float, info: dict, log: Path):
+    """The backend's server as every served run starts it (``setup``: server_setup's triple),
+    its start bounded by ``deadline`` (perf_counter). ``info`` gets the log's name, the
+    environment added, the start-up time and the command. Raises launch.LaunchError."""
+    extra, max_total, env = setup
+    os.environ.update(env)  # launch.server_env passes this process's environment on
+    added = {k: v for k, v in launch.server_env(args.device).items() if k not in ORIGINAL_ENV}
+    info.update(log=log.name, env=added)
+    t_launch = time.perf_counter()
+    startup_timeout = min(launch.STARTUP_TIMEOUT_S, max(30.0, deadline - t_launch))
+    with launch.running_server(backend, extra, args.model or None, args.device,
+                               max_total_tokens=max_total, log_path=log,
+                               startup_timeout_s=startup_timeout) as server:
+        info.update(startup_s=time.perf_counter() - t_launch,
+                    command=server.command, command_line=shlex.join(server.command))
+        print(f"{backend}: ready in {info['startup_s']:.1f} s: {info['command_line']}",
+              flush=True)
+        yield server
+
+
 def run_backend(backend: str, args, cells: list, setup: tuple, deadline: float,
                 result: dict) -> None:
     """Start the backend's server, run the cold pass and the warm passes, record everything in
     ``result`` (written after every cell), stop the server."""
-    extra, max_total, env = setup
     log = Path(args.out).with_name(f"{Path(args.out).stem}-{backend}.log")
     info = result["meta"]["servers"].setdefault(backend, {})
-    os.environ.update(env)  # launch.server_env passes this process's environment on
-    added = {k: v for k, v in launch.server_env(args.device).items() if k not in ORIGINAL_ENV}
-    info.update(log=log.name, env=added)
     passes = [("cold", 0)] + [("warm", i) for i in range(1, args.warm_passes + 1)]
-    t_launch = time.perf_counter()
-    startup_timeout = min(launch.STARTUP_TIMEOUT_S, max(30.0, deadline - t_launch))
     try:
-        with launch.running_server(backend, extra, args.model or None, args.device,
-                                   max_total_tokens=max_total, log_path=log,
-                                   startup_timeout_s=startup_timeout) as server:
-            info.update(startup_s=time.perf_counter() - t_launch,
-                        command=server.command, command_line=shlex.join(server.command))
-            print(f"{backend}: ready in {info['startup_s']:.1f} s: {info['command_line']}",
-                  flush=True)
+        with served_server(backend, args, setup, deadline, info, log) as server:
             write_json(args.out, result)
             for label, index in passes:
                 for cell in cells:
@@ -440,11 +450,37 @@ def write_json(path: str, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def add_server_options(ap: argparse.ArgumentParser) -> None:
+    """The options that say how a served run starts its servers and seeds its prompts (this
+    sweep and bench/served_soak.py); resolve_server_options fills the defaults that follow
+    --device."""
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=launch.default_device())
+    ap.add_argument("--model", default=None,
+                    help='model path; "" = the embedded model (default: Llama-3.1-8B shapes '
+                         "on CUDA, the embedded model on the CPU)")
+    ap.add_argument("--mem-fraction-static", type=float, default=0.80,
+                    help="CUDA: the share of GPU memory for weights and the KV pool (<= 0: "
+                         "SGLang's default); 0.80 is what the baseline served figures used")
+    ap.add_argument("--max-total-tokens", type=int, default=None,
+                    help="force the pool size (default: SGLang sizes it on CUDA; CPU: enough "
+                         "for the largest cell)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra server argument (repeat; use --server-arg=--flag)")
+    ap.add_argument("--commit", default=None, help="the tree's commit (default: git rev-parse)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def resolve_server_options(args: argparse.Namespace) -> argparse.Namespace:
+    if args.model is None:
+        args.model = LLAMA if args.device == "cuda" else ""
+    return args
+
+
 def parse_args(argv: list) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="the result JSON (server logs beside it)")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default=launch.default_device())
+    add_server_options(ap)
     ap.add_argument("--backends", nargs="+", default=None,
                     help="in the order to run (default: flashinfer kascade on CUDA, "
                          "torch_native kascade on the CPU)")
@@ -460,24 +496,9 @@ def parse_args(argv: list) -> argparse.Namespace:
     ap.add_argument("--warm-passes", type=int, default=1, help="passes after the cold one")
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="whole run; each backend gets an equal share of what is left")
-    ap.add_argument("--model", default=None,
-                    help='model path; "" = the embedded model (default: Llama-3.1-8B shapes '
-                         "on CUDA, the embedded model on the CPU)")
-    ap.add_argument("--mem-fraction-static", type=float, default=0.80,
-                    help="CUDA: the share of GPU memory for weights and the KV pool (<= 0: "
-                         "SGLang's default); 0.80 is what the baseline served figures used")
-    ap.add_argument("--max-total-tokens", type=int, default=None,
-                    help="force the pool size (default: SGLang sizes it on CUDA; CPU: enough "
-                         "for the largest cell)")
-    ap.add_argument("--server-arg", action="append", default=[],
-                    help="extra server argument (repeat; use --server-arg=--flag)")
-    ap.add_argument("--commit", default=None, help="the tree's commit (default: git rev-parse)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = resolve_server_options(ap.parse_args(argv))
     if args.backends is None:
         args.backends = DEFAULT_BACKENDS[args.device]
-    if args.model is None:
-        args.model = LLAMA if args.device == "cuda" else ""
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode needs two tokens to time)")
     return args
