@@ -27,7 +27,8 @@ import requests
 
 from .config import parse_mix
 from .prompts import build_prompts, save_prompts
-from .summary import parse_prometheus, read_records, server_cache_hit_rate, summarize
+from .summary import (load_window, parse_prometheus, read_records, server_cache_hit_rate,
+                      summarize)
 
 REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -96,12 +97,7 @@ def run_locust(url: str, out_dir, *, users: int, spawn_rate: float, duration_s: 
     t1 = time.time()
     after = scrape_metrics(url)
     records = read_records(records_path)
-    done = [r for r in records if not r.interrupted]
-    if done:  # the load window: first request sent to last answer received
-        window = (max(r.t_start + r.latency_ms / 1000.0 for r in done)
-                  - min(r.t_start for r in done))
-    else:
-        window = t1 - t0
+    window = load_window(records, t1 - t0)
     summary = summarize(records, window)
     summary.update({"url": url, "locust_returncode": rc, "window_s": window,
                     "wall_s": t1 - t0, "t0": t0, "server": server_cache_hit_rate(before, after),

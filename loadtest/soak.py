@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shlex
 import secrets
 import subprocess
@@ -26,6 +28,7 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Optional
 
 import requests
 
@@ -35,16 +38,24 @@ from .stream import Record
 from .summary import in_flight_at, parse_prometheus, percentile, read_records, timeline
 
 PROFILE_A = "smollm2-135m-instruct"
-PROFILE_B = "smollm2-135m-instruct-derived-anchors"
+GENERATION = re.compile(r"generation (\d+)\b")  # how the sidecar's audit lines name one
 
 
-def second_profile(base: str = PROFILE_A, name: str = PROFILE_B) -> dict:
+def derived_name(base: str) -> str:
+    """The name second_profile gives the swap partner of shipped profile ``base``."""
+    return f"{base}-derived-anchors"
+
+
+PROFILE_B = derived_name(PROFILE_A)
+
+
+def second_profile(base: str = PROFILE_A, name: Optional[str] = None) -> dict:
     """Same model fingerprint as ``base``, different anchors: the derived-default layout."""
     from sglang_kascade.profile import derived_default_profile, load_profile
 
     fp = load_profile(base).model
     data = derived_default_profile(fp).to_json()
-    data["name"] = name
+    data["name"] = name or derived_name(base)
     data["provenance"] = {"source": "loadtest.soak: derived-default anchors for the model of "
                                     f"shipped profile {base!r} (uncalibrated, for swap tests)"}
     return data
@@ -86,12 +97,16 @@ class Admin:
 
 
 @contextmanager
-def sidecar_process(server_url: str, port: int, token_file: Path, log_path: Path):
-    """``python -m sglang_kascade.server`` in its own process group, stopped afterwards."""
+def sidecar_process(server_url: str, port: int, token_file: Path, log_path: Path,
+                    audit_log: Optional[Path] = None):
+    """``python -m sglang_kascade.server`` in its own process group, stopped afterwards
+    (``audit_log``: its ``--audit-log``, default <control dir>/audit.log)."""
     from sglang_kascade.eval import launch
 
     cmd = [sys.executable, "-m", "sglang_kascade.server", "--server-url", server_url,
            "--port", str(port), "--token-file", str(token_file)]
+    if audit_log is not None:
+        cmd += ["--audit-log", str(audit_log)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -101,11 +116,55 @@ def sidecar_process(server_url: str, port: int, token_file: Path, log_path: Path
             launch.stop(proc)
 
 
+def sidecar_problem() -> Optional[str]:
+    """Why ``python -m sglang_kascade.server`` could not start in this environment (a missing
+    dependency such as prometheus_client), or None: checked before a long server start."""
+    out = subprocess.run([sys.executable, "-c", "import sglang_kascade.server.app"],
+                         capture_output=True, text=True, timeout=120)
+    return None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def start_admin(stack: ExitStack, server_url: str, out: Path, names: list,
+                admin_url: Optional[str] = None, token_file: Optional[str] = None) -> Admin:
+    """The admin sidecar of ``server_url``, ready: a running one (``admin_url`` with its
+    ``token_file``) or one started here on a free port, with a fresh random token in a private
+    temporary file and its audit log at out/audit.log (both go with ``stack``). Registers
+    names[1] when it is the derived-anchors partner of names[0], then activates names[0]."""
+    if admin_url:
+        token = Path(token_file).read_text().strip()
+    else:
+        from sglang_kascade.eval.launch import free_port
+
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        token = secrets.token_urlsafe(24)
+        (tmp / "token").write_text(token)
+        (tmp / "token").chmod(0o600)
+        admin_url = stack.enter_context(sidecar_process(
+            server_url, free_port(), tmp / "token", out / "sidecar.log", out / "audit.log"))
+    admin = Admin(admin_url, token)
+    admin.wait_ready()
+    if names[1] == derived_name(names[0]):
+        admin.ensure_profile(second_profile(names[0]))
+    r = admin.post(f"/v1/profiles/{names[0]}/activate")
+    if r.status_code != 200:
+        raise RuntimeError(f"activating {names[0]}: HTTP {r.status_code}: {r.text[:300]}")
+    return admin
+
+
+def acknowledged(body: dict) -> bool:
+    """An activation's answer lists schedulers that all took its generation (staged or
+    serving it)."""
+    scheds, generation = body.get("schedulers") or [], body.get("generation")
+    return (bool(scheds) and isinstance(generation, int)
+            and all(s.get("current_generation", 0) >= generation for s in scheds))
+
+
 def swap_loop(admin: Admin, names: list, every_s: float, t0: float, stop: threading.Event,
-              swaps: list) -> None:
-    """Activate names[1], names[0], names[1], ... every ``every_s`` seconds until ``stop``."""
+              swaps: list, end_s: float = math.inf) -> None:
+    """Activate names[1], names[0], names[1], ... every ``every_s`` seconds until ``stop``, the
+    last one before ``end_s`` (seconds after ``t0``)."""
     i = 1
-    while not stop.wait(max(0.0, t0 + i * every_s - time.time())):
+    while i * every_s < end_s and not stop.wait(max(0.0, t0 + i * every_s - time.time())):
         name = names[i % len(names)]
         t = time.time()
         entry = {"t_s": t - t0, "profile": name}
@@ -113,7 +172,9 @@ def swap_loop(admin: Admin, names: list, every_s: float, t0: float, stop: thread
             r = admin.post(f"/v1/profiles/{name}/activate")
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             entry.update(status=r.status_code, generation=body.get("generation"),
-                         ok=r.status_code == 200 and body.get("active") == name)
+                         acknowledged=acknowledged(body),
+                         ok=(r.status_code == 200 and body.get("active") == name
+                             and acknowledged(body)))
             if not entry["ok"]:
                 entry["error"] = r.text[:300]
         except requests.RequestException as e:
@@ -123,21 +184,95 @@ def swap_loop(admin: Admin, names: list, every_s: float, t0: float, stop: thread
         i += 1
 
 
-def report_md(rep: dict, png_name: str) -> str:
+def sidecar_state(admin: Admin) -> dict:
+    """What the sidecar says at the end of a run: its history (``GET /v1/history``), its
+    ``kascade_*`` counters (``/metrics``) and the active profile (``GET /v1/active``)."""
+    try:
+        return {"history": admin.get("/v1/history").json(),
+                "metrics": {k: v for k, v in parse_prometheus(admin.get("/metrics").text).items()
+                            if k.startswith("kascade_")},
+                "active": admin.get("/v1/active").json()}
+    except (requests.RequestException, ValueError) as e:
+        return {"history": {"error": str(e)}, "metrics": None, "active": None}
+
+
+def audit_swaps(swaps: list, state: dict, audit_log: Optional[Path] = None) -> dict:
+    """Marks each successful swap ``in_history`` (the sidecar's history has its generation under
+    its profile's name) and ``in_audit_log`` (the audit log at ``audit_log`` has the
+    activation's ``requested`` and ``active`` lines; None without one). Returns the counts,
+    with the schedulers' counts of profiles applied and refused at a batch boundary."""
+    history = state.get("history")
+    entries = history.get("history") if isinstance(history, dict) else None
+    seen = {(h.get("generation"), h.get("name")) for h in entries or [] if isinstance(h, dict)}
+    logged = None
+    if audit_log is not None:
+        logged = {}
+        lines = audit_log.read_text().splitlines() if audit_log.exists() else []
+        for line in lines:
+            try:
+                a = json.loads(line)
+            except ValueError:
+                continue
+            m = GENERATION.match(a.get("detail") or "") if isinstance(a, dict) else None
+            if m and a.get("action") == "activate":
+                logged.setdefault((int(m.group(1)), a.get("name")), set()).add(a.get("result"))
+    ok = [s for s in swaps if s["ok"]]
+    audited = 0
+    for s in ok:
+        key = (s["generation"], s["profile"])
+        s["in_history"] = key in seen
+        s["in_audit_log"] = None if logged is None else \
+            {"requested", "active"} <= logged.get(key, set())
+        audited += s["in_history"] and s["in_audit_log"] is not False
+    metrics = state.get("metrics") or {}
+    return {"succeeded": len(ok), "in_history": sum(s["in_history"] for s in ok),
+            "in_audit_log": None if logged is None else sum(s["in_audit_log"] for s in ok),
+            "audited": audited, "all_audited": audited == len(ok),
+            "applied": metrics.get("kascade_swaps_applied_total"),
+            "refused": metrics.get("kascade_swaps_refused_total")}
+
+
+def describe_load(cfg: dict) -> dict:
+    """How a soak's page names its load: ``title`` (the heading), ``short`` (the plot's title)
+    and ``text`` (the load line), for locust users (this module) or served clients
+    (bench/served_soak.py, ``cfg["load"] == "served"``)."""
+    if cfg.get("load") == "served":
+        shape = f"{cfg['concurrency']} x {cfg['context']} tokens + {cfg['new_tokens']} new"
+        return {"title": f"{cfg['load_s']:.0f} s of served load ({shape})",
+                "short": f"{shape}, {cfg['load_s']:.0f} s",
+                "text": f"{cfg['concurrency']} concurrent streaming clients, each sending "
+                        f"`/generate` requests of {cfg['context']} fresh random token ids for "
+                        f"{cfg['new_tokens']} new tokens (greedy, ignore_eos) one after another "
+                        f"for {cfg['load_s']:.0f} s (asked: {cfg['duration_s']:g} s)"}
+    return {"title": f"{cfg['duration_s']} s of mixed load",
+            "short": f"{cfg['users']} users, {cfg['duration_s']} s",
+            "text": f"{cfg['users']} users (mix {cfg['mix']}), max_tokens {cfg['max_tokens']}, "
+                    f"think time {cfg['think_s']} s"}
+
+
+def report_md(rep: dict, png_name: Optional[str]) -> str:
+    """``png_name``: the timeline beside the page, or None where none was drawn."""
     a, cfg, sw = rep["summary"]["all"], rep["config"], rep["swaps"]
     ok_swaps = [s for s in sw if s["ok"]]
+    load = describe_load(cfg)
     lines = [
-        f"# Soak: {cfg['duration_s']} s of mixed load, profile swap every {cfg['swap_every_s']} s",
+        f"# Soak: {load['title']}, profile swap every {cfg['swap_every_s']} s",
         "",
         f"Generated by `{rep['command']}` on {rep['date']} ({rep['device']}).",
         "",
+    ]
+    if rep.get("commit"):
+        lines.append(f"- code: commit `{rep['commit']}`; "
+                     + ", ".join(f"{k} {v}" for k, v in (rep.get("versions") or {}).items()
+                                 if v))
+    lines += [
         f"- server: `{rep['server']}`",
-        f"- load: {cfg['users']} users (mix {cfg['mix']}), max_tokens {cfg['max_tokens']}, "
-        f"think time {cfg['think_s']} s",
+        f"- load: {load['text']}",
         f"- swaps: {len(sw)} attempted, {len(ok_swaps)} succeeded"
         + (f" (activate call p50 {percentile([s['elapsed_ms'] for s in ok_swaps], 50):.0f} ms, "
            f"max {max(s['elapsed_ms'] for s in ok_swaps):.0f} ms)" if ok_swaps else "")
         + (f"; profiles alternated: {', '.join(cfg['profiles'])}" if sw else " (--no-swap)"),
+        *audit_line(rep.get("audit")),
         f"- requests in flight across at least one swap: {rep.get('across_swaps', '-')} "
         f"of {a['requests']}",
         f"- requests: {a['requests']}, **failed: {a['failures']}**"
@@ -158,9 +293,12 @@ def report_md(rep: dict, png_name: str) -> str:
             f"{f(s['ttft_ms']['p90'])} | {f(s['itl_ms']['p50'])} / {f(s['itl_ms']['p90'])} | "
             f"{f(s['decode_tokens_per_s']['mean'], '{:.1f}')} | "
             f"{f(s['output_tokens_per_s'], '{:.2f}')} | {f(s['cache_hit_rate'], '{:.2f}')} |")
-    server = rep["summary"].get("server", {}).get("cache_hit_rate")
-    lines += ["", f"Server-wide radix-cache hit rate (/metrics): {f(server, '{:.2f}')}.", "",
-              f"![timeline]({png_name})", "",
+    if "server" in rep["summary"]:
+        server = rep["summary"]["server"].get("cache_hit_rate")
+        lines += ["", f"Server-wide radix-cache hit rate (/metrics): {f(server, '{:.2f}')}."]
+    lines += ["", f"![timeline]({png_name})" if png_name else
+              "No timeline drawn (no matplotlib, or the run had not ended): the same command "
+              "with `--rebuild --report PREFIX` draws it from PREFIX.json.", "",
               "Timeline: requests binned by start time; vertical lines mark swaps "
               "(red: a failed swap). Metrics are defined in docs/loadtest.md."]
     m = rep.get("sidecar_metrics") or {}
@@ -173,6 +311,21 @@ def report_md(rep: dict, png_name: str) -> str:
     if rep.get("notes"):
         lines += ["", "Notes:", ""] + [f"- {n}" for n in rep["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def audit_line(au: Optional[dict]) -> list:
+    if not au:
+        return []
+    where = "history" + (" and audit log (requested and active lines)"
+                         if au["in_audit_log"] is not None else "")
+
+    def n(x):
+        return "-" if x is None else f"{x:g}"
+
+    return [f"- audit: {au['audited']} of {au['succeeded']} successful swaps found in the "
+            f"sidecar's {where}; profiles applied at a batch boundary "
+            f"(`kascade_swaps_applied_total`): {n(au['applied'])} for {au['succeeded'] + 1} "
+            f"activations (the swaps and the initial one), refused there: {n(au['refused'])}"]
 
 
 def main(argv=None) -> int:
@@ -193,7 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--token-file", help="the sidecar's bearer token (with --admin-url)")
     ap.add_argument("--profiles", default=f"{PROFILE_A},{PROFILE_B}",
                     help="the two profiles to alternate; the second is registered if missing "
-                         f"(when it is {PROFILE_B})")
+                         "when it is the first's derived-anchors partner (FIRST-derived-anchors)")
     ap.add_argument("--server-arg", action="append", default=[])
     ap.add_argument("--bin", type=float, default=10.0, help="timeline bin, seconds")
     ap.add_argument("--out", default="soak-out", help="locust files, logs, records")
@@ -224,27 +377,8 @@ def main(argv=None) -> int:
                 "kascade", [*SERVER_FLAGS, "--kascade-profile", names[0], *args.server_arg],
                 log_path=out / "server.log"))
             url = server.url
-        admin = None
-        if not args.no_swap:
-            if args.admin_url:
-                token = Path(args.token_file).read_text().strip()
-                admin_url = args.admin_url
-            else:
-                from sglang_kascade.eval.launch import free_port
-
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                token = secrets.token_urlsafe(24)
-                (tmp / "token").write_text(token)
-                (tmp / "token").chmod(0o600)
-                admin_url = stack.enter_context(sidecar_process(
-                    url, free_port(), tmp / "token", out / "sidecar.log"))
-            admin = Admin(admin_url, token)
-            admin.wait_ready()
-            if names[1] == PROFILE_B:
-                admin.ensure_profile(second_profile(names[0], PROFILE_B))
-            r = admin.post(f"/v1/profiles/{names[0]}/activate")
-            if r.status_code != 200:
-                raise RuntimeError(f"activating {names[0]}: HTTP {r.status_code}: {r.text[:300]}")
+        admin = None if args.no_swap else start_admin(stack, url, out, names, args.admin_url,
+                                                      args.token_file)
         warm_up(url)
         flush_cache(url)
 
@@ -267,14 +401,7 @@ def main(argv=None) -> int:
             stop.set()
             if swapper:
                 swapper.join(timeout=330)
-        history, sidecar_metrics = None, None
-        if admin:
-            try:
-                history = admin.get("/v1/history").json()
-                sidecar_metrics = {k: v for k, v in parse_prometheus(admin.get("/metrics").text)
-                                   .items() if k.startswith("kascade_")}
-            except (requests.RequestException, ValueError) as e:
-                history = {"error": str(e)}
+        state = sidecar_state(admin) if admin else {}
 
     load_end = os.getloadavg()
     records = read_records(out / "records.jsonl")
@@ -289,8 +416,11 @@ def main(argv=None) -> int:
                    "max_tokens": args.max_tokens, "think_s": args.think,
                    "rag_doc_tokens": args.rag_doc_tokens, "profiles": names,
                    "bin_s": args.bin},
-        "t0": t0, "summary": summary, "swaps": swaps, "sidecar_history": history,
-        "sidecar_metrics": sidecar_metrics,
+        "t0": t0, "summary": summary, "swaps": swaps,
+        "sidecar_history": state.get("history"), "sidecar_metrics": state.get("metrics"),
+        "sidecar_active": state.get("active"),
+        "audit": audit_swaps(swaps, state, None if args.admin_url else out / "audit.log")
+        if admin else None,
         "notes": args.note + [
             f"machine: {os.cpu_count()} CPUs, load average (1/5/15 min) "
             f"{' '.join(f'{x:.1f}' for x in load_start)} at the start and "
@@ -302,24 +432,40 @@ def main(argv=None) -> int:
     bad_swaps = sum(1 for s in swaps if not s["ok"])
     print(f"[soak] {a['requests']} requests, {a['failures']} failed; {len(swaps)} swaps, "
           f"{bad_swaps} failed; report {report.with_suffix('.md')}", flush=True)
-    return 1 if a["failures"] or bad_swaps else 0
+    return 0 if soak_passed(rep) else 1
 
 
-def write_report(rep: dict, records: list, report: Path) -> None:
-    """REPORT.json (with every request record), REPORT.png (timeline), REPORT.md."""
-    from .plot import timeline_png
+def soak_passed(rep: dict) -> bool:
+    """No failed request, no failed swap, every swap audited, none refused at a batch
+    boundary."""
+    au = rep.get("audit") or {}
+    return (rep["summary"]["all"]["failures"] == 0 and all(s["ok"] for s in rep["swaps"])
+            and au.get("all_audited", True) and not au.get("refused"))
 
+
+def write_report(rep: dict, records: list, report: Path, draw: bool = True) -> None:
+    """REPORT.json (with every request record; replaced whole, so a reader or a killed run never
+    sees half of it), REPORT.png (the timeline: with ``draw`` and matplotlib), REPORT.md."""
     t0, cfg = rep["t0"], rep["config"]
     rep["records"] = [r.to_json() for r in records]
     rep["timeline"] = timeline(records, t0, cfg.get("bin_s", 10.0))
     rep["across_swaps"] = len({id(r) for s in rep["swaps"]
                                for r in in_flight_at(records, t0 + s["t_s"])})
-    png = timeline_png(rep["timeline"], rep["swaps"], report.with_suffix(".png"),
-                       title=f"soak: {cfg['users']} users, {cfg['duration_s']} s, "
-                             + (f"swap every {cfg['swap_every_s']:.0f} s"
-                                if cfg["swap_every_s"] else "no swaps"))
-    report.with_suffix(".json").write_text(json.dumps(rep, indent=1))
-    report.with_suffix(".md").write_text(report_md(rep, png.name))
+    png = None
+    if draw:
+        try:
+            from .plot import timeline_png
+
+            png = timeline_png(rep["timeline"], rep["swaps"], report.with_suffix(".png"),
+                               title=f"soak: {describe_load(cfg)['short']}, "
+                                     + (f"swap every {cfg['swap_every_s']:.0f} s"
+                                        if cfg["swap_every_s"] else "no swaps"))
+        except ImportError:  # matplotlib: not on every GPU host; --rebuild draws it later
+            pass
+    tmp = report.with_name(report.name + ".json.tmp")
+    tmp.write_text(json.dumps(rep, indent=1))
+    os.replace(tmp, report.with_suffix(".json"))
+    report.with_suffix(".md").write_text(report_md(rep, png.name if png else None))
 
 
 def rebuild(report: Path) -> None:

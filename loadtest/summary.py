@@ -75,6 +75,15 @@ def class_summary(records: list, duration_s: float) -> dict:
     }
 
 
+def load_window(records: list, fallback_s: float) -> float:
+    """Seconds from the first request sent to the last answer received (cut requests left
+    out); ``fallback_s`` when no request finished."""
+    done = [r for r in records if not r.interrupted]
+    if not done:
+        return fallback_s
+    return max(r.t_start + r.latency_ms / 1000.0 for r in done) - min(r.t_start for r in done)
+
+
 def summarize(records: list, duration_s: float) -> dict:
     """{'classes': {cls: summary}, 'all': summary} over the classes present in ``records``."""
     classes = {c: class_summary([r for r in records if r.cls == c], duration_s)

@@ -206,7 +206,10 @@ class _FakeAdmin:
         r = requests.Response()
         r.status_code = 504 if len(self.calls) in self.fail_on else 200
         r.headers["content-type"] = "application/json"
-        r._content = json.dumps({"active": name, "generation": len(self.calls)}
+        gen = len(self.calls)
+        # the third call is answered before its scheduler took the generation: not acknowledged
+        sched = {"pid": 1, "current_generation": gen - (len(self.calls) == 3)}
+        r._content = json.dumps({"active": name, "generation": gen, "schedulers": [sched]}
                                 if r.status_code == 200 else {"detail": "timeout"}).encode()
         return r
 
@@ -225,9 +228,10 @@ def test_soak_swap_loop_alternates_and_records_failures():
     stop.set()
     th.join()
     assert [s["profile"] for s in swaps[:4]] == ["b", "a", "b", "a"]
-    assert [s["ok"] for s in swaps[:4]] == [True, False, True, True]
+    assert [s["ok"] for s in swaps[:4]] == [True, False, False, True]
     assert swaps[1]["status"] == 504 and "timeout" in swaps[1]["error"]
-    assert swaps[2]["generation"] == 3
+    assert swaps[2]["generation"] == 3 and swaps[2]["status"] == 200
+    assert [s["acknowledged"] for s in swaps[:4]] == [True, False, False, True]
 
     summary = summarize([_rec("rag"), _rec("chat")], 10.0)
     summary["server"] = {"cache_hit_rate": 0.5}
@@ -237,7 +241,7 @@ def test_soak_swap_loop_alternates_and_records_failures():
            "summary": summary, "swaps": swaps[:4], "notes": [],
            "sidecar_metrics": {"kascade_swaps_total": 3.0}}
     md = report_md(rep, "x.png")
-    assert "4 attempted, 3 succeeded" in md and "**failed: 0**" in md and "![timeline](x.png)" in md
+    assert "4 attempted, 2 succeeded" in md and "**failed: 0**" in md and "![timeline](x.png)" in md
     assert "| rag | 1 | 0 |" in md
 
 
@@ -277,3 +281,38 @@ def test_soak_report_rebuilds_from_its_json(tmp_path):
     rebuild(report)
     assert (tmp_path / "soak.md").read_text() == first
     assert (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_soak_audit_finds_each_swap_in_history_and_audit_log(tmp_path):
+    from loadtest.soak import audit_line, audit_swaps, soak_passed
+
+    swaps = [{"t_s": 5.0, "profile": "b", "ok": True, "generation": 2},
+             {"t_s": 10.0, "profile": "a", "ok": True, "generation": 3},
+             {"t_s": 15.0, "profile": "b", "ok": False, "generation": None}]
+    state = {"history": {"history": [{"generation": 1, "name": "a"}, {"generation": 2, "name": "b"},
+                                     {"generation": 3, "name": "b"}]},  # 3 under another name
+             "metrics": {"kascade_swaps_applied_total": 3.0, "kascade_swaps_refused_total": 0.0}}
+    log = tmp_path / "audit.log"
+    lines = [{"action": "activate", "name": "b", "result": r,
+              "detail": "generation 2, previous 'a'"} for r in ("requested", "active")]
+    lines += [{"action": "activate", "name": "a", "result": "requested",  # outcome never logged
+               "detail": "generation 3, previous 'b'"},
+              {"action": "upload", "name": "a", "result": "active", "detail": "generation 3"}]
+    log.write_text("\n".join(map(json.dumps, lines)) + "\nnot json\n")
+
+    au = audit_swaps(swaps, state, log)
+    assert [(s["in_history"], s["in_audit_log"]) for s in swaps[:2]] == [(True, True),
+                                                                          (False, False)]
+    assert "in_history" not in swaps[2]  # a failed swap is counted as failed, not audited
+    assert au == {"succeeded": 2, "in_history": 1, "in_audit_log": 1, "audited": 1,
+                  "all_audited": False, "applied": 3.0, "refused": 0.0}
+    assert "1 of 2 successful swaps found in the sidecar's history and audit log" in \
+        audit_line(au)[0]
+
+    state["history"]["history"][2]["name"] = "a"
+    au = audit_swaps(swaps[:2], state)  # no audit log given: history alone
+    assert au["in_audit_log"] is None and au["all_audited"] and au["audited"] == 2
+    rep = {"summary": summarize([_rec("rag")], 10.0), "swaps": swaps[:2], "audit": au}
+    assert soak_passed(rep)
+    assert not soak_passed(dict(rep, audit=dict(au, refused=1.0)))  # refused at a batch boundary
+    assert not soak_passed(dict(rep, swaps=swaps))  # a failed swap
