@@ -398,6 +398,12 @@ def version(*dists: str) -> Optional[str]:
     return None
 
 
+def stack_versions() -> dict:
+    return dict(torch=version("torch"), sglang=version("sglang"),
+                flashinfer=version("flashinfer-python", "flashinfer"),
+                triton=version("triton", "pytorch-triton"))
+
+
 def device_name(device: str) -> str:
     """torch.cuda.get_device_name in a child process: a CUDA context in this process would take
     GPU memory the server sizes its pool from."""
@@ -431,9 +437,7 @@ def make_meta(args, argv: list, cells: list) -> dict:
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         device=args.device, device_name=device_name(args.device),
         model=args.model or "embedded (SmolLM2-135M-Instruct)",
-        versions=dict(torch=version("torch"), sglang=version("sglang"),
-                      flashinfer=version("flashinfer-python", "flashinfer"),
-                      triton=version("triton", "pytorch-triton")),
+        versions=stack_versions(),
         commit=git_commit(args.commit),
         command="python bench/e2e_served.py " + shlex.join(argv), argv=argv,
         backends=args.backends, cells=[c.name for c in cells], new_tokens=args.new_tokens,
