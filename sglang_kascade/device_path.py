@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import K_FOR_SLACK, DevSwitches
+from .layers import LayerTable
 from .policies import POLICY_TABLE
 
 logger = logging.getLogger("sglang_kascade")
@@ -112,7 +113,7 @@ class DevicePath:
         self.topk_launch = self.switches.topk_launch()  # the decode Top-k's launch overrides
         self.enabled = True  # False: the backend keeps the PyTorch path (tests compare both)
         self.buffers = None  # kernels.decode_plan.DecodeBuffers, grown when needed
-        self.layers = None  # layers.LayerTable of the profile in force (set_profile)
+        self.layers = LayerTable((), (), ())  # of the profile in force (set_profile); none yet
         self.layers_run = 0  # layers computed by the kernels, all forwards (tests, logging)
         self.graph_state = None  # static plan tensors + capacity for CUDA graphs, or None
         self.graph_buffers = None  # DecodeBuffers of the captured graphs (never reallocated)
