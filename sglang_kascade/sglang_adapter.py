@@ -427,12 +427,13 @@ def _refuse_unsupported(args, mc, runner, rows) -> None:
 def attention_tp_group():
     """SGLang's attention TP group (a GroupCoordinator: ``rank_in_group``, ``world_size``,
     ``cpu_group``, a gloo group), whose ranks split the KV heads; None when SGLang's
-    distributed runtime is not initialised (a backend built without a server: tests). Same
-    function in 0.5.17 through 0.5.23 (with DP attention refused it is the TP group)."""
+    distributed runtime is not initialised (a backend built without a server: tests).
+    ``runtime_context.get_parallel().attn_tp_group`` in 0.5.17 through 0.5.23 (with DP
+    attention refused it is the TP group)."""
     try:
-        from sglang.srt.distributed.parallel_state import get_attn_tp_group
+        from sglang.srt.runtime_context import get_parallel
 
-        return get_attn_tp_group()
+        return get_parallel().attn_tp_group
     except (ImportError, AssertionError, AttributeError, RuntimeError, ValueError):
         return None  # not initialised: 0.5.17 asserts, 0.5.23 raises RuntimeError
 
