@@ -66,10 +66,15 @@ def test_tp_fit_uses_the_similarity_and_keeps_local_entries(calibrated, tmp_path
     assert fit.tp_sizes == (1, 4) and fit.name == "free-tp4"
     assert fit.anchor_layers == src.anchor_layers and fit.budget == src.budget
     for j, (a, b) in enumerate(zip(src.head_map, fit.head_map)):
+        anchor = max(x for x in src.anchor_layers if x <= j)
         for h2, (h_src, h_fit) in enumerate(zip(a, b)):
             assert same_rank(h2, h_fit, HKV, (4,))
             if same_rank(h2, h_src, HKV, (4,)):
                 assert h_fit == h_src
+            else:  # moved: the most similar anchor head of its rank
+                best = max(float(sim[anchor, j, h2, c]) for c in range(HKV)
+                           if same_rank(h2, c, HKV, (4,)))
+                assert float(sim[anchor, j, h2, h_fit]) == best
     t = fit.provenance["tp_fit"]
     assert t["moved_entries"] > 0 and t["similarity_after"] <= t["similarity_before"] + 1e-9
     assert "mean reuse-head similarity" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from server_utils import SPARSE_PREFILL, run_server_expecting_failure, running_server
-from sglang_kascade.control import ControlPaths, read_json, write_json_atomic
+from sglang_kascade.control import ControlPaths, write_json_atomic
 from tiny_llama import save_tiny_llama, tiny_config
 
 pytestmark = pytest.mark.server
