@@ -30,7 +30,8 @@ from .layers import LayerTable
 from .plan import ForwardPlan, plan_forward
 from .profile import AnchorProfile
 from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
-from .resolve import resolve_budget
+from .resolve import resolve_budget, tp_problem
+from .tp import TPLayout
 
 logger = logging.getLogger("sglang_kascade")
 
@@ -41,8 +42,12 @@ class KascadeAttnBackend(AttentionBackend):
     def __init__(self, dense: AttentionBackend, req_to_token_pool, token_to_kv_pool,
                  profile: AnchorProfile, budget: BudgetConfig, device,
                  dense_fallback: dict | None = None, policy: PolicyConfig = PolicyConfig(),
-                 options: KascadeOptions = KascadeOptions(), control=None):
+                 options: KascadeOptions = KascadeOptions(), control=None,
+                 tp: TPLayout | None = None):
         super().__init__()
+        # This rank's KV heads under --tp-size N (None: TP 1, every head): head maps are sliced
+        # to them (tp.py); q, k, v and the KV pool SGLang hands over already are.
+        self.tp = tp
         self.dense = dense
         self.req_to_token_pool = req_to_token_pool
         self.token_to_kv_pool = token_to_kv_pool
@@ -89,7 +94,7 @@ class KascadeAttnBackend(AttentionBackend):
             policy = getattr(self, "policy", PolicyConfig())
         # Everything that can fail on the host, before any state changes.
         profile = apply_policy(profile, policy.name)
-        layers = LayerTable.of(profile)
+        layers = LayerTable.of(self._local(profile))  # head map: this rank's KV heads
         head_maps = layers.head_map_rows(self.device)
         before = getattr(self, "layers", None)
         try:
@@ -102,6 +107,10 @@ class KascadeAttnBackend(AttentionBackend):
             raise
         self.profile, self.budget, self.policy = profile, budget, policy
         self.layers, self.head_maps = layers, head_maps  # head_maps: [L] int64 [Hkv], this device
+
+    def _local(self, profile: AnchorProfile) -> AnchorProfile:
+        """``profile`` with its head map sliced to this rank's KV heads (itself at TP 1)."""
+        return profile if self.tp is None else self.tp.local_profile(profile)
 
     # ---- per forward (host planning) ----------------------------------------------------------
 
@@ -256,7 +265,8 @@ class KascadeAttnBackend(AttentionBackend):
         sidecar's 409), and again when it is applied. The roles are computed as set_profile
         computes them, so a profile whose roles cannot be built is refused here too."""
         budget = resolve_budget(profile, self.options)
-        why = self.serve_problem(profile, budget, self.policy)
+        why = self.serve_problem(profile, budget, self.policy) or (
+            None if self.tp is None else tp_problem(profile, self.policy, self.tp))
         if why:
             return why
         layers = LayerTable.of(apply_policy(profile, self.policy.name))
@@ -281,12 +291,15 @@ class KascadeAttnBackend(AttentionBackend):
                                              forward_batch.seq_lens)
 
     def _at_batch_boundary(self) -> None:
-        """Apply a profile the sidecar staged: all layers of this forward pass use it."""
+        """Apply a profile the sidecar staged: all layers of this forward pass use it. Under TP
+        (tp_sync.TPControl) every rank takes the same staged profile here, and ``agree`` makes
+        the outcome the same on every rank: all apply it or all keep the profile in force."""
         if self.control is None:
             return
         staged = self.control.take_staged()
         if staged is None:
             return
+        before = (self.profile, self.budget)
         try:
             why = self.hot_swap_problem(staged.profile)
             if not why:
@@ -298,6 +311,9 @@ class KascadeAttnBackend(AttentionBackend):
                              "%s stays active", staged.profile.name, staged.generation,
                              self.profile.name)
             why = f"applying it failed: {type(e).__name__}: {e}"
+        why = self.control.agree(why)
+        if why and self.profile is not before[0]:  # applied here, refused by another TP rank
+            self.set_profile(*before)
         if why:  # validated before the decode graphs were planned (a start-up race): keep ours
             logger.error("kascade: staged profile %s not applied: %s", staged.profile.name, why)
             self.stats.swaps_refused += 1

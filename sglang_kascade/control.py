@@ -383,6 +383,11 @@ class SchedulerChannel:
             self._taken = staged
         return staged
 
+    def agree(self, why: Optional[str]) -> Optional[str]:
+        """The outcome of a staged profile over the processes that must apply it together: this
+        process alone (under TP, tp_sync.TPControl gathers every rank's)."""
+        return why
+
     def report_applied(self, generation: int) -> None:
         with self._lock:
             if self._taken is not None and self._taken.generation == generation:

@@ -41,7 +41,7 @@ def _graph_editor():
 def create_backend(model_runner):
     """Factory called by SGLang's ModelRunner: resolve options + profile, then build."""
     from .backend import KascadeAttnBackend
-    from .resolve import resolve_policy, resolve_profile
+    from .resolve import fit_profile_to_tp, resolve_policy, resolve_profile
 
     sa.check_supported(model_runner)
     options = sa.kascade_options(model_runner.server_args)
@@ -49,6 +49,9 @@ def create_backend(model_runner):
     profile, budget = resolve_profile(options, fingerprint,
                                       str(getattr(model_runner.model_config, "model_path", "")))
     policy = resolve_policy(options)
+    layout = tp_layout(model_runner, fingerprint)
+    if layout is not None:  # rank-local head maps only (tp.py); the budget is unchanged
+        profile = fit_profile_to_tp(profile, policy, layout, explicit=bool(options.profile))
     fallback = sa.dense_fallback_layers(model_runner)
     if fallback:
         logger.warning("kascade: these layers run dense: %s",
@@ -67,15 +70,55 @@ def create_backend(model_runner):
         device=model_runner.device,
         dense_fallback=fallback,
         policy=policy,
+        tp=layout,
     )
-    backend.control = open_control_channel(options, sa.server_port(model_runner), fingerprint,
-                                           profile, check=backend.hot_swap_problem)
+    channel = None
+    if layout is None or layout.rank == 0:  # under TP, rank 0 reads the control directory
+        channel = open_control_channel(options, sa.server_port(model_runner), fingerprint,
+                                       profile, check=backend.hot_swap_problem)
+    backend.control = channel if layout is None else tp_control(channel, layout)
     from .warmup import warm_up_backend
 
     # Every Triton kernel variant compiled now, before SGLang captures its graphs and serves
     # (a first long prefill would otherwise compile for seconds): warmup.py.
     warm_up_backend(backend, model_runner, options)
     return backend
+
+
+def tp_layout(model_runner, fingerprint):
+    """This rank's TPLayout under ``--tp-size N`` > 1 (tp.py), or None at TP 1. Refuses a KV
+    pool whose head count is not the layout's (a head split this module does not know)."""
+    from .tp import TPLayout
+
+    rank, size = sa.tp_rank_size()
+    try:
+        layout = TPLayout(rank, size, fingerprint.num_kv_heads)
+    except ValueError as e:
+        raise KascadeConfigError(f"--attention-backend kascade with --tp-size {size}: {e}") from e
+    heads = sa.kv_pool_heads(model_runner)
+    if heads is not None and heads != layout.local_kv_heads:
+        raise KascadeConfigError(
+            f"--attention-backend kascade with --tp-size {size}: the KV pool holds {heads} KV "
+            f"heads per rank, but {fingerprint.num_kv_heads} heads over {size} ranks give "
+            f"{layout.local_kv_heads}")
+    if size == 1:
+        return None
+    logger.info("kascade: TP rank %d of %d: KV heads %d..%d of %d", rank, size,
+                layout.first_head, layout.first_head + layout.local_kv_heads - 1,
+                fingerprint.num_kv_heads)
+    return layout
+
+
+def tp_control(channel, layout):
+    """Every rank's hot-swap channel under TP (tp_sync.py): rank 0's control directory,
+    broadcast at each batch boundary over the TP group's CPU group; None on every rank when
+    rank 0 has none."""
+    from .profile import profile_from_dict
+    from .tp_sync import TPControl
+
+    group = sa.attention_tp_group()
+    return TPControl.create(channel, group.cpu_group, layout.rank, layout.size,
+                            profile_from_dict)
 
 
 def profile_validator(fingerprint, check=None):

@@ -58,12 +58,16 @@ class Policy:
     transform: Callable[[AnchorProfile], AnchorProfile]  # idempotent; dense layers kept
     select: Callable  # an anchor layer's selection on the PyTorch path
     on_device: bool  # the Triton path serves it (token granularity, per-KV-head pooled Top-k)
+    # a KV head's selection depends on that head's queries and keys only, so TP ranks, each
+    # holding some of the heads, select as TP 1 does (tp.py)
+    per_kv_head: bool = True
 
 
 POLICY_TABLE = {p.name: p for p in (
     Policy("kascade", _unchanged, _topk, on_device=True),
     Policy("kascade_identity", identity_head_map, _topk, on_device=True),
-    Policy("kascade_pooled", _unchanged, _topk, on_device=False),  # pooled over all heads
+    Policy("kascade_pooled", _unchanged, _topk, on_device=False,
+           per_kv_head=False),  # pooled over all heads
     Policy("oracle", every_layer_selects, _topk, on_device=True),  # exact Top-k in every layer
     Policy("quest", every_layer_selects, _quest, on_device=False),  # own pages in every layer
     Policy("streaming", every_layer_selects, _streaming, on_device=False),  # sinks + window

@@ -17,12 +17,13 @@ from typing import Any, Optional
 
 from .config import (INT32_MAX, MAX_BUDGET_KEYS, MAX_PAGE_TILE_SIZE, MAX_TILE_SIZE, BudgetConfig,
                      KascadeConfigError, check_budget_fields)
+from .tp import MAX_TP_SIZE, head_map_problem, tp_size_problem
 
 SCHEMA_VERSION = 1
 MAX_PROFILE_BYTES = 4 << 20
 REQUIRED = ("schema_version", "model", "dense_layers", "anchor_layers", "head_map",
             "topk_fraction", "k_min", "tile_size", "granularity", "provenance")
-OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "name": None}
+OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "name": None, "tp_sizes": [1]}
 FINGERPRINT_FIELDS = ("architecture", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
 BUDGET_FIELDS = ("topk_fraction", "k_min", "tile_size", "granularity", "page_tile_size", "round_to")
 
@@ -48,6 +49,9 @@ class AnchorProfile:
     head_map: tuple  # [num_layers][num_kv_heads]
     budget: BudgetConfig
     provenance: dict = field(default_factory=dict, compare=False)
+    # TP sizes whose ranks the head map keeps every reuse head on (tp.py): validated, written by
+    # calibration's --tp and by calibrate.tp_fit
+    tp_sizes: tuple = (1,)
 
     @property
     def num_layers(self) -> int:
@@ -80,6 +84,7 @@ class AnchorProfile:
             "granularity": b.granularity,
             "page_tile_size": b.page_tile_size,
             "round_to": b.round_to,
+            "tp_sizes": list(self.tp_sizes),
             "provenance": self.provenance,
         }
 
@@ -122,6 +127,9 @@ PROFILE_JSON_SCHEMA = {
         "granularity": {"type": "string", "enum": ["token", "page"]},
         "page_tile_size": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_TILE_SIZE},
         "round_to": {"type": "integer", "minimum": 1, "maximum": MAX_BUDGET_KEYS},
+        "tp_sizes": {"type": "array", "minItems": 1,
+                     "items": {"type": "integer", "minimum": 1, "maximum": MAX_TP_SIZE},
+                     "description": "TP sizes the head map is rank-local for (sorted, unique)"},
         "provenance": {"type": "object"},
     },
 }
@@ -200,6 +208,7 @@ def profile_from_dict(data: Any) -> AnchorProfile:
             _fail(f"head_map[{i}]", "must be the identity for dense and anchor layers")
 
     merged = {**OPTIONAL_DEFAULTS, **data}
+    tp_sizes = _tp_sizes(merged["tp_sizes"], fp.num_kv_heads, head_map)
     for name in BUDGET_FIELDS:
         if merged[name] is None:  # check_budget_fields skips None (it means "unset" for options)
             _fail(name, "must not be null")
@@ -232,7 +241,23 @@ def profile_from_dict(data: Any) -> AnchorProfile:
         head_map=tuple(tuple(r) for r in head_map),
         budget=budget,
         provenance=data["provenance"],
+        tp_sizes=tp_sizes,
     )
+
+
+def _tp_sizes(value, num_kv_heads: int, head_map) -> tuple:
+    """The validated ``tp_sizes`` field: a non-empty sorted list of distinct TP sizes, each one
+    SGLang can split the model's KV heads over and at which the head map is rank-local."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in value):
+        _fail("tp_sizes", "must be a non-empty list of integers")
+    if value != sorted(set(value)):
+        _fail("tp_sizes", "must be sorted ascending, without duplicates")
+    for n in value:
+        why = tp_size_problem(num_kv_heads, n) or head_map_problem(head_map, num_kv_heads, n)
+        if why:
+            _fail("tp_sizes", why)
+    return tuple(value)
 
 
 def profile_from_json_text(text: str) -> AnchorProfile:

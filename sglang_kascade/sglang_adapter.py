@@ -371,9 +371,11 @@ UNSUPPORTED = (
      "speculative decoding is not supported yet (verify batches need tree masks)"),
     ("--enable-mixed-chunk", lambda a, mc, r: bool(getattr(a, "enable_mixed_chunk", False)),
      "--enable-mixed-chunk is not supported yet (mixed prefill+decode batches)"),
-    ("--tp-size / --dcp-size",
-     lambda a, mc, r: getattr(a, "tp_size", 1) != 1 or getattr(a, "dcp_size", 1) != 1,
-     "tensor/context parallelism is not supported yet (head maps cross ranks)"),
+    ("--dcp-size", lambda a, mc, r: (getattr(a, "dcp_size", 1) or 1) != 1,
+     "decode context parallelism is not supported (a rank holds part of each request's keys; "
+     "the Top-k ranks them all)"),
+    ("--enable-dp-attention", lambda a, mc, r: bool(getattr(a, "enable_dp_attention", False)),
+     "data-parallel attention is not supported (tensor parallelism is: --tp-size)"),
     ("--pp-size", lambda a, mc, r: (getattr(a, "pp_size", 1) or 1) != 1,
      "pipeline parallelism is not supported (a reuse layer reads the selection of an anchor "
      "layer that may run on another pipeline stage)"),
@@ -420,6 +422,34 @@ def _refuse_unsupported(args, mc, runner, rows) -> None:
         if what in rows and refused(args, mc, runner):
             raise KascadeConfigError("--attention-backend kascade: " + why.format(
                 kv=getattr(args, "kv_cache_dtype", None), pool=_kv_pool_dtype(runner)))
+
+
+def attention_tp_group():
+    """SGLang's attention TP group (a GroupCoordinator: ``rank_in_group``, ``world_size``,
+    ``cpu_group``, a gloo group), whose ranks split the KV heads; None when SGLang's
+    distributed runtime is not initialised (a backend built without a server: tests).
+    ``runtime_context.get_parallel().attn_tp_group`` in 0.5.17 through 0.5.23 (with DP
+    attention refused it is the TP group)."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return get_parallel().attn_tp_group
+    except (ImportError, AssertionError, AttributeError, RuntimeError, ValueError):
+        return None  # not initialised: 0.5.17 asserts, 0.5.23 raises RuntimeError
+
+
+def tp_rank_size() -> tuple:
+    """(rank, size) of this process in the attention TP group; (0, 1) without one."""
+    group = attention_tp_group()
+    if group is None:
+        return 0, 1
+    return int(group.rank_in_group), int(group.world_size)
+
+
+def kv_pool_heads(model_runner):
+    """KV heads the runner's pool holds per layer (this rank's), or None where it does not say."""
+    n = getattr(getattr(model_runner, "token_to_kv_pool", None), "head_num", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def layer_needs_dense_fallback(layer) -> str:

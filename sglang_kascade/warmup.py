@@ -293,7 +293,9 @@ def warm_up_backend(backend, model_runner, options) -> None:
     kv = backend.token_to_kv_pool
     layer = int(getattr(kv, "start_layer", 0) or 0)  # the pools index by model layer id
     k_pool, v_pool = kv.get_key_buffer(layer), kv.get_value_buffer(layer)
-    hq = int(model_runner.model_config.num_attention_heads)  # tp 1 (check_supported)
+    hq = int(model_runner.model_config.num_attention_heads)
+    if backend.tp is not None:  # this rank's query heads (SGLang splits them evenly)
+        hq //= backend.tp.size
     hkv, d = int(k_pool.shape[1]), int(k_pool.shape[2])
     dtype = getattr(model_runner, "dtype", k_pool.dtype)  # the activations' (q's) dtype
     ok = (d >= 16 and (d & (d - 1)) == 0 and hq % hkv == 0 and dtype in (torch.float16,

@@ -35,12 +35,20 @@ def test_supported_configuration_passes():
     sa.check_supported(fake_runner())
 
 
+def test_tensor_parallelism_is_served():
+    sa.check_supported(fake_runner(**{"server_args.tp_size": 4}))
+
+
+def test_tp_rank_size_without_a_distributed_runtime():
+    assert sa.tp_rank_size() == (0, 1)
+
+
 @pytest.mark.parametrize("change, words", [
     ({"use_mla_backend": True}, "MLA"),
     ({"server_args.speculative_algorithm": "EAGLE"}, "speculative"),
     ({"server_args.enable_mixed_chunk": True}, "--enable-mixed-chunk"),
-    ({"server_args.tp_size": 2}, "tensor/context parallelism"),
-    ({"server_args.dcp_size": 2}, "tensor/context parallelism"),
+    ({"server_args.dcp_size": 2}, "decode context parallelism"),
+    ({"server_args.enable_dp_attention": True}, "data-parallel attention"),
     ({"model_config.is_hybrid_swa": True}, "sliding-window"),
     ({"model_config.is_encoder_decoder": True}, "encoder-decoder"),
     ({"model_config.v_head_dim": 128}, "head dims differ"),

@@ -297,11 +297,13 @@ class BackendRun:
 
 def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfig(),
                 control=None, hook=None, device="cpu", device_path=True,
-                options: KascadeOptions = KascadeOptions(dense_prefill_below=0)) -> BackendRun:
+                options: KascadeOptions = KascadeOptions(dense_prefill_below=0),
+                tp=None) -> BackendRun:
     """``options`` default: sparse prefill at every length (the method under test; the CPU
     default runs prompts under 4096 tokens dense). ``hook(forward, layer_id, backend)`` runs
     before each layer (layer_id None: before the forward's init_forward_metadata); ``control``
-    is a hot-swap channel (test_hot_swap_*).
+    is a hot-swap channel (test_hot_swap_*); ``tp`` a TPLayout (test_tp.py: ``scn`` then holds
+    that rank's heads).
     ``device="cuda"``: pools and inputs on the GPU (test_device_prefill_gpu.py), where
     ``device_path`` picks the Triton kernels or the PyTorch path; outputs come back to the CPU."""
     m = scn.model
@@ -316,7 +318,7 @@ def run_backend(scn: Scenario, batched: bool, policy: PolicyConfig = PolicyConfi
             kv.k[lid][sl], kv.v[lid][sl] = k.to(device), v.to(device)
     dense = FakeDenseBackend(r2t, kv)
     be = KascadeAttnBackend(dense, r2t, kv, profile, profile.budget, torch.device(device),
-                            policy=policy, control=control, options=options)
+                            policy=policy, control=control, options=options, tp=tp)
     be.device_path.enabled = device_path
     layers = [FakeLayer(i, m.hq, m.hkv, m.hkv, m.d, m.d, m.scale) for i in range(NUM_LAYERS)]
     outputs, selections, delegated = {}, {}, []

@@ -16,39 +16,14 @@ from sglang_kascade.calibrate.model import fingerprint  # noqa: E402
 from sglang_kascade.calibrate.stats import StatsCollector, collecting  # noqa: E402
 from sglang_kascade.config import BudgetConfig  # noqa: E402
 from sglang_kascade.profile import ModelFingerprint, load_profile, profile_from_dict  # noqa: E402
+from tiny_llama import WORDS, save_tiny_llama  # noqa: E402
 
 torch.set_num_threads(1)
-
-WORDS = ("the cat sat on a mat while dogs ran across fields of green grass under a blue sky "
-         "and birds sang").split()
-
-
-def tiny_config():
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512)
-    cfg.architectures = ["LlamaForCausalLM"]
-    return cfg
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_config()).save_pretrained(out)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
-                            unk_token="<unk>").save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

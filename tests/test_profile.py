@@ -126,7 +126,7 @@ def test_round_trip_through_to_json():
     again = profile_from_dict(p.to_json())
     assert again == p
     assert again.provenance == p.provenance  # provenance is compare=False: check it separately
-    assert p.to_json() == valid_profile_dict()
+    assert p.to_json() == {**valid_profile_dict(), "tp_sizes": [1]}  # optional, written
 
 
 def test_round_trip_through_json_text():
@@ -155,9 +155,10 @@ def test_validation_does_not_mutate_input():
 def test_optional_fields_take_their_defaults():
     d = valid_profile_dict()
     for name in OPTIONAL_DEFAULTS:
-        del d[name]
+        d.pop(name, None)
     p = profile_from_dict(d)
     assert p.name is None
+    assert p.tp_sizes == tuple(OPTIONAL_DEFAULTS["tp_sizes"]) == (1,)
     assert p.budget.page_tile_size == OPTIONAL_DEFAULTS["page_tile_size"] == 16
     assert p.budget.round_to == OPTIONAL_DEFAULTS["round_to"] == 1
     assert profile_from_dict(p.to_json()) == p

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from sglang_kascade.profile import (ModelFingerprint, find_shipped_profile, load_profile,
@@ -21,6 +23,14 @@ def test_shipped_profile_validates_and_names_itself(name):
     profile = load_profile(name)
     assert profile.name == name
     assert profile.provenance.get("source") or profile.provenance.get("tool")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_file_is_the_canonical_form(name):
+    """A server started with a shipped profile publishes ``to_json()`` as its current profile;
+    the sidecar lists the shipped file as active only if the two are the same JSON."""
+    data = json.loads((shipped_profiles_dir() / f"{name}.json").read_text())
+    assert data == load_profile(name).to_json()
 
 
 @pytest.mark.parametrize("model_path, expected", [

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-tile-size", type=int, default=None,
                    help="query tile of the statistics (default: --tile-size; 1 = per query, "
                         "as a decode step selects). The profile keeps --tile-size")
+    p.add_argument("--tp", type=int, nargs="+", default=[1], metavar="N",
+                   help="TP sizes to serve with: every reuse KV head reads an anchor head on its "
+                        "own rank at each (rank-local head map, recorded as tp_sizes; default 1)")
     p.add_argument("--seed", type=int, default=0, help="which windows are drawn (default 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--dtype", default="auto",
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from ..tp import tp_size_problem
+
     import torch
     from tqdm.auto import tqdm
 
@@ -168,6 +173,10 @@ def main(argv=None) -> int:
         resolve_dtype(args.dtype, args.device)
         model, tokenizer = load_model(args.model, args.device, args.dtype)
         fp = fingerprint(model.config)
+        for n in args.tp:
+            why = tp_size_problem(fp.num_kv_heads, n)
+            if why:
+                raise ValueError(f"--tp {n}: {why}")
         if args.choose is None:
             choose = min(choose, fp.num_layers)  # the default adapts to small models
         if choose != "auto" and choose > fp.num_layers:
@@ -197,7 +206,8 @@ def main(argv=None) -> int:
                                    score_tile_size=args.score_tile_size)
     bar.close()
     stats_s = time.time() - stats_started
-    result = analyse(collector, fp, budget, args.anchors, choose, args.auto_tolerance)
+    result = analyse(collector, fp, budget, args.anchors, choose, args.auto_tolerance,
+                     tp_sizes=args.tp)
 
     name = args.name if args.name is not None else args.out.stem
     provenance = {
@@ -221,7 +231,10 @@ def main(argv=None) -> int:
                              f"; statistics with query tiles of {args.score_tile_size}"),
             "importance": "1 - mean cos(x_l, x_l + attn_out_l) over tokens and samples",
             "weights": "W[l1,l2] = imp[l2] * mean_h2 max_h1 sim[l1,l2,h2,h1]",
-            "head_map": "argmax_h1 sim[anchor, layer, h2, h1], ties to identity",
+            "head_map": "argmax_h1 sim[anchor, layer, h2, h1], ties to identity"
+                        + ("" if result.tp_sizes == (1,) else
+                           f"; h1 on h2's rank at TP {list(result.tp_sizes)} (anchors chosen "
+                           f"with that constraint)"),
         },
         "device": args.device,
         "dtype": str(resolve_dtype(args.dtype, args.device)).replace("torch.", ""),

@@ -3,11 +3,16 @@
 For a reuse layer j with anchor a (the largest anchor <= j), KV head h2 reads anchor head
 argmax_{h1} sim[a, j, h2, h1]. Ties (within ``tie_tol``) prefer h1 == h2 (the identity), then
 the lowest index. Anchor and dense layers get the identity row (the profile schema requires it).
+
+Under tensor parallelism (``--tp N``) the argmax runs over the anchor heads on h2's own rank only
+(``rank_local_similarity``: the others at -inf), so the map is rank-local (sglang_kascade/tp.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..tp import same_rank
 
 
 def anchor_of(layer: int, anchors) -> int:
@@ -43,3 +48,24 @@ def summarize(rows) -> dict:
     moved = sum(1 for r in rows for h2, h1 in enumerate(r) if h1 != h2)
     return {"remapped_layers": remapped_rows, "remapped_heads": moved,
             "total_heads": len(rows) * h}
+
+
+def rank_local_similarity(sim: torch.Tensor, tp_sizes) -> torch.Tensor:
+    """sim [n, n, H2, H1] with every (h2, h1) that some TP size of ``tp_sizes`` puts on two
+    ranks set to -inf: ``head_map`` and the DP's layer weights then see only rank-local
+    choices (the identity always remains)."""
+    h = sim.shape[-1]
+    allowed = torch.tensor([[same_rank(h2, h1, h, tp_sizes) for h1 in range(h)]
+                            for h2 in range(h)])
+    return sim.masked_fill(~allowed.to(sim.device), float("-inf"))
+
+
+def map_similarity(sim: torch.Tensor, anchors, rows, dense_layers=(0,)) -> float:
+    """Mean over reuse layers j and KV heads h2 of sim[anchor(j), j, h2, rows[j][h2]]: the
+    fraction of each reuse head's own Top-k attention mass the head map's selection recovers
+    (min over query tiles, mean over samples; calibration's similarity). 1.0 without reuse
+    layers."""
+    vals = [float(sim[anchor_of(j, anchors), j, h2, h1])
+            for j, row in enumerate(rows) if j not in anchors and j not in dense_layers
+            for h2, h1 in enumerate(row)]
+    return sum(vals) / len(vals) if vals else 1.0

@@ -11,7 +11,7 @@ from ..config import BudgetConfig
 from ..kernels.selection_torch import DEFAULT_BLOCK_BYTES
 from ..profile import AnchorProfile, ModelFingerprint, profile_from_dict
 from .dp import AnchorChoice, choose_all, layer_weights
-from .headmap import head_map
+from .headmap import head_map, rank_local_similarity
 from .stats import StatsCollector, collecting, run_sample
 
 
@@ -26,6 +26,7 @@ class CalibrationResult:
     chosen: AnchorChoice
     head_map: list
     sizes: dict = field(default_factory=dict)
+    tp_sizes: tuple = (1,)  # the head map is rank-local at each (sglang_kascade/tp.py)
 
     @property
     def max_score(self) -> float:
@@ -62,10 +63,16 @@ def pick_count(choices: dict, choose: Union[int, str], max_score: float,
 
 
 def analyse(collector: StatsCollector, fp: ModelFingerprint, budget: BudgetConfig, counts,
-            choose: Union[int, str] = 5, tolerance: float = 0.01) -> CalibrationResult:
+            choose: Union[int, str] = 5, tolerance: float = 0.01,
+            tp_sizes=(1,)) -> CalibrationResult:
+    """``tp_sizes``: TP sizes the head map must be rank-local at; the anchors are chosen with
+    that constraint too (layer weights from the rank-local similarity). ``sim`` in the result
+    stays unconstrained (calibrate.tp_fit can fit it to other sizes later)."""
     sim = collector.similarity()
     imp = collector.importance()
-    W = layer_weights(sim, imp)
+    tp_sizes = tuple(sorted(set(tp_sizes) | {1}))
+    local = rank_local_similarity(sim, tp_sizes)
+    W = layer_weights(local, imp)
     counts = set(counts) | ({int(choose)} if choose != "auto" else set())
     if choose != "auto" and not 1 <= int(choose) <= fp.num_layers:
         raise ValueError(f"--choose {choose}: the model has {fp.num_layers} layers")
@@ -74,12 +81,13 @@ def analyse(collector: StatsCollector, fp: ModelFingerprint, budget: BudgetConfi
         raise ValueError(f"no anchor count in {sorted(counts)} fits {fp.num_layers} layers")
     k = pick_count(choices, choose, float(imp.sum()), tolerance)
     chosen = choices[k]
-    rows = head_map(sim, chosen.anchors, dense_layers=(0,))
+    rows = head_map(local, chosen.anchors, dense_layers=(0,))
     return CalibrationResult(
         fingerprint=fp, budget=budget, sim=sim, importance=imp,
         topk_recall=collector.topk_recall(), choices=choices, chosen=chosen, head_map=rows,
         sizes={"num_samples": collector.sim.num_samples,
                "tiles": collector.num_tiles, "sparse_tiles": collector.num_sparse_tiles},
+        tp_sizes=tp_sizes,
     )
 
 
@@ -107,5 +115,6 @@ def build_profile(result: CalibrationResult, name: Optional[str],
         head_map=tuple(tuple(row) for row in result.head_map),
         budget=b,
         provenance=prov,
+        tp_sizes=result.tp_sizes,
     )
     return profile_from_dict(profile.to_json())  # the same validation as any loaded profile
