@@ -247,11 +247,11 @@ def main():
         step(f"import {m}", lambda m=m: check_module(m))
     step("sglang_kascade registers with this SGLang", check_plugin)
     step("requirements of the stack", check_requirements, required=False)
-    import torch
+    torch_version = dist_version("torch")  # metadata only: torch itself may be what failed
     if FAILED:
-        print(f"VERDICT FAIL on torch {torch.__version__}: {len(FAILED)} step(s); first: {FAILED[0]}")
+        print(f"VERDICT FAIL on torch {torch_version}: {len(FAILED)} step(s); first: {FAILED[0]}")
         sys.exit(1)
-    print(f"VERDICT OK: SGLang 0.5.23's stack loads and sgl_kernel's ops run on torch {torch.__version__}")
+    print(f"VERDICT OK: SGLang 0.5.23's stack loads and sgl_kernel's ops run on torch {torch_version}")
 
 
 if __name__ == "__main__":
