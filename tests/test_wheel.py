@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # What a fresh clone lacks (.gitignore) plus version control: not copied into the build.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".gpu-stack", ".whl", "build", "dist",
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".gpu-stack*", ".whl", "build", "dist",
                                     "*.egg-info", "__pycache__", ".pytest_cache", "*.log")
 
 
