@@ -43,7 +43,7 @@ from decode_kernels import (D, HKV, HQ, capture_graph, flashinfer_dense, graph_t
                             replay_time)
 
 from sglang_kascade import graph_nodes  # noqa: E402
-from sglang_kascade.backend import layer_roles  # noqa: E402
+from sglang_kascade.profile import layer_roles  # noqa: E402
 from sglang_kascade.config import BudgetConfig, DevSwitches  # noqa: E402
 from sglang_kascade.device_path import DevicePath  # noqa: E402
 from sglang_kascade.profile import load_profile  # noqa: E402

@@ -28,21 +28,11 @@ from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyCon
                      dense_prefill_below, DevSwitches, prefill_tile_problem)
 from .kernels.sparse_attention_torch import sparse_attention
 from .plan import ForwardPlan, plan_forward
-from .profile import AnchorProfile
+from .profile import AnchorProfile, layer_roles
 from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
 from .resolve import resolve_budget
 
 logger = logging.getLogger("sglang_kascade")
-
-
-def layer_roles(profile: AnchorProfile) -> tuple:
-    """(roles, selects) per layer: the profile's role, and whether the layer selects. A dense
-    anchor selects only if a reuse layer reads it (layer 0 under "oracle" does not)."""
-    roles = [profile.role(i) for i in range(profile.num_layers)]
-    read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
-    selects = [role == "anchor" or (role == "dense_anchor" and i in read)
-               for i, role in enumerate(roles)]
-    return roles, selects
 
 
 class KascadeAttnBackend(AttentionBackend):

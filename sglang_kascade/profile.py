@@ -94,6 +94,16 @@ class AnchorProfile:
                 )
 
 
+def layer_roles(profile: AnchorProfile) -> tuple:
+    """(roles, selects) per layer: the profile's role, and whether the layer selects. A dense
+    anchor selects only if a reuse layer reads it (layer 0 under "oracle" does not)."""
+    roles = [profile.role(i) for i in range(profile.num_layers)]
+    read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
+    selects = [role == "anchor" or (role == "dense_anchor" and i in read)
+               for i, role in enumerate(roles)]
+    return roles, selects
+
+
 # The profile document as JSON Schema (the sidecar's OpenAPI shows it). It states types and
 # ranges; what JSON Schema cannot say (layers in range of num_layers, sorted unique lists,
 # head-map shape, a match with the served model) only profile_from_dict checks.

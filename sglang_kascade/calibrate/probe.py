@@ -37,7 +37,7 @@ from ..kernels.selection_torch import select_topk
 from ..kernels.sparse_attention_torch import sparse_attention
 from ..kernels.tiles import decode_tiles, extend_tiles
 from ..profile import (AnchorProfile, derived_default_profile, find_shipped_profile,
-                       load_profile)
+                       layer_roles, load_profile)
 
 IMPL = "kascade_probe"
 _STATE: dict = {}
@@ -76,10 +76,7 @@ def use_profile(profile: AnchorProfile | None, budget: BudgetConfig) -> None:
     _STATE.update(profile=profile, budget=budget, sel=None)
     if profile is None:
         return
-    read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
-    _STATE["selects"] = [profile.role(i) == "anchor"
-                         or (profile.role(i) == "dense_anchor" and i in read)
-                         for i in range(profile.num_layers)]
+    _STATE["selects"] = layer_roles(profile)[1]
     _STATE["head_maps"] = [torch.tensor(r, dtype=torch.int64) for r in profile.head_map]
 
 
