@@ -86,6 +86,17 @@ OPTION_TABLE = {
         f"Round each Top-k budget up to a multiple of this (kernels), 1..{MAX_BUDGET_KEYS}. "
         "Overrides the profile.",
     ),
+    "dense_tail": (
+        "--kascade-dense-tail", "SGLANG_KASCADE_DENSE_TAIL", int,
+        f"Prefill: the query tiles holding any of the last N positions of each extend forward "
+        f"attend every key (dense), 0..{MAX_BUDGET_KEYS} (0: none). Overrides the profile.",
+    ),
+    "query_tail": (
+        "--kascade-query-tail", "SGLANG_KASCADE_QUERY_TAIL", int,
+        f"Prefill: the last N positions of each extend forward select their Top-k one query at "
+        f"a time, as decode does, at the same budget (the question at the end of a prompt), "
+        f"0..{MAX_BUDGET_KEYS} (0: none). Overrides the profile.",
+    ),
     "policy": (
         "--kascade-policy", "SGLANG_KASCADE_POLICY", str,
         f"Selection policy, one of {', '.join(POLICIES)} (default {DEFAULT_POLICY}); every "
@@ -144,6 +155,8 @@ class KascadeOptions:
     granularity: Optional[str] = None
     page_tile_size: Optional[int] = None
     round_to: Optional[int] = None
+    dense_tail: Optional[int] = None
+    query_tail: Optional[int] = None
     policy: Optional[str] = None
     sink_tokens: Optional[int] = None
     dense_prefill_below: Optional[int] = None
@@ -172,6 +185,8 @@ class KascadeOptions:
             granularity=self.granularity,
             page_tile_size=self.page_tile_size,
             round_to=self.round_to,
+            dense_tail=self.dense_tail,
+            query_tail=self.query_tail,
             where="option",
         )
 
@@ -275,7 +290,8 @@ def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
 
 
 def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
-                        granularity=None, page_tile_size=None, round_to=None) -> None:
+                        granularity=None, page_tile_size=None, round_to=None,
+                        dense_tail=None, query_tail=None) -> None:
     """Range checks shared by options (start-up flags and environment), profiles (start-up,
     the scheduler's staging of a hot swap, the sidecar's upload and activation) and every
     BudgetConfig. ``None`` values are skipped. The upper bounds are what the backend can serve
@@ -308,6 +324,9 @@ def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size
                               "docs/profiles.md#bounds)")
     if granularity is not None and granularity not in GRANULARITIES:
         bad("granularity", granularity, f"must be one of {GRANULARITIES}")
+    for field, value in (("dense_tail", dense_tail), ("query_tail", query_tail)):
+        if value is not None and (not is_int(value) or not 0 <= value <= MAX_BUDGET_KEYS):
+            bad(field, value, f"must be an integer in 0..{MAX_BUDGET_KEYS}")
 
 
 def _pow2(n: int) -> int:
@@ -340,6 +359,12 @@ class BudgetConfig:
     granularity: str = "token"
     page_tile_size: int = 16
     round_to: int = 1
+    # The tiles holding any of an extend's last dense_tail positions attend every key (the
+    # question at the end of a prompt, exact); 0: none. Prefill only.
+    dense_tail: int = 0
+    # An extend's last query_tail positions are tiles of one query each, selecting per query
+    # as decode does; 0: none. Prefill only.
+    query_tail: int = 0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():

@@ -249,7 +249,7 @@ class DevicePath:
         from .kernels.prefill_plan import plan_prefill_tiles
 
         dev, t = self.device, budget.tile_size
-        tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev)
+        tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev, budget.query_tail)
         starts = tiles.host_start
         first = tiles.req_first_tile
         fractions = fractions or [None] * len(pools)

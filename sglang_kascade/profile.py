@@ -22,9 +22,11 @@ SCHEMA_VERSION = 1
 MAX_PROFILE_BYTES = 4 << 20
 REQUIRED = ("schema_version", "model", "dense_layers", "anchor_layers", "head_map",
             "topk_fraction", "k_min", "tile_size", "granularity", "provenance")
-OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "name": None}
+OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "dense_tail": 0, "query_tail": 0,
+                     "name": None}
 FINGERPRINT_FIELDS = ("architecture", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
-BUDGET_FIELDS = ("topk_fraction", "k_min", "tile_size", "granularity", "page_tile_size", "round_to")
+BUDGET_FIELDS = ("topk_fraction", "k_min", "tile_size", "granularity", "page_tile_size", "round_to",
+                 "dense_tail", "query_tail")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class AnchorProfile:
             "granularity": b.granularity,
             "page_tile_size": b.page_tile_size,
             "round_to": b.round_to,
+            "dense_tail": b.dense_tail,
+            "query_tail": b.query_tail,
             "provenance": self.provenance,
         }
 
@@ -132,6 +136,8 @@ PROFILE_JSON_SCHEMA = {
         "granularity": {"type": "string", "enum": ["token", "page"]},
         "page_tile_size": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_TILE_SIZE},
         "round_to": {"type": "integer", "minimum": 1, "maximum": MAX_BUDGET_KEYS},
+        "dense_tail": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET_KEYS},
+        "query_tail": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET_KEYS},
         "provenance": {"type": "object"},
     },
 }
@@ -221,6 +227,8 @@ def profile_from_dict(data: Any) -> AnchorProfile:
         granularity=merged["granularity"],
         page_tile_size=merged["page_tile_size"],
         round_to=merged["round_to"],
+        dense_tail=merged["dense_tail"],
+        query_tail=merged["query_tail"],
     )
     if not isinstance(data["provenance"], dict):
         _fail("provenance", "must be an object")
@@ -233,6 +241,8 @@ def profile_from_dict(data: Any) -> AnchorProfile:
         granularity=merged["granularity"],
         page_tile_size=merged["page_tile_size"],
         round_to=merged["round_to"],
+        dense_tail=merged["dense_tail"],
+        query_tail=merged["query_tail"],
     )
     return AnchorProfile(
         name=merged["name"],

@@ -27,13 +27,14 @@ from ..kernels.tiles import RequestTiles
 def mass_kept(q, k_all, tiles: RequestTiles, sel: Selection, scale: float,
               block_bytes: int | None = None) -> torch.Tensor:
     """[Hkv, n] float32: each query's dense softmax mass on the keys ``sel`` lets it attend,
-    averaged over the GQA group's query heads."""
+    averaged over the GQA group's query heads (1 for the dense tail's queries)."""
     n, hq = q.shape[0], q.shape[1]
     hkv = k_all.shape[1]
     if sel.dense:
         return torch.ones(hkv, n, device=q.device)
     block_bytes = block_bytes or block_bytes_for(q.device)
-    out = torch.empty(hkv, n, device=q.device)
+    out = torch.ones(hkv, n, device=q.device)
+    tiles = tiles.selected()
     k_t = k_all.float().permute(1, 2, 0)  # [Hkv, D, S]
     for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
         probs = query_probs(q, k_all, tiles, a, b, scale, k_t)  # [Hkv, G, nb, L]
@@ -82,8 +83,6 @@ class LayerLoss:
     own_mass: torch.Tensor | None
     last_mass: float
     last_err: float
-    keys_read: float  # selected keys summed over queries and KV heads
-    keys_candidate: float  # candidate keys (positions before each query's tile) summed likewise
 
 
 def layer_loss(role: str, q, k_all, v_all, tiles: RequestTiles, sel: Selection, scale: float,
@@ -100,17 +99,19 @@ def layer_loss(role: str, q, k_all, v_all, tiles: RequestTiles, sel: Selection, 
     if own is not None:
         own_mass = tile_sums(mass_kept(q, k_all, tiles, own, scale).double(), tiles).sum(0)
         own_mass /= counts * hkv
-    if sel.dense:
-        read = (tiles.tile_start.double() * hkv)
-    else:
-        read = sel.valid.sum(-1).double().sum(0)  # [nt] over KV heads
-    n_q = counts
     return LayerLoss(
         role=role,
         mass=tile_sums(mass.double(), tiles).sum(0) / (counts * hkv),
         err2=tile_sums(err2, tiles).sum(0), ref2=tile_sums(ref2, tiles).sum(0),
         own_mass=own_mass,
         last_mass=float(mass[:, -1].mean()),
-        last_err=float((err2[:, -1].sum() / ref2[:, -1].sum().clamp(min=1e-30)).sqrt()),
-        keys_read=float((read * n_q).sum()),
-        keys_candidate=float((tiles.tile_start.double() * hkv * n_q).sum()))
+        last_err=float((err2[:, -1].sum() / ref2[:, -1].sum().clamp(min=1e-30)).sqrt()))
+
+
+def budget_share(tiles: RequestTiles) -> float:
+    """Share of the candidate keys an extend's queries read in a sparse layer: the sum over
+    queries of their tile's budget k over the sum of their tile's start (1: dense; the causal
+    diagonal, read by both, is left out)."""
+    counts = tile_query_counts(tiles)
+    cand = float((counts * tiles.tile_start.double()).sum())
+    return float((counts * tiles.tile_k.double()).sum()) / cand if cand else 1.0

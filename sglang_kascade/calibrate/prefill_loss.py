@@ -16,8 +16,10 @@ Offline, no server. Per evaluation prompt (``sglang_kascade.eval.tasks``, the he
 
 Variants: ``--variant "name=T64 tile=64"``; keys ``name``, ``profile`` (probe's configs:
 ``shipped``, ``oracle``, ``file:PATH``, ``anchors:A,B,..``, ``drop:L,..``), ``topk``,
-``k_min``, ``tile``, ``prefix`` (a cached prefix: ``F+R`` = the tile boundary at or below
-fraction F of the prompt, plus R tokens; ``0`` none). Unset keys take the shipped profile's.
+``k_min``, ``tile``, ``tail`` / ``qtail`` (``BudgetConfig.dense_tail`` / ``query_tail``),
+``prefix`` (a cached prefix:
+``F+R`` = the tile boundary at or below fraction F of the prompt, plus R tokens; ``0`` none).
+Unset keys take the shipped profile's.
 
 Tiles are *question* tiles if a query of theirs is after the haystack (the question and the
 answer prefix), else *body* tiles; summaries count sparse tiles only (``tile_k < tile_start``).
@@ -39,10 +41,11 @@ from pathlib import Path
 import torch
 
 from ..config import BudgetConfig, PolicyConfig
-from ..kernels.tiles import RequestTiles, extend_tiles
+from ..kernels.tiles import RequestTiles
+from ..plan import request_tiles
 from ..policies import POLICY_TABLE
 from ..profile import AnchorProfile, layer_roles
-from .attention_loss import LayerLoss, layer_loss
+from .attention_loss import budget_share, layer_loss
 
 FORMAT = "sglang-kascade-prefill-loss/1"
 
@@ -108,7 +111,7 @@ def walk(layers: list, variant: Variant, prefix: int = 0, own: bool = True) -> l
     roles, selects = layer_roles(profile)
     select = POLICY_TABLE[policy.name].select
     length = layers[0].q.shape[0]
-    tiles = extend_tiles(prefix, length - prefix, budget.tile_size, budget.k_for, "cpu")
+    tiles = request_tiles(budget, prefix, length - prefix, budget.k_for, "cpu")
     out, current = [], None
     for li, (role, lay) in enumerate(zip(roles, layers)):
         q = lay.q[prefix:]
@@ -143,7 +146,6 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
     groups = {"body": sparse & ~question, "question": sparse & question,
               "first": torch.arange(tiles.num_tiles) == 0}
     layers, mass_sum, err2_sum, ref2_sum, n_sparse = [], 0.0, 0.0, 0.0, 0
-    read = cand = 0.0
     for li, loss in enumerate(losses):
         if loss is None:
             layers.append({"layer": li, "role": "dense"})
@@ -161,8 +163,6 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
         mass_sum = mass_sum + loss.mass
         err2_sum, ref2_sum = err2_sum + loss.err2, ref2_sum + loss.ref2
         n_sparse += 1
-        read += loss.keys_read
-        cand += loss.keys_candidate
     tile_mass = (mass_sum / max(1, n_sparse)).tolist() if n_sparse else []
     tile_err = ((err2_sum / ref2_sum.clamp(min=1e-30)).sqrt().tolist() if n_sparse else [])
     return {
@@ -172,8 +172,7 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
                                                              zip(tiles.tile_q_lo, tiles.tile_q_hi)],
                   "mass": [round(x, 5) for x in tile_mass],
                   "err": [round(x, 5) for x in tile_err]},
-        "budget": {"keys_read": read, "keys_candidate": cand,
-                   "share": round(read / cand, 5) if cand else 1.0},
+        "budget": {"share": round(budget_share(tiles), 5)},
     }
 
 
@@ -218,7 +217,8 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
     from .probe import config_profile
 
     kv = dict(item.split("=", 1) for item in spec.split())
-    unknown = set(kv) - {"name", "profile", "topk", "k_min", "tile", "prefix", "policy"}
+    unknown = set(kv) - {"name", "profile", "topk", "k_min", "tile", "tail", "qtail", "prefix",
+                         "policy"}
     if unknown:
         raise SystemExit(f"--variant {spec!r}: unknown keys {sorted(unknown)}")
     profile = config_profile(kv.get("profile", "shipped"), shipped)
@@ -227,7 +227,9 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
     b = profile.budget
     budget = dataclasses.replace(
         b, topk_fraction=float(kv.get("topk", b.topk_fraction)),
-        k_min=int(kv.get("k_min", b.k_min)), tile_size=int(kv.get("tile", b.tile_size)))
+        k_min=int(kv.get("k_min", b.k_min)), tile_size=int(kv.get("tile", b.tile_size)),
+        dense_tail=int(kv.get("tail", b.dense_tail)),
+        query_tail=int(kv.get("qtail", b.query_tail)))
     return Variant(name=kv.get("name", spec), profile=profile, budget=budget,
                    policy=PolicyConfig(kv.get("policy", "kascade")),
                    prefix=kv.get("prefix", "0"))
@@ -266,6 +268,8 @@ def main(argv=None) -> int:
                    help="task seed (default 1: prompts the evaluation, seed 0, does not use)")
     p.add_argument("--no-own", action="store_true",
                    help="skip the reuse layers' own Top-k (their oracle mass)")
+    p.add_argument("--no-walk", action="store_true",
+                   help="skip the attention-level walk (end-to-end figures and budgets only)")
     p.add_argument("--no-answer", action="store_true", help="skip the end-to-end runs")
     p.add_argument("--decode", action="store_true",
                    help="end to end: also decode the whole answer (default: its first token)")
@@ -321,9 +325,9 @@ def main(argv=None) -> int:
                     prompt["dense_answer"] = answer_scores(dense_rows, dense_rows, answer)
                 for v in variants:
                     pre = prefix_length(v.prefix, length, v.budget.tile_size)
-                    losses = walk(cap.layers, v, pre, own=not args.no_own)
-                    tiles = extend_tiles(pre, length - pre, v.budget.tile_size, v.budget.k_for,
-                                         "cpu")
+                    losses = [] if args.no_walk else walk(cap.layers, v, pre,
+                                                           own=not args.no_own)
+                    tiles = request_tiles(v.budget, pre, length - pre, v.budget.k_for, "cpu")
                     res = summarize(losses, tiles, s.body[1], pre)
                     if dense_rows is not None:
                         probe.use_profile(v.profile, v.budget)
