@@ -224,8 +224,12 @@ class DevicePath:
     # ---- per forward -----------------------------------------------------------------------------
 
     def applies(self, is_decode: bool, policy, budget) -> bool:
+        """Whether this forward runs the Triton kernels. A prefill with a dense tail does not
+        (its tiles' budgets are whole prefixes, beyond the selection buffers' width): the
+        PyTorch path serves it."""
         return (self.enabled and self.device.type == "cuda"
-                and POLICY_TABLE[policy.name].on_device and budget.granularity == "token")
+                and POLICY_TABLE[policy.name].on_device and budget.granularity == "token"
+                and (is_decode or not budget.dense_tail))
 
     def plan(self, pools, seq_lens, budget, fractions=None) -> DeviceForward:
         """``fractions``: [B] each request's own Top-k fraction or None (the server's)."""

@@ -26,6 +26,9 @@ def test_applies_only_to_cuda_token_topk():
     assert not cuda.applies(False, PolicyConfig(name="kascade_pooled"), budget)
     assert not cuda.applies(True, PolicyConfig(name="quest"), budget)
     assert not cuda.applies(True, PolicyConfig(), BudgetConfig(granularity="page"))
+    assert not cuda.applies(False, PolicyConfig(), BudgetConfig(dense_tail=32))  # PyTorch path
+    assert cuda.applies(True, PolicyConfig(), BudgetConfig(dense_tail=32))  # decode: no tail
+    assert cuda.applies(False, PolicyConfig(), BudgetConfig(query_tail=32))
     cuda.enabled = False
     assert not cuda.applies(True, PolicyConfig(), budget)
 
