@@ -5,7 +5,8 @@ and prints a markdown table per variant: the mean over sparse layers and prompts
 kept and the relative output error (body tiles, question tiles, the prompt's last query, the
 first tile of an extend after a cached prefix), the share of candidate keys read, and the first
 answer token's KL divergence from dense and argmax agreement. ``--plot-layers PNG`` draws mass
-and error per layer, ``--plot-tiles PNG`` the error per tile against its position in the prompt.
+and error per layer, ``--plot-tiles PNG`` the error per tile against its position in the prompt,
+``--plot-summary PNG`` the errors and the KL divergence per variant.
 
     python -m sglang_kascade.calibrate.prefill_loss_report --in a.json --in b.json \\
         [--variants base,oracle] [--plot-layers L.png] [--plot-tiles T.png]
@@ -140,6 +141,29 @@ def plot_tiles(data: dict, names, path: str, length: int | None = None) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_summary(data: dict, names, path: str) -> None:
+    """Per variant: relative error of body and question tiles and of the last query (means over
+    sparse layers and prompts), and the first answer token's KL divergence from dense."""
+    plt = _pyplot()
+    rows = [summary(data[n]) for n in names]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.27
+    for i, (key, label) in enumerate((("body_err", "body tiles"), ("question_err", "question "
+                                      "tiles"), ("last_err", "last query"))):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, [r.get(key) or 0 for r in rows], width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("relative error of the attention output")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax2.bar(range(len(names)), [r.get("kl_first") or 0 for r in rows], color="gray")
+    ax2.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+    ax2.set_ylabel("KL(dense || variant), first answer token")
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sglang_kascade.calibrate.prefill_loss_report",
                                 description=__doc__.splitlines()[0])
@@ -147,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None, help="comma list (default: every variant)")
     p.add_argument("--plot-layers", default=None)
     p.add_argument("--plot-tiles", default=None)
+    p.add_argument("--plot-summary", default=None)
     p.add_argument("--own-of", default=None, help="variant whose own Top-k mass to draw")
     p.add_argument("--length", type=int, default=None, help="--plot-tiles: this length only")
     args = p.parse_args(argv)
@@ -160,6 +185,8 @@ def main(argv=None) -> int:
         plot_layers(data, names, args.plot_layers, args.own_of)
     if args.plot_tiles:
         plot_tiles(data, names, args.plot_tiles, args.length)
+    if args.plot_summary:
+        plot_summary(data, names, args.plot_summary)
     return 0
 
 
