@@ -2,7 +2,8 @@
 
 Pure Python + torch, testable on the CPU. Tiles are aligned to absolute positions (tile t of a
 request covers positions [t*T, (t+1)*T)), as in kernels/tiles.py, so a cached prefix or chunk
-boundary inside a tile gives a first tile holding only the queries present in this extend.
+boundary inside a tile gives a first tile holding only the queries present in this extend; an
+extend's query tail is one tile per query (``BudgetConfig.query_tail``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .tiles import tile_bounds
 
 
 @dataclass(frozen=True)
@@ -29,16 +32,16 @@ class PrefillTiles:
         return int(self.tile_start.numel())
 
 
-def plan_prefill_tiles(prefix_lens, extend_lens, tile_size: int, device) -> PrefillTiles:
+def plan_prefill_tiles(prefix_lens, extend_lens, tile_size: int, device,
+                       query_tail: int = 0) -> PrefillTiles:
     """Tiles of an extend batch: request b has ``extend_lens[b]`` new queries after
-    ``prefix_lens[b]`` cached keys; its queries are rows qo_start[b].. of the flattened q."""
+    ``prefix_lens[b]`` cached keys; its queries are rows qo_start[b].. of the flattened q. Each
+    request is tiled as ``tiles.extend_tiles`` tiles it (``tile_bounds``: its last
+    ``query_tail`` positions one query per tile)."""
     req, start, q_lo, q_len, p_lo, first = [], [], [], [], [], [0]
     row = 0
     for b, (prefix, n) in enumerate(zip(prefix_lens, extend_lens)):
-        end = prefix + n
-        for t in range(prefix // tile_size, (end - 1) // tile_size + 1):
-            s = t * tile_size
-            lo, hi = max(s, prefix), min(s + tile_size, end)
+        for s, lo, hi in tile_bounds(prefix, n, tile_size, query_tail):
             req.append(b)
             start.append(s)
             q_lo.append(row + lo - prefix)

@@ -66,9 +66,9 @@ def tile_blocks(tiles: RequestTiles, row_bytes: int, block_bytes: int) -> Iterat
         a = b
 
 
-def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: float,
-                      k_t=None):
-    """Pooled probabilities of tiles [a, b): [Hkv, b-a, L] with L = last query position + 1.
+def query_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: float, k_t=None):
+    """Post-softmax probabilities of the queries of tiles [a, b) over their causal rows:
+    [Hkv, G, n, L] float32, n = those queries in order, L = the last one's position + 1.
 
     ``k_t`` optionally passes ``k_all`` already as float32 [Hkv, D, S] (reused across blocks).
     """
@@ -83,9 +83,16 @@ def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: floa
     logits = torch.bmm(qb, k_t[:, :, :n_keys])  # [Hkv, G*n, L]
     causal = torch.arange(n_keys, device=q.device)[None, :] > q_pos[:, None]  # [n, L]
     logits = logits.unflatten(1, (-1, n)).masked_fill_(causal, NEG_INF)  # [Hkv, G, n, L]
-    pooled_q = torch.softmax(logits, dim=-1).sum(1)  # [Hkv, n, L]
-    del logits
-    pooled = pooled_q.new_zeros(hkv, b - a, n_keys)
+    return torch.softmax(logits, dim=-1)
+
+
+def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: float,
+                      k_t=None):
+    """Pooled probabilities of tiles [a, b): [Hkv, b-a, L] with L = last query position + 1:
+    ``query_probs`` summed over each GQA group's heads and each tile's queries."""
+    lo, hi = tiles.tile_q_lo[a], tiles.tile_q_hi[b - 1]
+    pooled_q = query_probs(q, k_all, tiles, a, b, scale, k_t).sum(1)  # [Hkv, n, L]
+    pooled = pooled_q.new_zeros(k_all.shape[1], b - a, pooled_q.shape[-1])
     pooled.index_add_(1, tiles.q_tile[lo:hi] - a, pooled_q)
     return pooled
 

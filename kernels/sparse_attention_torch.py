@@ -2,7 +2,9 @@
 
 Each query attends to the selected candidate keys of its tile (through the layer's head map, for
 reuse layers) plus the tile's own keys from the tile start up to itself (the causal diagonal
-block). A dense selection is plain causal attention. Work is done one block of tiles at a time.
+block). A dense selection is plain causal attention, and so is the dense tail of an extend
+(``RequestTiles.dense_from``: the selection covers the tiles before it). Work is done one block of
+tiles at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def sparse_attention(
     k_all: torch.Tensor,  # [S, Hkv, D], or the KV pool [slots, Hkv, D] with ``slots``
     v_all: torch.Tensor,  # [S, Hkv, Dv], or the KV pool
     tiles: RequestTiles,
-    sel: Selection,  # already mapped to this layer's KV heads
+    sel: Selection,  # already mapped to this layer's KV heads; covers tiles.selected()
     scale: float,
     block_bytes: int | None = None,  # None: block_bytes_for(q.device)
     slots: torch.Tensor | None = None,  # [S] int64 pool slot of each position
@@ -53,12 +55,17 @@ def sparse_attention(
     n, hq, _ = q.shape
     hkv = k_all.shape[1]
     n_pos = k_all.shape[0] if slots is None else slots.shape[0]  # S
+    out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
+    tail = tiles.tail_q_lo  # queries from here on: the dense tail
+    if tail < n:
+        out[tail:] = dense_causal_attention(q[tail:], k_all, v_all, tiles.q_pos[tail:], scale,
+                                            block_bytes, slots)
+    tiles = tiles.selected()
     # [rows * Hkv, D] (a view of a contiguous pool): a key of head h is row slot * Hkv + h, so
     # each tile's keys are one index_select (7x faster than [heads, rows] indexing on the CPU)
     k_rows, v_rows = k_all.flatten(0, 1), v_all.flatten(0, 1)
     q_kv = q.float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
     heads = torch.arange(hkv, device=q.device)[:, None, None]
-    out = torch.empty(n, hq, v_all.shape[-1], dtype=q.dtype, device=q.device)
     for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
         nt = b - a
         lo_q = torch.tensor(tiles.tile_q_lo[a:b], device=q.device)

@@ -4,6 +4,10 @@ Tiles are aligned to absolute positions (tile t covers positions [t*T, (t+1)*T))
 split by a cached prefix or by chunked prefill at a multiple of T is tiled exactly as a cold,
 whole-prompt run. A decode query is one tile whose start is the sequence length: every key
 (the new one included) is a candidate and the diagonal block is empty.
+
+An extend's *dense tail* (``BudgetConfig.dense_tail``): the tiles holding any of its last N
+positions attend every key (budget k = start) without a selection; ``RequestTiles.dense_from``
+is the first of them, ``selected()`` the tiles before it, the ones a selection covers.
 """
 
 from __future__ import annotations
@@ -21,10 +25,28 @@ class RequestTiles:
     tile_k: torch.Tensor  # [nt] int64, Top-k budget of each tile (<= tile_start)
     tile_q_lo: list  # [nt] first query index (into q) of each tile
     tile_q_hi: list  # [nt] one past the last query index of each tile
+    dense_from: int | None = None  # first tile of the dense tail (attends densely), or None
 
     @property
     def num_tiles(self) -> int:
         return int(self.tile_start.numel())
+
+    @property
+    def tail_q_lo(self) -> int:
+        """First query (index into q) of the dense tail; the number of queries if none."""
+        if self.dense_from is None:
+            return int(self.q_pos.numel())
+        return self.tile_q_lo[self.dense_from]
+
+    def selected(self) -> "RequestTiles":
+        """The tiles that select keys: every tile, or those before the dense tail (a selection
+        of this request covers these; the tail's queries attend densely)."""
+        if self.dense_from is None:
+            return self
+        t, n = self.dense_from, self.tail_q_lo
+        return RequestTiles(q_pos=self.q_pos[:n], q_tile=self.q_tile[:n],
+                            tile_start=self.tile_start[:t], tile_k=self.tile_k[:t],
+                            tile_q_lo=self.tile_q_lo[:t], tile_q_hi=self.tile_q_hi[:t])
 
     @property
     def all_dense(self) -> bool:
@@ -32,27 +54,47 @@ class RequestTiles:
         return bool((self.tile_k >= self.tile_start).all())
 
 
-def extend_tiles(prefix_len: int, extend_len: int, tile_size: int, k_for, device) -> RequestTiles:
-    """Tiles for an extend of ``extend_len`` new tokens after ``prefix_len`` cached ones."""
-    first = prefix_len // tile_size
-    last = (prefix_len + extend_len - 1) // tile_size
+def tile_bounds(prefix_len: int, extend_len: int, tile_size: int, query_tail: int = 0) -> list:
+    """(start, first position, end position) of each query tile of an extend, in order: tiles
+    of ``tile_size`` aligned to absolute positions, then one tile per query for its last
+    ``query_tail`` positions (start = the query's position). Shared by ``extend_tiles`` and the
+    batch plan of the prefill kernels (``prefill_plan.plan_prefill_tiles``)."""
+    end = prefix_len + extend_len
+    split = max(prefix_len, end - query_tail)  # single-query tiles from here on
+    bounds = []
+    if split > prefix_len:
+        for t in range(prefix_len // tile_size, (split - 1) // tile_size + 1):
+            s = t * tile_size
+            bounds.append((s, max(s, prefix_len), min(s + tile_size, split)))
+    return bounds + [(p, p, p + 1) for p in range(split, end)]
+
+
+def extend_tiles(prefix_len: int, extend_len: int, tile_size: int, k_for, device,
+                 dense_tail: int = 0, query_tail: int = 0) -> RequestTiles:
+    """Tiles for an extend of ``extend_len`` new tokens after ``prefix_len`` cached ones; the
+    tiles holding any of its last ``dense_tail`` positions are its dense tail; its last
+    ``query_tail`` positions are tiles of one query each (selecting per query, as decode)."""
+    end = prefix_len + extend_len
+    bounds = tile_bounds(prefix_len, extend_len, tile_size, query_tail)
     starts, ks, lo, hi = [], [], [], []
-    for t in range(first, last + 1):
-        s = t * tile_size
-        q0 = max(s, prefix_len) - prefix_len
-        q1 = min(s + tile_size, prefix_len + extend_len) - prefix_len
+    dense_from = None
+    for i, (s, p0, p1) in enumerate(bounds):
+        tail = dense_tail > 0 and p1 > end - dense_tail
+        if tail and dense_from is None:
+            dense_from = i
         starts.append(s)
-        ks.append(k_for(s))
-        lo.append(q0)
-        hi.append(q1)
-    q_pos = torch.arange(prefix_len, prefix_len + extend_len, device=device)
+        ks.append(s if tail else k_for(s))
+        lo.append(p0 - prefix_len)
+        hi.append(p1 - prefix_len)
+    counts = torch.tensor([b - a for a, b in zip(lo, hi)], device=device)
     return RequestTiles(
-        q_pos=q_pos,
-        q_tile=q_pos // tile_size - first,
+        q_pos=torch.arange(prefix_len, end, device=device),
+        q_tile=torch.repeat_interleave(torch.arange(len(bounds), device=device), counts),
         tile_start=torch.tensor(starts, dtype=torch.int64, device=device),
         tile_k=torch.tensor(ks, dtype=torch.int64, device=device),
         tile_q_lo=lo,
         tile_q_hi=hi,
+        dense_from=dense_from,
     )
 
 

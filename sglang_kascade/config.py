@@ -109,6 +109,19 @@ OPTION_TABLE = {
         "Overrides the profile.",
         default=1, allowed=(1, MAX_BUDGET_KEYS),
     ),
+    "dense_tail": Setting(
+        "--kascade-dense-tail", "SGLANG_KASCADE_DENSE_TAIL", int,
+        f"Prefill: the query tiles holding any of the last N positions of each extend forward "
+        f"attend every key (dense), 0..{MAX_BUDGET_KEYS} (0: none). Overrides the profile.",
+        default=0, allowed=(0, MAX_BUDGET_KEYS),
+    ),
+    "query_tail": Setting(
+        "--kascade-query-tail", "SGLANG_KASCADE_QUERY_TAIL", int,
+        f"Prefill: the last N positions of each extend forward select their Top-k one query at "
+        f"a time, as decode does, at the same budget (the question at the end of a prompt), "
+        f"0..{MAX_BUDGET_KEYS} (0: none). Overrides the profile.",
+        default=0, allowed=(0, MAX_BUDGET_KEYS),
+    ),
     "policy": Setting(
         "--kascade-policy", "SGLANG_KASCADE_POLICY", str,
         f"Selection policy, one of {', '.join(POLICIES)} (default {DEFAULT_POLICY}); every "
@@ -173,6 +186,8 @@ class KascadeOptions:
     granularity: Optional[str] = None
     page_tile_size: Optional[int] = None
     round_to: Optional[int] = None
+    dense_tail: Optional[int] = None
+    query_tail: Optional[int] = None
     policy: Optional[str] = None
     sink_tokens: Optional[int] = None
     dense_prefill_below: Optional[int] = None
@@ -196,6 +211,8 @@ class KascadeOptions:
             granularity=self.granularity,
             page_tile_size=self.page_tile_size,
             round_to=self.round_to,
+            dense_tail=self.dense_tail,
+            query_tail=self.query_tail,
             where="option",
         )
 
@@ -304,7 +321,8 @@ def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
 
 
 def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
-                        granularity=None, page_tile_size=None, round_to=None) -> None:
+                        granularity=None, page_tile_size=None, round_to=None,
+                        dense_tail=None, query_tail=None) -> None:
     """Range checks shared by options (start-up flags and environment), profiles (start-up,
     the scheduler's staging of a hot swap, the sidecar's upload and activation) and every
     BudgetConfig. ``None`` values are skipped. The upper bounds are what the backend can serve
@@ -336,6 +354,8 @@ def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size
                               "docs/profiles.md#bounds)")
     if granularity is not None and granularity not in OPTION_TABLE["granularity"].allowed:
         bad("granularity", granularity, f"must be one of {GRANULARITIES}")
+    for field, value in (("dense_tail", dense_tail), ("query_tail", query_tail)):
+        check_int_range(field, value, where=where)
 
 
 def _pow2(n: int) -> int:
@@ -368,6 +388,12 @@ class BudgetConfig:
     granularity: str = OPTION_TABLE["granularity"].default  # "token"
     page_tile_size: int = OPTION_TABLE["page_tile_size"].default  # 16
     round_to: int = OPTION_TABLE["round_to"].default  # 1
+    # The tiles holding any of an extend's last dense_tail positions attend every key (the
+    # question at the end of a prompt, exact); 0: none. Prefill only.
+    dense_tail: int = OPTION_TABLE["dense_tail"].default  # 0
+    # An extend's last query_tail positions are tiles of one query each, selecting per query
+    # as decode does; 0: none. Prefill only.
+    query_tail: int = OPTION_TABLE["query_tail"].default  # 0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():

@@ -218,8 +218,12 @@ class DevicePath:
     # ---- per forward -----------------------------------------------------------------------------
 
     def applies(self, is_decode: bool, policy, budget) -> bool:
+        """Whether this forward runs the Triton kernels. A prefill with a dense tail does not
+        (its tiles' budgets are whole prefixes, beyond the selection buffers' width): the
+        PyTorch path serves it."""
         return (self.enabled and self.device.type == "cuda"
-                and POLICY_TABLE[policy.name].on_device and budget.granularity == "token")
+                and POLICY_TABLE[policy.name].on_device and budget.granularity == "token"
+                and (is_decode or not budget.dense_tail))
 
     def plan(self, pools, seq_lens, budget, fractions=None) -> DeviceForward:
         """``fractions``: [B] each request's own Top-k fraction or None (the server's)."""
@@ -243,7 +247,7 @@ class DevicePath:
         from .kernels.prefill_plan import plan_prefill_tiles
 
         dev, t = self.device, budget.tile_size
-        tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev)
+        tiles = plan_prefill_tiles(prefix_lens, extend_lens, t, dev, budget.query_tail)
         starts = tiles.host_start
         first = tiles.req_first_tile
         fractions = fractions or [None] * len(pools)

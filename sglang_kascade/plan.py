@@ -37,6 +37,12 @@ def request_k_for(budget: BudgetConfig, fraction: float | None):
     return lambda visible: budget.k_for(visible, fraction)
 
 
+def request_tiles(budget: BudgetConfig, prefix: int, extend: int, k_for, device):
+    """The query tiles of one request's extend under ``budget`` (tile size, tails)."""
+    return extend_tiles(prefix, extend, budget.tile_size, k_for, device, budget.dense_tail,
+                        budget.query_tail)
+
+
 def plan_forward(req_to_token, pools, prefix_lens, extend_lens, seq_lens, is_decode: bool,
                  budget: BudgetConfig, fractions=None) -> ForwardPlan:
     """``fractions``: [B] each request's own Top-k fraction or None (the server's); None: the
@@ -51,7 +57,7 @@ def plan_forward(req_to_token, pools, prefix_lens, extend_lens, seq_lens, is_dec
         if is_decode:
             tiles = decode_tiles(seq, k_for, device)
         else:
-            tiles = extend_tiles(prefix, extend, budget.tile_size, k_for, device)
+            tiles = request_tiles(budget, prefix, extend, k_for, device)
         slots = req_to_token[pool, :seq].to(torch.int64)
         plans.append(RequestPlan(q_lo, q_lo + extend, slots, tiles))
         q_lo += extend

@@ -38,18 +38,20 @@ def _unchanged(profile: AnchorProfile) -> AnchorProfile:
 
 
 # Selection of an anchor layer on the PyTorch path: (q [n, Hq, D], k_all [S, Hkv, D], tiles,
-# scale, budget, policy config) -> Selection, at the budget k of each tile.
+# scale, budget, policy config) -> Selection, at the budget k of each tile; it covers
+# tiles.selected() (the tiles before an extend's dense tail, whose queries attend densely).
 def _topk(q, k_all, tiles, scale, budget, policy):
-    return select_topk(q, k_all, tiles, scale, budget.granularity, budget.page_tile_size,
-                       pool_all_heads=policy.name == "kascade_pooled")
+    return select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale, budget.granularity,
+                       budget.page_tile_size, pool_all_heads=policy.name == "kascade_pooled")
 
 
 def _quest(q, k_all, tiles, scale, budget, policy):  # pages of page_tile_size keys
-    return select_quest(q, k_all, tiles, scale, budget.page_tile_size)
+    return select_quest(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale,
+                        budget.page_tile_size)
 
 
 def _streaming(q, k_all, tiles, scale, budget, policy):
-    return select_streaming(tiles, k_all.shape[1], policy.sink_tokens)
+    return select_streaming(tiles.selected(), k_all.shape[1], policy.sink_tokens)
 
 
 @dataclass(frozen=True)

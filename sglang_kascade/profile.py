@@ -23,9 +23,11 @@ SCHEMA_VERSION = 1
 MAX_PROFILE_BYTES = 4 << 20
 REQUIRED = ("schema_version", "model", "dense_layers", "anchor_layers", "head_map",
             "topk_fraction", "k_min", "tile_size", "granularity", "provenance")
-OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "name": None, "tp_sizes": [1]}
+OPTIONAL_DEFAULTS = {"page_tile_size": 16, "round_to": 1, "dense_tail": 0, "query_tail": 0,
+                     "name": None, "tp_sizes": [1]}
 FINGERPRINT_FIELDS = ("architecture", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
-BUDGET_FIELDS = ("topk_fraction", "k_min", "tile_size", "granularity", "page_tile_size", "round_to")
+BUDGET_FIELDS = ("topk_fraction", "k_min", "tile_size", "granularity", "page_tile_size", "round_to",
+                 "dense_tail", "query_tail")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class AnchorProfile:
             "granularity": b.granularity,
             "page_tile_size": b.page_tile_size,
             "round_to": b.round_to,
+            # prefill tails: written where set, so profiles without them keep their form
+            **{f: getattr(b, f) for f in ("dense_tail", "query_tail") if getattr(b, f)},
             "tp_sizes": list(self.tp_sizes),
             "provenance": self.provenance,
         }
@@ -130,6 +134,8 @@ PROFILE_JSON_SCHEMA = {
         "tp_sizes": {"type": "array", "minItems": 1,
                      "items": {"type": "integer", "minimum": 1, "maximum": MAX_TP_SIZE},
                      "description": "TP sizes the head map is rank-local for (sorted, unique)"},
+        "dense_tail": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET_KEYS},
+        "query_tail": {"type": "integer", "minimum": 0, "maximum": MAX_BUDGET_KEYS},
         "provenance": {"type": "object"},
     },
 }
@@ -220,6 +226,8 @@ def profile_from_dict(data: Any) -> AnchorProfile:
         granularity=merged["granularity"],
         page_tile_size=merged["page_tile_size"],
         round_to=merged["round_to"],
+        dense_tail=merged["dense_tail"],
+        query_tail=merged["query_tail"],
     )
     if not isinstance(data["provenance"], dict):
         _fail("provenance", "must be an object")
@@ -232,6 +240,8 @@ def profile_from_dict(data: Any) -> AnchorProfile:
         granularity=merged["granularity"],
         page_tile_size=merged["page_tile_size"],
         round_to=merged["round_to"],
+        dense_tail=merged["dense_tail"],
+        query_tail=merged["query_tail"],
     )
     return AnchorProfile(
         name=merged["name"],

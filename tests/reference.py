@@ -56,16 +56,23 @@ class OracleTiles:
         return len(self.starts)
 
 
-def oracle_extend_tiles(prefix: int, extend: int, tile_size: int, kfn) -> OracleTiles:
-    """Tiles for an extend of ``extend`` new tokens after ``prefix`` cached ones."""
-    q_pos = list(range(prefix, prefix + extend))
-    starts, q_tile = [], []
+def oracle_extend_tiles(prefix: int, extend: int, tile_size: int, kfn, query_tail: int = 0,
+                        dense_tail: int = 0) -> OracleTiles:
+    """Tiles for an extend of ``extend`` new tokens after ``prefix`` cached ones. A query among
+    the last ``query_tail`` is a tile of its own (start = its position); a tile holding any of
+    the last ``dense_tail`` positions selects every candidate (k = start)."""
+    end = prefix + extend
+    q_pos = list(range(prefix, end))
+    starts, q_tile, ks = [], [], []
     for p in q_pos:
-        s = (p // tile_size) * tile_size
+        s = p if p >= end - query_tail else (p // tile_size) * tile_size
         if not starts or starts[-1] != s:
             starts.append(s)
+            ks.append(kfn(s))
+        if p >= end - dense_tail:
+            ks[-1] = s
         q_tile.append(len(starts) - 1)
-    return OracleTiles(q_pos, q_tile, starts, [kfn(s) for s in starts])
+    return OracleTiles(q_pos, q_tile, starts, ks)
 
 
 def oracle_decode_tiles(seq_len: int, kfn) -> OracleTiles:

@@ -419,7 +419,8 @@ def run_oracle(scn: Scenario, backend_sel: dict) -> OracleRun:
             if fwd.decode:
                 tiles = ref.oracle_decode_tiles(st.prefix + 1, kfn)
             else:
-                tiles = ref.oracle_extend_tiles(st.prefix, st.n, pd["tile_size"], kfn)
+                tiles = ref.oracle_extend_tiles(st.prefix, st.n, pd["tile_size"], kfn,
+                                                pd.get("query_tail", 0))
             sel = None  # the most recent anchor's selection for this request, this forward
             for lid in range(NUM_LAYERS):
                 q, k_new, v_new = scn.data[f, st.name, lid]

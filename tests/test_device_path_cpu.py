@@ -26,6 +26,9 @@ def test_applies_only_to_cuda_token_topk():
     assert not cuda.applies(False, PolicyConfig(name="kascade_pooled"), budget)
     assert not cuda.applies(True, PolicyConfig(name="quest"), budget)
     assert not cuda.applies(True, PolicyConfig(), BudgetConfig(granularity="page"))
+    assert not cuda.applies(False, PolicyConfig(), BudgetConfig(dense_tail=32))  # PyTorch path
+    assert cuda.applies(True, PolicyConfig(), BudgetConfig(dense_tail=32))  # decode: no tail
+    assert cuda.applies(False, PolicyConfig(), BudgetConfig(query_tail=32))
     cuda.enabled = False
     assert not cuda.applies(True, PolicyConfig(), budget)
 
@@ -42,6 +45,27 @@ def test_plan_prefill_tiles_budgets_and_rows():
     assert fwd.tiles.tile_q_lo.tolist() == [0, 32, 64, 96, 100]
     assert fwd.kmax == 72 and fwd.max_start == 288 and fwd.batch == 2 and not fwd.all_dense
     assert dp.plan_prefill([0], [0], [64], budget).all_dense  # starts 0, 32 <= k_min
+
+
+def test_plan_prefill_with_a_query_tail_matches_the_pytorch_plan():
+    """The device plan tiles and budgets each request as the PyTorch path's plan does
+    (plan.request_tiles), its last query_tail positions one query per tile."""
+    from sglang_kascade.plan import request_tiles
+
+    dp = DevicePath("cpu")
+    budget = BudgetConfig(topk_fraction=0.25, k_min=40, tile_size=32, query_tail=5)
+    prefix, ext = [0, 300, 7], [100, 20, 3]
+    fwd = dp.plan_prefill([5, 2, 1], prefix, ext, budget)
+    row0 = 0
+    for b, (p, n) in enumerate(zip(prefix, ext)):
+        one = request_tiles(budget, p, n, budget.k_for, "cpu")
+        sl = slice(fwd.tiles.req_first_tile[b], fwd.tiles.req_first_tile[b + 1])
+        assert fwd.tiles.tile_start[sl].tolist() == one.tile_start.tolist()
+        assert fwd.tile_k[sl].tolist() == one.tile_k.tolist()
+        assert (fwd.tiles.tile_q_lo[sl] - row0).tolist() == list(one.tile_q_lo)
+        row0 += n
+    assert fwd.tiles.tile_start.tolist()[3:9] == [95, 96, 97, 98, 99, 288]  # 95..99 alone
+    assert fwd.tiles.tile_q_len.tolist()[:4] == [32, 32, 31, 1]
 
 
 def test_plan_graph_fills_static_rows_and_clamps_to_capacity():

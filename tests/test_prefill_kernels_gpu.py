@@ -39,9 +39,12 @@ if INTERPRET:
     CASES = [([0, 45], [70, 20], 32, 2, 2, 64, 16)]
 
 
+@pytest.mark.parametrize("query_tail", [0, 7], ids=["tiles", "query-tail"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"p{c[0]}-n{c[1]}-T{c[2]}-h{c[3]}g{c[4]}")
-def test_prefill_sparse_attention_matches_oracle(case, dtype):
+def test_prefill_sparse_attention_matches_oracle(case, dtype, query_tail):
+    """``query_tail``: each request's last positions are tiles of one query (start = its
+    position), planned by plan_prefill_tiles as BudgetConfig.query_tail asks."""
     from sglang_kascade.kernels.prefill_attention_triton import prefill_sparse_attention
     from sglang_kascade.kernels.prefill_plan import plan_prefill_tiles
 
@@ -51,7 +54,7 @@ def test_prefill_sparse_attention_matches_oracle(case, dtype):
     gen = torch.Generator().manual_seed(len(seq) * 31 + tile)
     n_all = sum(ext)
     q = (torch.randn(n_all, hkv * g, d, generator=gen) * 1.5).to(dtype).to(DEVICE)
-    tiles = plan_prefill_tiles(prefix, ext, tile, DEVICE)
+    tiles = plan_prefill_tiles(prefix, ext, tile, DEVICE, query_tail)
     starts = tiles.tile_start.cpu().tolist()
     reqs = tiles.tile_req.cpu().tolist()
     kmax = max(1, max(starts))
@@ -78,7 +81,7 @@ def test_prefill_sparse_attention_matches_oracle(case, dtype):
     row0 = 0
     for b in range(len(seq)):
         k, v = request_kv(batch, b)
-        ot = ref.oracle_extend_tiles(prefix[b], ext[b], tile, lambda s: s)
+        ot = ref.oracle_extend_tiles(prefix[b], ext[b], tile, lambda s: s, query_tail)
         first, last = tiles.req_first_tile[b], tiles.req_first_tile[b + 1]
         assert len(ot.starts) == last - first and ot.starts == starts[first:last]
         sel = torch.stack(masks[first:last], dim=1)  # [Hkv, nt_b, S]

@@ -45,11 +45,13 @@ def budget(start: int) -> int:
     return min(start, max(8, math.ceil(0.2 * start)))  # small starts: dense tiles
 
 
+@pytest.mark.parametrize("query_tail", [0, 6], ids=["tiles", "query-tail"])
 @pytest.mark.parametrize("keys_major", [False, True], ids=["queries-major", "keys-major"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"p{c[0]}-n{c[1]}-T{c[2]}-h{c[3]}g{c[4]}")
-def test_prefill_select_is_valid_topk(case, dtype, keys_major):
-    """Both layouts of the pooled pass (the logits tile or its transpose)."""
+def test_prefill_select_is_valid_topk(case, dtype, keys_major, query_tail):
+    """Both layouts of the pooled pass (the logits tile or its transpose); ``query_tail``:
+    each request's last positions selecting one query per tile (BudgetConfig.query_tail)."""
     from sglang_kascade.kernels.prefill_plan import plan_prefill_tiles
     from sglang_kascade.kernels.prefill_select_triton import prefill_lse, prefill_select
 
@@ -59,7 +61,7 @@ def test_prefill_select_is_valid_topk(case, dtype, keys_major):
     gen = torch.Generator().manual_seed(len(seq) * 17 + tile)
     q = (torch.randn(sum(ext), hkv * g, d, generator=gen) * 2.0).to(dtype).to(DEVICE)
     scale = d ** -0.5
-    tiles = plan_prefill_tiles(prefix, ext, tile, DEVICE)
+    tiles = plan_prefill_tiles(prefix, ext, tile, DEVICE, query_tail)
     starts = tiles.tile_start.cpu().tolist()
     ks = [budget(s) for s in starts]
     tile_k = torch.tensor(ks, dtype=torch.int32, device=DEVICE)
@@ -77,7 +79,7 @@ def test_prefill_select_is_valid_topk(case, dtype, keys_major):
     row0 = 0
     for b in range(len(seq)):
         k, _ = request_kv(batch, b)
-        ot = ref.oracle_extend_tiles(prefix[b], ext[b], tile, budget)
+        ot = ref.oracle_extend_tiles(prefix[b], ext[b], tile, budget, query_tail)
         first, last = tiles.req_first_tile[b], tiles.req_first_tile[b + 1]
         assert ot.starts == starts[first:last]
         qb = q[row0:row0 + ext[b]].cpu()

@@ -48,6 +48,8 @@ def valid_profile_dict() -> dict:
         "granularity": "token",
         "page_tile_size": 16,
         "round_to": 1,
+        "dense_tail": 0,
+        "query_tail": 48,
         "provenance": {"source": "unit test", "dataset": "none"},
     }
 
@@ -117,7 +119,8 @@ def test_valid_profile_loads_with_its_values():
     assert p.head_map[1] == (2, 0, 1) and p.head_map[20] == (1, 1, 1)
     assert p.head_map[8] == tuple(IDENT)
     assert p.budget == BudgetConfig(topk_fraction=0.1, k_min=128, tile_size=32,
-                                    granularity="token", page_tile_size=16, round_to=1)
+                                    granularity="token", page_tile_size=16, round_to=1,
+                                    query_tail=48)
     assert p.provenance == {"source": "unit test", "dataset": "none"}
 
 
@@ -161,6 +164,8 @@ def test_optional_fields_take_their_defaults():
     assert p.tp_sizes == tuple(OPTIONAL_DEFAULTS["tp_sizes"]) == (1,)
     assert p.budget.page_tile_size == OPTIONAL_DEFAULTS["page_tile_size"] == 16
     assert p.budget.round_to == OPTIONAL_DEFAULTS["round_to"] == 1
+    assert p.budget.dense_tail == OPTIONAL_DEFAULTS["dense_tail"] == 0
+    assert p.budget.query_tail == OPTIONAL_DEFAULTS["query_tail"] == 0
     assert profile_from_dict(p.to_json()) == p
 
 
@@ -309,6 +314,18 @@ def test_budget_integer_fields_wrong_type(field, value):
 @pytest.mark.parametrize("value", [0, -1, -128])
 def test_budget_integer_fields_out_of_range(field, value):
     assert_rejected(with_(field, value), field, also=">= 1")
+
+
+@pytest.mark.parametrize("field", ["dense_tail", "query_tail"])
+@pytest.mark.parametrize("value", ["32", True, 32.0, None, -1, 2 ** 24 + 1])
+def test_tail_fields_refuse_bad_values(field, value):
+    assert_rejected(with_(field, value), field)
+
+
+@pytest.mark.parametrize("field", ["dense_tail", "query_tail"])
+def test_tail_fields_reach_the_budget(field):
+    assert getattr(profile_from_dict(with_(field, 2 ** 24)).budget, field) == 2 ** 24
+    assert getattr(profile_from_dict(with_(field, 0)).budget, field) == 0
 
 
 @pytest.mark.parametrize("value", [0, 0.0, -0.1, -1, 1.0000001, 1.5, 2, float("nan"),

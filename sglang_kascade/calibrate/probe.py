@@ -35,9 +35,10 @@ from ..config import BudgetConfig
 from ..kernels.quest_torch import select_quest
 from ..kernels.selection_torch import select_topk
 from ..kernels.sparse_attention_torch import sparse_attention
-from ..kernels.tiles import decode_tiles, extend_tiles
-from ..profile import (AnchorProfile, derived_default_profile, find_shipped_profile,
-                       load_profile)
+from ..kernels.tiles import decode_tiles
+from ..plan import request_tiles
+from ..layers import LayerTable
+from ..profile import AnchorProfile, derived_default_profile, find_shipped_profile, load_profile
 
 IMPL = "kascade_probe"
 _STATE: dict = {}
@@ -56,11 +57,12 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     q, k_all, v_all = (t[0].transpose(0, 1) for t in (query, key, value))  # [n|S, H, D]
     n, s = q.shape[0], k_all.shape[0]
     tiles = (decode_tiles(s, budget.k_for, q.device) if n == 1 and s > 1
-             else extend_tiles(s - n, n, budget.tile_size, budget.k_for, q.device))
+             else request_tiles(budget, s - n, n, budget.k_for, q.device))
     if _STATE["selects"][li]:
         quest_pages = _STATE.get("quest_pages")
-        _STATE["sel"] = (select_quest(q, k_all, tiles, scaling, quest_pages) if quest_pages
-                         else select_topk(q, k_all, tiles, scaling, budget.granularity,
+        chosen, q_sel = tiles.selected(), q[:tiles.tail_q_lo]
+        _STATE["sel"] = (select_quest(q_sel, k_all, chosen, scaling, quest_pages) if quest_pages
+                         else select_topk(q_sel, k_all, chosen, scaling, budget.granularity,
                                           budget.page_tile_size))
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -76,11 +78,9 @@ def use_profile(profile: AnchorProfile | None, budget: BudgetConfig) -> None:
     _STATE.update(profile=profile, budget=budget, sel=None)
     if profile is None:
         return
-    read = {profile.anchor_for(i) for i in range(profile.num_layers) if profile.is_reuse(i)}
-    _STATE["selects"] = [profile.role(i) == "anchor"
-                         or (profile.role(i) == "dense_anchor" and i in read)
-                         for i in range(profile.num_layers)]
-    _STATE["head_maps"] = [torch.tensor(r, dtype=torch.int64) for r in profile.head_map]
+    table = LayerTable.of(profile)
+    _STATE["selects"] = table.selects
+    _STATE["head_maps"] = table.head_map_rows("cpu")
 
 
 def config_profile(spec: str, shipped: AnchorProfile) -> AnchorProfile | None:

@@ -156,8 +156,9 @@ class StatsCollector:
         self._tiles = None
 
     def on_attention(self, layer: int, query: torch.Tensor, key: torch.Tensor,
-                     scale: float) -> None:
-        """query [1, Hq, L, D], key [1, Hkv, L, D] (post-RoPE, the model's layout)."""
+                     scale: float, value: Optional[torch.Tensor] = None) -> None:
+        """query [1, Hq, L, D], key [1, Hkv, L, D] (post-RoPE, the model's layout); ``value``
+        (the layer's values, same layout as key) is not read by the statistics."""
         if query.shape[0] != 1:
             raise RuntimeError("calibration runs one sample (batch 1) at a time")
         tiles, length = self._tiles, self._length
@@ -214,7 +215,7 @@ def _calibration_attention(module, query, key, value, attention_mask, dropout=0.
 
     if _ACTIVE is not None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _ACTIVE.on_attention(module.layer_idx, query, key, scale)
+        _ACTIVE.on_attention(module.layer_idx, query, key, scale, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
 
@@ -237,7 +238,9 @@ def decoder_layers(model) -> list:
 
 @contextmanager
 def collecting(model, collector: StatsCollector):
-    """Route the model's attention calls and residual streams to ``collector``."""
+    """Route the model's attention calls and residual streams to ``collector``: any object
+    with ``on_attention(layer, query, key, scale, value)`` and ``on_importance(layer, x,
+    attn_out)`` (``run_sample`` also calls ``begin_sample(length)`` and ``end_sample()``)."""
     global _ACTIVE
     register_attention()
     previous_impl = model.config._attn_implementation
