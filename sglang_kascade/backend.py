@@ -326,13 +326,16 @@ class KascadeAttnBackend(AttentionBackend):
 
     def _count(self, is_decode: bool, seq_lens: list, fracs: list | None = None) -> None:
         # Keys selected by each request's last query (tile): host arithmetic, no device reads.
+        b = self.budget
         if is_decode:
             visible = list(seq_lens)
+        elif b.query_tail:  # the last query is a tile of its own
+            visible = [s - 1 for s in seq_lens]
         else:
-            t = self.budget.tile_size
-            visible = [((s - 1) // t) * t for s in seq_lens]  # last tile's selectable keys
+            visible = [((s - 1) // b.tile_size) * b.tile_size for s in seq_lens]  # last tile's
         fracs = fracs or [None] * len(visible)
-        self.stats.record_forward(is_decode, [self.budget.k_for(v, f)
+        dense_tail = b.dense_tail and not is_decode  # the last tile reads every candidate
+        self.stats.record_forward(is_decode, [v if dense_tail else b.k_for(v, f)
                                               for v, f in zip(visible, fracs)], visible)
         if self.control is not None:
             self.control.maybe_write_stats(

@@ -98,3 +98,21 @@ def test_backend_with_a_query_tail_matches_the_oracle():
     plan_tiles = [r.tiles for r in backend.backend.plan.requests]
     assert any(int(t.tile_q_hi[-1] - t.tile_q_lo[-1]) == 1 and t.num_tiles > 1
                for t in plan_tiles)
+
+
+def test_backend_counts_the_tail_query_selection():
+    """The backend's counters (the sidecar's metrics) take a prefill's last query as its own
+    tile under a query tail, and as reading every candidate under a dense tail."""
+    case = ("a024", "token", 8, 16, 8, 2, 64, torch.float32)
+    scn = build(case)
+    scn.profile_dict["query_tail"] = 6
+    be = run_backend(scn, batched=True).backend
+    stats = be.stats
+    before = (stats.selection_sum, stats.visible_sum)
+    be._count(False, [100])
+    assert (stats.selection_sum - before[0], stats.visible_sum - before[1]) == (
+        be.budget.k_for(99), 99)
+    be.budget = BudgetConfig(topk_fraction=0.25, k_min=4, tile_size=16, dense_tail=3)
+    before = (stats.selection_sum, stats.visible_sum)
+    be._count(False, [100])
+    assert (stats.selection_sum - before[0], stats.visible_sum - before[1]) == (96, 96)
