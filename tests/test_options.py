@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import types
+from pathlib import Path
 
 import pytest
 
@@ -416,3 +417,9 @@ def test_dense_prefill_below_defaults_by_device_and_obeys_the_option(monkeypatch
     assert dense_prefill_below(KascadeOptions(dense_prefill_below=0), "cuda") == 0
     monkeypatch.setenv(ENV["dense_prefill_below"], "4096")
     assert dense_prefill_below(KascadeOptions.from_env(), "cpu") == 4096
+
+
+def test_readme_flags_table_lists_every_option():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for s in OPTION_TABLE.values():
+        assert f"| `{s.flag}` | `{s.env}` |" in readme, s.flag
