@@ -317,9 +317,11 @@ class KascadeAttnBackend(AttentionBackend):
         if why:  # validated before the decode graphs were planned (a start-up race): keep ours
             logger.error("kascade: staged profile %s not applied: %s", staged.profile.name, why)
             self.stats.swaps_refused += 1
+            self._publish_stats()  # the counters first: /metrics never lags the acknowledgement
             self.control.report_refused(staged.generation, f"hot-swap refused: {why}")
             return
         self.stats.swaps_applied += 1
+        self._publish_stats()
         self.control.report_applied(staged.generation)
         logger.info("kascade: profile %s active (generation %d)", staged.profile.name,
                     staged.generation)
@@ -338,8 +340,14 @@ class KascadeAttnBackend(AttentionBackend):
         self.stats.record_forward(is_decode, [v if dense_tail else b.k_for(v, f)
                                               for v, f in zip(visible, fracs)], visible)
         if self.control is not None:
-            self.control.maybe_write_stats(
-                lambda: self.stats.snapshot({"roles": self.role_counts()}))
+            self.control.maybe_write_stats(self._stats_snapshot)
+
+    def _stats_snapshot(self) -> dict:
+        return self.stats.snapshot({"roles": self.role_counts()})
+
+    def _publish_stats(self) -> None:
+        """Write the counters now (a swap's outcome), not at the next STATS_EVERY_S tick."""
+        self.control.maybe_write_stats(self._stats_snapshot, force=True)
 
     def role_counts(self) -> dict:
         counts = self.layers.role_counts()

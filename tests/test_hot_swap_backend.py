@@ -49,7 +49,10 @@ def profile_b(pd):
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["token", "page-slotpage16"])
-def test_swap_takes_effect_at_the_next_forward_for_every_layer(tmp_path, case):
+def test_swap_takes_effect_at_the_next_forward_for_every_layer(tmp_path, case, monkeypatch):
+    import sglang_kascade.control as control
+
+    monkeypatch.setattr(control, "STATS_EVERY_S", 1e9)  # only the first and forced writes land
     scn_a = build(case)
     pd_b = profile_b(scn_a.profile_dict)
     scn_b = dataclasses.replace(scn_a, profile_dict=pd_b)
@@ -76,6 +79,8 @@ def test_swap_takes_effect_at_the_next_forward_for_every_layer(tmp_path, case):
     state = read_json(ControlPaths(tmp_path).scheduler_file(os.getpid()))
     assert state["applied_generation"] == 1 and state["current"]["name"] == "b"
     assert state["staged_generation"] is None
+    # The counters are published with the acknowledgement, not at the next stats tick.
+    assert read_json(ControlPaths(tmp_path).stats_file(os.getpid()))["swaps_applied"] == 1
 
 
 def test_flags_still_override_a_swapped_profile(tmp_path):
