@@ -255,3 +255,15 @@ def test_real_sweep_on_the_cpu_kascade_vs_torch_native(tmp_path):
         for q in r["requests"]:
             assert q["prompt_tokens"] == 300 and q["cached_tokens"] == 0  # fresh ids: no hits
     render_and_check(out, tmp_path)
+
+
+def test_one_batch_finds_the_benchmark_module_of_the_installed_sglang():
+    """bench/one_batch.py runs SGLang's one-batch benchmark, which moved in 0.5.21."""
+    pytest.importorskip("sglang.srt.plugins")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import one_batch
+    finally:
+        sys.path.pop(0)
+    name = one_batch.one_batch_module()
+    assert name in one_batch.ONE_BATCH_MODULES and importlib.util.find_spec(name) is not None
