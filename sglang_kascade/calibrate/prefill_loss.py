@@ -143,8 +143,9 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
     sparse = tiles.tile_k < tiles.tile_start
     last_pos = torch.tensor([int(tiles.q_pos[hi - 1]) for hi in tiles.tile_q_hi])
     question = last_pos >= question_from
-    groups = {"body": sparse & ~question, "question": sparse & question,
-              "first": torch.arange(tiles.num_tiles) == 0}
+    groups = {"body": sparse & ~question, "question": sparse & question}
+    if prefix:
+        groups["first"] = torch.arange(tiles.num_tiles) == 0
     layers, mass_sum, err2_sum, ref2_sum, n_sparse = [], 0.0, 0.0, 0.0, 0
     for li, loss in enumerate(losses):
         if loss is None:
