@@ -43,7 +43,7 @@ import torch
 from ..config import BudgetConfig, PolicyConfig
 from ..kernels.tiles import RequestTiles
 from ..plan import request_tiles
-from ..policies import POLICY_TABLE
+from ..policies import POLICY_TABLE, apply_policy
 from ..profile import AnchorProfile, layer_roles
 from .attention_loss import budget_share, layer_loss
 
@@ -231,9 +231,9 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
         k_min=int(kv.get("k_min", b.k_min)), tile_size=int(kv.get("tile", b.tile_size)),
         dense_tail=int(kv.get("tail", b.dense_tail)),
         query_tail=int(kv.get("qtail", b.query_tail)))
-    return Variant(name=kv.get("name", spec), profile=profile, budget=budget,
-                   policy=PolicyConfig(kv.get("policy", "kascade")),
-                   prefix=kv.get("prefix", "0"))
+    policy = PolicyConfig(kv.get("policy", "kascade"))
+    return Variant(name=kv.get("name", spec), profile=apply_policy(profile, policy.name),
+                   budget=budget, policy=policy, prefix=kv.get("prefix", "0"))
 
 
 def _commit() -> str:
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                     tiles = request_tiles(v.budget, pre, length - pre, v.budget.k_for, "cpu")
                     res = summarize(losses, tiles, s.body[1], pre)
                     if dense_rows is not None:
-                        probe.use_profile(v.profile, v.budget)
+                        probe.use_profile(v.profile, v.budget, v.policy)
                         rows = answer_rows(model, ids, answer, pre, args.decode)
                         res["answer"] = answer_scores(rows, dense_rows, answer)
                     prompt["variants"][v.name] = res
