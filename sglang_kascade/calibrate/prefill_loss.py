@@ -165,16 +165,14 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
         err2_sum, ref2_sum = err2_sum + loss.err2, ref2_sum + loss.ref2
         n_sparse += 1
     tile_mass = (mass_sum / max(1, n_sparse)).tolist() if n_sparse else []
-    tile_err = ((err2_sum / ref2_sum.clamp(min=1e-30)).sqrt().tolist() if n_sparse else [])
-    return {
-        "prefix": prefix, "layers": layers,
-        "tiles": {"start": tiles.tile_start.tolist(), "sparse": sparse.tolist(),
-                  "question": question.tolist(), "queries": [hi - lo for lo, hi in
-                                                             zip(tiles.tile_q_lo, tiles.tile_q_hi)],
-                  "mass": [round(x, 5) for x in tile_mass],
-                  "err": [round(x, 5) for x in tile_err]},
-        "budget": {"share": round(budget_share(tiles), 5)},
-    }
+    tile_err = (err2_sum / ref2_sum.clamp(min=1e-30)).sqrt().tolist() if n_sparse else []
+    per_tile = {} if not n_sparse else {  # per tile only where layers were walked
+        "start": tiles.tile_start.tolist(), "sparse": sparse.tolist(),
+        "question": question.tolist(),
+        "queries": [hi - lo for lo, hi in zip(tiles.tile_q_lo, tiles.tile_q_hi)],
+        "mass": [round(x, 5) for x in tile_mass], "err": [round(x, 5) for x in tile_err]}
+    return {"prefix": prefix, "layers": layers, "tiles": per_tile,
+            "budget": {"share": round(budget_share(tiles), 5)}}
 
 
 @torch.inference_mode()

@@ -72,7 +72,8 @@ def first_tile_vs_cold(data: dict, name: str, cold: str) -> dict | None:
     error over sparse layers, and the number of prompts."""
     pairs = []
     for res, ref in zip(data[name], data[cold]):
-        if not res["prefix"] or res["task"] != ref["task"] or res["length"] != ref["length"]:
+        if not (res["prefix"] and res["tiles"] and ref["tiles"]) or (
+                res["task"], res["length"]) != (ref["task"], ref["length"]):
             continue
         start = res["tiles"]["start"][0]
         j = ref["tiles"]["start"].index(start)
@@ -145,7 +146,8 @@ def plot_tiles(data: dict, names, path: str, length: int | None = None) -> None:
             if length and res["length"] != length:
                 continue
             t = res["tiles"]
-            for start, err, sparse in zip(t["start"], t["err"], t["sparse"]):
+            for start, err, sparse in zip(t.get("start", []), t.get("err", []),
+                                          t.get("sparse", [])):
                 if sparse:
                     bins.setdefault(min(9, int(10 * start / res["length"])), []).append(err)
         xs = sorted(bins)
