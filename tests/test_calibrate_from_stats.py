@@ -36,6 +36,7 @@ def test_dp_anchors_and_head_map():
     assert p.head_map == ((0, 1), (0, 1), (0, 1), (1, 1))  # layer 3: head 0 reads head 1
     assert p.budget == BASE.budget and p.model == BASE.model
     assert p.provenance["anchors"] == "2" and p.provenance["stats"] == "s.pt"
+    assert p.provenance["stats_command"] is None  # statistics saved without their command
 
 
 def test_fixed_anchors_keep_layer_zero(tmp_path):

@@ -68,3 +68,16 @@ def test_markdown_and_plots(runs, tmp_path, capsys):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     with pytest.raises(SystemExit, match="no results for variant"):
         rep.main(["--in", str(runs), "--variants", "nope"])
+
+
+def test_first_tile_after_a_prefix_against_the_cold_tile():
+    cold = _result(0.9, 0.2, 0.1, True, 0.5)
+    warm = _result(0.9, 0.2, 0.1, True, 0.5)
+    warm["prefix"] = 40
+    warm["tiles"] = {"start": [32, 64], "sparse": [True, True], "question": [False, True],
+                     "queries": [24, 20], "mass": [0.9, 0.9], "err": [0.15, 0.3]}
+    data = {"base": [{**cold, "task": "passkey", "length": 96}],
+            "prefix": [{**warm, "task": "passkey", "length": 96}]}
+    cmp = rep.first_tile_vs_cold(data, "prefix", "base")
+    assert cmp == {"partial": 0.15, "cold": 0.2, "prompts": 1}  # tile 32: cold err 0.2
+    assert rep.first_tile_vs_cold(data, "base", "base") is None  # no prefix: nothing to compare

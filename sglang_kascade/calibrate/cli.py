@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     if args.stats_out is not None:
         torch.save({"sim": result.sim, "importance": result.importance,
                     "topk_recall": result.topk_recall,
-                    "W": layer_weights(result.sim, result.importance)}, args.stats_out)
+                    "W": layer_weights(result.sim, result.importance),
+                    "command": provenance["command"]}, args.stats_out)
 
     max_score = result.max_score
     print(f"{fp.architecture}: {fp.num_layers} layers, {fp.num_q_heads} q heads, "

@@ -34,7 +34,7 @@ def derive(stats: dict, base: AnchorProfile, anchors: str, source: str) -> Ancho
         chosen = tuple(choose_anchors(stats["W"], int(anchors)).anchors)
     rows = head_map(stats["sim"], chosen, dense_layers=(0,))
     prov = {"tool": "sglang_kascade.calibrate.from_stats", "stats": source, "anchors": anchors,
-            "base": base.name}
+            "base": base.name, "stats_command": stats.get("command")}
     profile = dataclasses.replace(base, anchor_layers=chosen,
                                   head_map=tuple(tuple(r) for r in rows), provenance=prov)
     return profile_from_dict(profile.to_json())  # validated like any loaded profile

@@ -43,8 +43,8 @@ import torch
 from ..config import BudgetConfig, PolicyConfig
 from ..kernels.tiles import RequestTiles
 from ..plan import request_tiles
-from ..policies import POLICY_TABLE
 from ..layers import LayerTable
+from ..policies import POLICY_TABLE, apply_policy
 from ..profile import AnchorProfile
 from .attention_loss import budget_share, layer_loss
 
@@ -145,8 +145,9 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
     sparse = tiles.tile_k < tiles.tile_start
     last_pos = torch.tensor([int(tiles.q_pos[hi - 1]) for hi in tiles.tile_q_hi])
     question = last_pos >= question_from
-    groups = {"body": sparse & ~question, "question": sparse & question,
-              "first": torch.arange(tiles.num_tiles) == 0}
+    groups = {"body": sparse & ~question, "question": sparse & question}
+    if prefix:
+        groups["first"] = torch.arange(tiles.num_tiles) == 0
     layers, mass_sum, err2_sum, ref2_sum, n_sparse = [], 0.0, 0.0, 0.0, 0
     for li, loss in enumerate(losses):
         if loss is None:
@@ -166,16 +167,14 @@ def summarize(losses: list, tiles: RequestTiles, question_from: int, prefix: int
         err2_sum, ref2_sum = err2_sum + loss.err2, ref2_sum + loss.ref2
         n_sparse += 1
     tile_mass = (mass_sum / max(1, n_sparse)).tolist() if n_sparse else []
-    tile_err = ((err2_sum / ref2_sum.clamp(min=1e-30)).sqrt().tolist() if n_sparse else [])
-    return {
-        "prefix": prefix, "layers": layers,
-        "tiles": {"start": tiles.tile_start.tolist(), "sparse": sparse.tolist(),
-                  "question": question.tolist(), "queries": [hi - lo for lo, hi in
-                                                             zip(tiles.tile_q_lo, tiles.tile_q_hi)],
-                  "mass": [round(x, 5) for x in tile_mass],
-                  "err": [round(x, 5) for x in tile_err]},
-        "budget": {"share": round(budget_share(tiles), 5)},
-    }
+    tile_err = (err2_sum / ref2_sum.clamp(min=1e-30)).sqrt().tolist() if n_sparse else []
+    per_tile = {} if not n_sparse else {  # per tile only where layers were walked
+        "start": tiles.tile_start.tolist(), "sparse": sparse.tolist(),
+        "question": question.tolist(),
+        "queries": [hi - lo for lo, hi in zip(tiles.tile_q_lo, tiles.tile_q_hi)],
+        "mass": [round(x, 5) for x in tile_mass], "err": [round(x, 5) for x in tile_err]}
+    return {"prefix": prefix, "layers": layers, "tiles": per_tile,
+            "budget": {"share": round(budget_share(tiles), 5)}}
 
 
 @torch.inference_mode()
@@ -232,9 +231,9 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
         k_min=int(kv.get("k_min", b.k_min)), tile_size=int(kv.get("tile", b.tile_size)),
         dense_tail=int(kv.get("tail", b.dense_tail)),
         query_tail=int(kv.get("qtail", b.query_tail)))
-    return Variant(name=kv.get("name", spec), profile=profile, budget=budget,
-                   policy=PolicyConfig(kv.get("policy", "kascade")),
-                   prefix=kv.get("prefix", "0"))
+    policy = PolicyConfig(kv.get("policy", "kascade"))
+    return Variant(name=kv.get("name", spec), profile=apply_policy(profile, policy.name),
+                   budget=budget, policy=policy, prefix=kv.get("prefix", "0"))
 
 
 def _commit() -> str:
@@ -332,7 +331,7 @@ def main(argv=None) -> int:
                     tiles = request_tiles(v.budget, pre, length - pre, v.budget.k_for, "cpu")
                     res = summarize(losses, tiles, s.body[1], pre)
                     if dense_rows is not None:
-                        probe.use_profile(v.profile, v.budget)
+                        probe.use_profile(v.profile, v.budget, v.policy)
                         rows = answer_rows(model, ids, answer, pre, args.decode)
                         res["answer"] = answer_scores(rows, dense_rows, answer)
                     prompt["variants"][v.name] = res

@@ -66,6 +66,25 @@ def summary(results: list) -> dict:
     return row
 
 
+def first_tile_vs_cold(data: dict, name: str, cold: str) -> dict | None:
+    """The extend's first tile after a cached prefix (variant ``name``) against the same tile of
+    a cold prefill (variant ``cold``, same prompts): mean over prompts of the per-tile relative
+    error over sparse layers, and the number of prompts."""
+    pairs = []
+    for res, ref in zip(data[name], data[cold]):
+        if not (res["prefix"] and res["tiles"] and ref["tiles"]) or (
+                res["task"], res["length"]) != (ref["task"], ref["length"]):
+            continue
+        start = res["tiles"]["start"][0]
+        j = ref["tiles"]["start"].index(start)
+        if res["tiles"]["sparse"][0] and ref["tiles"]["sparse"][j]:
+            pairs.append((res["tiles"]["err"][0], ref["tiles"]["err"][j]))
+    if not pairs:
+        return None
+    return {"partial": statistics.fmean(p for p, _ in pairs),
+            "cold": statistics.fmean(c for _, c in pairs), "prompts": len(pairs)}
+
+
 def _f(x, digits=3):
     return "" if x is None else f"{x:.{digits}f}"
 
@@ -127,7 +146,8 @@ def plot_tiles(data: dict, names, path: str, length: int | None = None) -> None:
             if length and res["length"] != length:
                 continue
             t = res["tiles"]
-            for start, err, sparse in zip(t["start"], t["err"], t["sparse"]):
+            for start, err, sparse in zip(t.get("start", []), t.get("err", []),
+                                          t.get("sparse", [])):
                 if sparse:
                     bins.setdefault(min(9, int(10 * start / res["length"])), []).append(err)
         xs = sorted(bins)
@@ -174,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--plot-summary", default=None)
     p.add_argument("--own-of", default=None, help="variant whose own Top-k mass to draw")
     p.add_argument("--length", type=int, default=None, help="--plot-tiles: this length only")
+    p.add_argument("--cold", default=None,
+                   help="variant without a cached prefix: compare every prefix variant's partial "
+                        "first tile with the same tile of this one")
     args = p.parse_args(argv)
     data = load(args.inputs)
     names = args.variants.split(",") if args.variants else list(data)
@@ -181,6 +204,13 @@ def main(argv=None) -> int:
     if missing:
         raise SystemExit(f"no results for variant(s) {missing}; have {sorted(data)}")
     print(markdown(data, names))
+    if args.cold:
+        for name in names:
+            cmp = first_tile_vs_cold(data, name, args.cold)
+            if cmp:
+                print(f"\n{name}: partial first tile after the cached prefix, relative error "
+                      f"{cmp['partial']:.3f}; the same tile in {args.cold} (cold) "
+                      f"{cmp['cold']:.3f} ({cmp['prompts']} prompts)")
     if args.plot_layers:
         plot_layers(data, names, args.plot_layers, args.own_of)
     if args.plot_tiles:

@@ -31,13 +31,12 @@ import time
 
 import torch
 
-from ..config import BudgetConfig
-from ..kernels.quest_torch import select_quest
-from ..kernels.selection_torch import select_topk
+from ..config import BudgetConfig, PolicyConfig
 from ..kernels.sparse_attention_torch import sparse_attention
 from ..kernels.tiles import decode_tiles
 from ..plan import request_tiles
 from ..layers import LayerTable
+from ..policies import POLICY_TABLE
 from ..profile import AnchorProfile, derived_default_profile, find_shipped_profile, load_profile
 
 IMPL = "kascade_probe"
@@ -59,11 +58,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     tiles = (decode_tiles(s, budget.k_for, q.device) if n == 1 and s > 1
              else request_tiles(budget, s - n, n, budget.k_for, q.device))
     if _STATE["selects"][li]:
-        quest_pages = _STATE.get("quest_pages")
-        chosen, q_sel = tiles.selected(), q[:tiles.tail_q_lo]
-        _STATE["sel"] = (select_quest(q_sel, k_all, chosen, scaling, quest_pages) if quest_pages
-                         else select_topk(q_sel, k_all, chosen, scaling, budget.granularity,
-                                          budget.page_tile_size))
+        policy: PolicyConfig = _STATE["policy"]
+        _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
+                                                         policy)
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kw)
@@ -73,9 +70,12 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return sparse_attention(q, k_all, v_all, tiles, sel, scaling).unsqueeze(0), None
 
 
-def use_profile(profile: AnchorProfile | None, budget: BudgetConfig) -> None:
-    """Roles as backend.py: a dense anchor selects only if a reuse layer reads it."""
-    _STATE.update(profile=profile, budget=budget, sel=None)
+def use_profile(profile: AnchorProfile | None, budget: BudgetConfig,
+                policy: PolicyConfig = PolicyConfig()) -> None:
+    """Roles as backend.py: a dense anchor selects only if a reuse layer reads it. Selecting
+    layers call ``policy``'s selection (policies.POLICY_TABLE); ``profile`` is taken as given
+    (a policy's profile transformation is the caller's: ``config_profile``)."""
+    _STATE.update(profile=profile, budget=budget, policy=policy, sel=None)
     if profile is None:
         return
     table = LayerTable.of(profile)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                    help="topk (default: the pooled Top-k of kascade) or quest:P (Quest pages of P "
                         "keys)")
     args = p.parse_args(argv)
-    _STATE["quest_pages"] = _quest_pages(args.selector)
+    pages = _quest_pages(args.selector)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -154,14 +154,16 @@ def main(argv=None) -> int:
     tokens = Tokens(AutoTokenizer.from_pretrained(args.model))
     fp = fingerprint(model.config)
     shipped = find_shipped_profile(fp, args.model) or derived_default_profile(fp)
-    budget = dataclasses.replace(shipped.budget, topk_fraction=args.topk, k_min=args.k_min)
+    budget = dataclasses.replace(shipped.budget, topk_fraction=args.topk, k_min=args.k_min,
+                                 page_tile_size=pages or shipped.budget.page_tile_size)
+    policy = PolicyConfig("quest") if pages else PolicyConfig()
     prompts = []
     for task in args.tasks.split(","):
         for i in range(args.n):
             s = make_sample(tokens, task, args.length, i, args.seed, True)
             prompts.append((s.input_ids, tokens.encode(" " + s.answers[0])))
     for spec in args.config:
-        use_profile(config_profile(spec, shipped), budget)
+        use_profile(config_profile(spec, shipped), budget, policy)
         t0 = time.time()
         res = [answer_logprob(model, ids, ans) for ids, ans in prompts]
         print(json.dumps({"config": spec, "selector": args.selector, "topk": args.topk,
