@@ -69,6 +69,21 @@ def tile_bounds(prefix_len: int, extend_len: int, tile_size: int, query_tail: in
     return bounds + [(p, p, p + 1) for p in range(split, end)]
 
 
+def extend_key_counts(prefix_len: int, extend_len: int, tile_size: int, k_for,
+                      dense_tail: int = 0, query_tail: int = 0) -> tuple[int, int]:
+    """(keys read, candidate keys) summed over the queries of an extend, as ``extend_tiles``
+    lays them out (each query counts its tile's ``tile_k`` and ``tile_start``; the causal
+    diagonal, read by every variant, is left out). Plain integers, no tensors: the backend's
+    counters call it per request per prefill forward."""
+    end = prefix_len + extend_len
+    read = cand = 0
+    for s, p0, p1 in tile_bounds(prefix_len, extend_len, tile_size, query_tail):
+        tail = dense_tail > 0 and p1 > end - dense_tail
+        read += (p1 - p0) * (s if tail else k_for(s))
+        cand += (p1 - p0) * s
+    return read, cand
+
+
 def extend_tiles(prefix_len: int, extend_len: int, tile_size: int, k_for, device,
                  dense_tail: int = 0, query_tail: int = 0) -> RequestTiles:
     """Tiles for an extend of ``extend_len`` new tokens after ``prefix_len`` cached ones; the

@@ -71,6 +71,17 @@ class SidecarCollector:
             "Forward passes (decode and prefill) served by the Triton kernels (CUDA; the rest: "
             "PyTorch path or dense)",
             value=sum(s.get("device_forwards", 0) for s in stats))
+        for name, key, text in (
+                ("kascade_keys_read", "read", "Keys a sparse layer read, summed over queries "
+                 "(prefill: every query; decode: every request); over kascade_keys_candidate "
+                 "it is the budget actually spent"),
+                ("kascade_keys_candidate", "candidate", "Keys those queries could have read "
+                 "(the causal diagonal left out)")):
+            keys = CounterMetricFamily(name, text, labels=["phase"])
+            for phase in ("extend", "decode"):
+                keys.add_metric([phase], sum(s.get("keys", {}).get(phase, {}).get(key, 0)
+                                             for s in stats))
+            yield keys
         budgets = CounterMetricFamily(
             "kascade_requests", "Requests by budget class: the server's budget (default), their "
             "own Top-k fraction (custom) or dense, asked through custom_params",

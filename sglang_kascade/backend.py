@@ -27,7 +27,7 @@ from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyCon
                      dense_prefill_below, DevSwitches, prefill_tile_problem)
 from .kernels.sparse_attention_torch import sparse_attention
 from .layers import LayerTable
-from .plan import ForwardPlan, plan_forward
+from .plan import ForwardPlan, forward_key_counts, plan_forward
 from .profile import AnchorProfile
 from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
 from .resolve import resolve_budget, tp_problem
@@ -133,6 +133,8 @@ class KascadeAttnBackend(AttentionBackend):
             self.plan = None
             self._plan_args = None
             self.stats.record_forward(False, [0] * len(seq), [0] * len(seq))
+            self.stats.record_keys(False, *forward_key_counts(self.budget, prefix, extend, seq,
+                                                              False, dense=True))
             return
         if self.device_path.applies(is_decode, self.policy, self.budget):
             if is_decode:
@@ -145,7 +147,7 @@ class KascadeAttnBackend(AttentionBackend):
         else:
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, pools, prefix, extend,
                                      seq, is_decode, self.budget, fracs)
-        self._count(is_decode, seq, fracs)
+        self._count(is_decode, seq, fracs, prefix, extend)
 
     def _prefill_runs_dense(self, seq_lens) -> bool:
         return self.dense_prefill or max(seq_lens) < self.dense_prefill_below
@@ -225,9 +227,10 @@ class KascadeAttnBackend(AttentionBackend):
         self.device_fwd = self.device_path.plan_graph(
             seq, None if in_capture else (fb.req_pool_indices, fb.seq_lens))
         if not in_capture:
-            fracs = self._replay_fractions(len(seq) - int(getattr(fb, "num_padding", 0) or 0))
+            rows = len(seq) - int(getattr(fb, "num_padding", 0) or 0)  # padding rows not counted
+            fracs = self._replay_fractions(rows)
             self.device_path.set_graph_fractions(fracs)
-            self._count(True, seq, fracs + [None] * (len(seq) - len(fracs)))
+            self._count(True, seq[:rows], fracs + [None] * (rows - len(fracs)))
             self._note_device_forward(len(seq), graph=True, decode=True)
 
     def _replay_fractions(self, rows: int) -> list:
@@ -326,9 +329,14 @@ class KascadeAttnBackend(AttentionBackend):
         logger.info("kascade: profile %s active (generation %d)", staged.profile.name,
                     staged.generation)
 
-    def _count(self, is_decode: bool, seq_lens: list, fracs: list | None = None) -> None:
-        # Keys selected by each request's last query (tile): host arithmetic, no device reads.
+    def _count(self, is_decode: bool, seq_lens: list, fracs: list | None = None,
+               prefix_lens=None, extend_lens=None) -> None:
+        # Keys selected by each request's last query (tile), and by all of its queries
+        # (record_keys): host arithmetic, no device reads. Extends pass their prefix and extend
+        # lengths; decode needs neither.
         b = self.budget
+        self.stats.record_keys(is_decode, *forward_key_counts(b, prefix_lens, extend_lens,
+                                                              seq_lens, is_decode, fracs))
         if is_decode:
             visible = list(seq_lens)
         elif b.query_tail:  # the last query is a tile of its own

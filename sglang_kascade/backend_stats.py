@@ -32,6 +32,11 @@ class BackendStats:
     selection_sum: int = 0
     selection_count: int = 0
     visible_sum: int = 0  # keys each request could have attended to (for the mean density)
+    # Per phase, summed over every query of every forward (prefill: each query of each tile;
+    # decode: each request): [keys a sparse layer reads, candidate keys]. A dense prefill counts
+    # read == candidate. Their ratio is the budget actually spent (kernels/tiles.py,
+    # extend_key_counts: the causal diagonal is left out of both).
+    keys: dict = field(default_factory=lambda: {"extend": [0, 0], "decode": [0, 0]})
     # Requests by budget class (config.BUDGET_CLASSES: the server's budget, their own fraction,
     # dense), counted at their first extend forward (record_requests).
     request_budgets: dict = field(default_factory=lambda: dict.fromkeys(BUDGET_CLASSES, 0))
@@ -65,6 +70,11 @@ class BackendStats:
             self.selection_count += 1
             self.visible_sum += v
 
+    def record_keys(self, is_decode: bool, read: int, candidate: int) -> None:
+        phase = self.keys["decode" if is_decode else "extend"]
+        phase[0] += read
+        phase[1] += candidate
+
     def snapshot(self, extra: dict) -> dict:
         return {
             "forwards": dict(self.forwards),
@@ -74,6 +84,7 @@ class BackendStats:
             "swaps_refused": self.swaps_refused,
             "device_forwards": self.device_forwards,
             "request_budgets": dict(self.request_budgets),
+            "keys": {phase: {"read": r, "candidate": c} for phase, (r, c) in self.keys.items()},
             "selection": {
                 "buckets": list(SELECTION_BUCKETS),
                 "counts": list(self.selection_buckets),

@@ -350,3 +350,47 @@ def test_report_pairs_rows_with_dense_sample_by_sample(tmp_path):
     assert "| kascade@0.10 | 2 | 8 | 3 | 3 | 1 | 1 | 1.000 |" in md
     assert "| oracle@0.10 | 1 | 4 | 0 | 2 | 0 | 2 | 0.500 |" in md
     assert "| old@0.10 | " not in md.split("## Paired against dense")[1].split("##")[0]
+
+
+def test_sweep_gives_kascade_servers_a_control_dir_and_reads_the_budget_spent(tmp_path):
+    """The sweep's budget-spent figure: a kascade server gets a control directory (a dense one
+    or one that names its own does not), and the schedulers' key counters are summed."""
+    import os
+
+    from sglang_kascade.backend_stats import BackendStats
+    from sglang_kascade.control import ControlPaths, write_json_atomic
+
+    kas = {"label": "kascade@0.10 sparse prefill", "backend": "kascade"}
+    args, control = sweep.control_args(kas, ["--kascade-topk", "0.1"], tmp_path)
+    assert control == tmp_path / "kascade@0.10_sparse_prefill.control"
+    assert args == ["--kascade-topk", "0.1", "--kascade-control-dir", str(control)]
+    assert sweep.control_args({"label": "dense", "backend": "torch_native"}, [], tmp_path) == (
+        [], None)
+    own = ["--kascade-control-dir=/x"]
+    assert sweep.control_args(kas, own, tmp_path) == (own, None)
+
+    stats = BackendStats()
+    stats.record_keys(False, 250, 1000)
+    stats.record_keys(True, 30, 100)
+    write_json_atomic(ControlPaths(control).stats_file(os.getpid()), stats.snapshot({}))
+    spent = sweep.spent_budget(control)
+    assert spent["extend"] == 0.25 and spent["decode"] == 0.3
+    assert spent["all"] == round(280 / 1100, 4)
+    assert spent["keys"] == {"extend": [250, 1000], "decode": [30, 100]}
+
+
+def test_report_shows_the_budget_spent_per_row(tmp_path):
+    from sglang_kascade.eval import report
+
+    rows = fake_rows()
+    for r in rows:
+        if r["label"] == "kascade@0.10":
+            r["spent"] = {"extend": 0.2379, "decode": 0.1312, "all": 0.2301}
+    src = tmp_path / "acc.json"
+    results.save(results.merge(results.empty(), rows), src)
+    out = tmp_path / "acc.md"
+    assert report.main(["--in", str(src), "--out", str(out), "--plot", "none"]) == 0
+    md = out.read_text()
+    assert "## Budget actually spent" in md
+    assert "| kascade@0.10 | 0.1 | 23.8% | 13.1% | 23.0% |" in md
+    assert "| quest@0.10 | 0.1 |" not in md.split("## Budget actually spent")[1].split("##")[0]

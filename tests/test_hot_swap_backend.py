@@ -290,6 +290,8 @@ def test_stats_count_sparse_and_dense_forwards(tmp_path):
     sel = snap["selection"]
     assert sel["count"] == sum(sel["counts"]) == 2 + 4 + 4 + 4 + 2 + 3  # requests per forward
     assert 0 < sel["sum"] < sel["visible_sum"]
+    for phase in ("extend", "decode"):  # every query counted: the budget actually spent
+        assert 0 < snap["keys"][phase]["read"] < snap["keys"][phase]["candidate"]
     assert snap["roles"] == {"dense": 0, "dense_anchor": 1, "anchor": 2, "reuse": 3,
                              "dense_fallback_layers": 0}
 

@@ -11,7 +11,7 @@ import torch
 import reference as ref
 from sglang_kascade.config import BudgetConfig, PolicyConfig
 from sglang_kascade.kernels.sparse_attention_torch import sparse_attention
-from sglang_kascade.kernels.tiles import extend_tiles
+from sglang_kascade.kernels.tiles import extend_key_counts, extend_tiles
 from sglang_kascade.plan import request_tiles
 from sglang_kascade.policies import POLICY_TABLE
 from test_backend_vs_reference import build, run_backend, run_oracle
@@ -37,6 +37,18 @@ def test_tiles_match_the_oracle(prefix, extend, tile, qt, dt):
     body = got.selected()
     assert body.num_tiles == (tail[0] if tail else want.nt)
     assert body.q_pos.tolist() == want.q_pos[:got.tail_q_lo]
+
+
+@pytest.mark.parametrize("prefix, extend, tile, qt, dt", TAILS + [(0, 1000, 32, 0, 0),
+                                                                  (517, 300, 16, 7, 33)])
+def test_key_counts_are_the_tiles_sums(prefix, extend, tile, qt, dt):
+    """The backend's counters (extend_key_counts: plain integers) sum the plan's tiles."""
+    b = BudgetConfig(topk_fraction=0.3, k_min=2, tile_size=tile, dense_tail=dt, query_tail=qt)
+    t = request_tiles(b, prefix, extend, b.k_for, "cpu")
+    n = torch.tensor([hi - lo for lo, hi in zip(t.tile_q_lo, t.tile_q_hi)])
+    want = (int((n * t.tile_k).sum()), int((n * t.tile_start).sum()))
+    assert extend_key_counts(prefix, extend, tile, b.k_for, dt, qt) == want
+    assert want[0] < want[1] or all(k == s for k, s in zip(t.tile_k, t.tile_start))
 
 
 def test_query_tail_tiles_select_like_decode():
@@ -109,10 +121,18 @@ def test_backend_counts_the_tail_query_selection():
     be = run_backend(scn, batched=True).backend
     stats = be.stats
     before = (stats.selection_sum, stats.visible_sum)
-    be._count(False, [100])
+    keys = list(stats.keys["extend"])
+    be._count(False, [100], None, [20], [80])  # 80 new tokens after a cached prefix of 20
     assert (stats.selection_sum - before[0], stats.visible_sum - before[1]) == (
         be.budget.k_for(99), 99)
+    b = be.budget
+    assert [x - y for x, y in zip(stats.keys["extend"], keys)] == list(extend_key_counts(
+        20, 80, b.tile_size, b.k_for, b.dense_tail, 6))
     be.budget = BudgetConfig(topk_fraction=0.25, k_min=4, tile_size=16, dense_tail=3)
     before = (stats.selection_sum, stats.visible_sum)
-    be._count(False, [100])
+    keys = list(stats.keys["extend"])
+    be._count(False, [100], None, [0], [100])
     assert (stats.selection_sum - before[0], stats.visible_sum - before[1]) == (96, 96)
+    read, cand = (x - y for x, y in zip(stats.keys["extend"], keys))
+    assert (read, cand) == extend_key_counts(0, 100, 16, be.budget.k_for, 3)
+    assert read < cand  # the body tiles select, the tail tile (4 queries) reads all 96

@@ -112,13 +112,21 @@ def test_metrics_sum_the_schedulers_stats(control, client):
 
     stats = BackendStats(sparse_forwards=5, dense_fallback_forwards=2, device_forwards=4,
                          swaps_applied=1, swaps_refused=3)
+    stats.record_keys(False, 300, 1000)
+    stats.record_keys(True, 20, 80)
+    stats.record_keys(True, 5, 20)
     roles = {"dense": 0, "dense_anchor": 1, "anchor": 11, "reuse": 18, "dense_fallback_layers": 0}
     write_json_atomic(ControlPaths(control).stats_file(os.getpid()),
                       stats.snapshot({"roles": roles}))
     text = client.get("/metrics", headers=AUTH).text
     for line in ("kascade_sparse_forwards_total 5.0", "kascade_dense_fallback_forwards_total 2.0",
                  "kascade_device_forwards_total 4.0", "kascade_swaps_applied_total 1.0",
-                 "kascade_swaps_refused_total 3.0", 'kascade_layers{role="anchor"} 11.0', 'kascade_layers{role="reuse"} 18.0'):
+                 "kascade_swaps_refused_total 3.0", 'kascade_layers{role="anchor"} 11.0',
+                 'kascade_layers{role="reuse"} 18.0',
+                 'kascade_keys_read_total{phase="extend"} 300.0',
+                 'kascade_keys_candidate_total{phase="extend"} 1000.0',
+                 'kascade_keys_read_total{phase="decode"} 25.0',
+                 'kascade_keys_candidate_total{phase="decode"} 100.0'):
         assert line in text, text
 
 

@@ -131,6 +131,32 @@ def paired_section(tab: Table) -> list:
             "| p |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + lines + [""]
 
 
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def spent_section(tab: Table) -> list:
+    """The budget each kascade row actually spent (eval.sweep's ``spent``: keys the sparse
+    layers read over the keys they could have read, over all of the row's requests)."""
+    lines = []
+    for lab in tab.labels:
+        spent = next((r["spent"] for r in tab.rows if r["label"] == lab and r.get("spent")),
+                     None)
+        if spent:
+            lines.append(f"| {lab} | {_budget(tab.meta[lab][1])} | {_pct(spent.get('extend'))} "
+                         f"| {_pct(spent.get('decode'))} | {_pct(spent.get('all'))} |")
+    if not lines:
+        return []
+    return ["## Budget actually spent", "",
+            "Keys the sparse layers read over the keys they could have read (the causal "
+            "diagonal left out), summed over every query of the row's requests, from the "
+            "server's own counters (`kascade_keys_read_total` / `kascade_keys_candidate_total`). "
+            "It exceeds the nominal budget wherever `--kascade-k-min` rules (short contexts and "
+            "the early tiles of every prompt) or a prefill runs dense.", "",
+            "| label | nominal | prefill | decode | all |", "|---|---:|---:|---:|---:|"] + \
+        lines + [""]
+
+
 def markdown(data: dict, source: str, plot_name: str | None, command: str,
              title: str | None = None, note: str | None = None) -> str:
     tab = Table(data.get("rows", []))
@@ -168,6 +194,7 @@ def markdown(data: dict, source: str, plot_name: str | None, command: str,
     if plot_name:
         out += [f"![average score against budget]({plot_name})", ""]
 
+    out += spent_section(tab)
     out += paired_section(tab)
 
     out += ["## Average over tasks, by context length", ""]

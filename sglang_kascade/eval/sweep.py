@@ -11,7 +11,9 @@ for every policy in ``--policies`` and budget in ``--budgets``, ``--attention-ba
 Policies the installed plugin does not know (``sglang_kascade.config.POLICIES``) are skipped
 with a message. For each configuration the server is started, the suite runs against it and
 its rows are merged into ``--out`` at once (an interrupted sweep keeps what it finished), then
-the server is stopped.
+the server is stopped. A kascade server gets a control directory in the log folder (unless its
+arguments name one) so that the budget it actually spent (the backend's key counters, prefill
+and decode apart) is recorded with its rows as ``spent``.
 """
 
 from __future__ import annotations
@@ -146,6 +148,37 @@ def eval_argv(args, label: str) -> list:
     return argv
 
 
+def spent_budget(control_dir: Path) -> dict | None:
+    """The budget a kascade server actually spent, from its schedulers' key counters
+    (BackendStats.keys): per phase, keys read over candidate keys in the sparse layers (None
+    where the phase read nothing), and the sums. Waits one stats interval first: the last
+    forwards' counters are written by the scheduler's watcher once it has passed."""
+    from ..control import STATS_EVERY_S, ControlPaths
+
+    time.sleep(STATS_EVERY_S + 0.5)
+    stats = list(ControlPaths(control_dir).live_stats().values())
+    if not stats:
+        return None
+    keys = {phase: [sum(s.get("keys", {}).get(phase, {}).get(k, 0) for s in stats)
+                    for k in ("read", "candidate")] for phase in ("extend", "decode")}
+    out = {phase: (round(r / c, 4) if c else None) for phase, (r, c) in keys.items()}
+    read, cand = (sum(v[i] for v in keys.values()) for i in (0, 1))
+    out["all"] = round(read / cand, 4) if cand else None
+    out["keys"] = keys
+    return out
+
+
+def control_args(config: dict, args: list, log_dir: Path) -> tuple[list, Path | None]:
+    """``args`` with a control directory for a kascade server that names none (its counters
+    give the budget spent), and that directory; a dense server's arguments as they are."""
+    if config["backend"] != "kascade" or any(a.startswith("--kascade-control-dir")
+                                             for a in args):
+        return args, None
+    safe = "".join(ch if ch.isalnum() or ch in "-_.@" else "_" for ch in config["label"])
+    control = log_dir / f"{safe}.control"
+    return args + ["--kascade-control-dir", str(control)], control
+
+
 def done(out: Path, label: str, tasks, lengths, n: int) -> bool:
     """Every task of the label has as many lengths as asked, each with at least n samples
     (lengths may have been lowered to the server's context, so they are counted, not matched)."""
@@ -214,13 +247,15 @@ def main(argv=None) -> int:
         print(f"== {c['label']}: starting a server (log {log_dir / (c['label'] + '.log')})",
               flush=True)
         t0 = time.time()
+        server_args, control = control_args(c, list(c["args"]) + extra_all, Path(log_dir))
         try:
-            with running_server(c["backend"], list(c["args"]) + extra_all, model_path, device,
+            with running_server(c["backend"], server_args, model_path, device,
                                 max_total_tokens=mtt, log_path=log_dir / f"{c['label']}.log",
                                 startup_timeout_s=args.startup_timeout) as server:
                 print(f"   ready in {time.time() - t0:.0f} s at {server.url}", flush=True)
                 info = server_info(server.url)
                 rows, run, _ = run_suite(ev, info, tokenizer)
+                spent = spent_budget(control) if control is not None else None
         except LaunchError as e:
             print(f"   FAILED to start: {e}", file=sys.stderr, flush=True)
             failed.append(c["label"])
@@ -228,6 +263,12 @@ def main(argv=None) -> int:
                 break
             continue
         run["config_wall_s"] = round(time.time() - t0, 1)  # server start + suite + stop
+        if spent is not None:
+            run["spent"] = spent
+            for r in rows:  # the configuration's figure, over all of its cells
+                r["spent"] = {k: v for k, v in spent.items() if k != "keys"}
+            print(f"   budget spent: prefill {spent['extend']}, decode {spent['decode']}",
+                  flush=True)
         print_summary(rows)
         results_io.merge_into_file(args.out, rows, run, {"sweep": sweep_record})
         print(f"   {run['requests']} requests in {run['elapsed_s']} s; merged into {args.out}",
