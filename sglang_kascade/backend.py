@@ -27,7 +27,7 @@ from .config import (BudgetConfig, KascadeConfigError, KascadeOptions, PolicyCon
                      dense_prefill_below, DevSwitches, prefill_tile_problem)
 from .kernels.sparse_attention_torch import sparse_attention
 from .layers import LayerTable
-from .plan import ForwardPlan, forward_key_counts, plan_forward
+from .plan import ForwardPlan, plan_forward, prefill_key_counts
 from .profile import AnchorProfile
 from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
 from .resolve import resolve_budget, tp_problem
@@ -133,8 +133,8 @@ class KascadeAttnBackend(AttentionBackend):
             self.plan = None
             self._plan_args = None
             self.stats.record_forward(False, [0] * len(seq), [0] * len(seq))
-            self.stats.record_keys(False, *forward_key_counts(self.budget, prefix, extend, seq,
-                                                              False, dense=True))
+            self.stats.record_keys(False, *prefill_key_counts(self.budget, prefix, extend,
+                                                              dense=True))
             return
         if self.device_path.applies(is_decode, self.policy, self.budget):
             if is_decode:
@@ -335,8 +335,9 @@ class KascadeAttnBackend(AttentionBackend):
         # (record_keys): host arithmetic, no device reads. Extends pass their prefix and extend
         # lengths; decode needs neither.
         b = self.budget
-        self.stats.record_keys(is_decode, *forward_key_counts(b, prefix_lens, extend_lens,
-                                                              seq_lens, is_decode, fracs))
+        if not is_decode:
+            self.stats.record_keys(False, *prefill_key_counts(b, prefix_lens, extend_lens,
+                                                              fracs))
         if is_decode:
             visible = list(seq_lens)
         elif b.query_tail:  # the last query is a tile of its own
@@ -345,8 +346,10 @@ class KascadeAttnBackend(AttentionBackend):
             visible = [((s - 1) // b.tile_size) * b.tile_size for s in seq_lens]  # last tile's
         fracs = fracs or [None] * len(visible)
         dense_tail = b.dense_tail and not is_decode  # the last tile reads every candidate
-        self.stats.record_forward(is_decode, [v if dense_tail else b.k_for(v, f)
-                                              for v, f in zip(visible, fracs)], visible)
+        ks = [v if dense_tail else b.k_for(v, f) for v, f in zip(visible, fracs)]
+        self.stats.record_forward(is_decode, ks, visible)
+        if is_decode:  # a decode query's tile is itself: the last-query counts are all of it
+            self.stats.record_keys(True, sum(ks), sum(visible))
         if self.control is not None:
             self.control.maybe_write_stats(self._stats_snapshot)
 

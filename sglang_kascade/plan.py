@@ -43,20 +43,17 @@ def request_tiles(budget: BudgetConfig, prefix: int, extend: int, k_for, device)
                         budget.query_tail)
 
 
-def forward_key_counts(budget: BudgetConfig, prefix_lens, extend_lens, seq_lens,
-                       is_decode: bool, fractions=None, dense: bool = False) -> tuple[int, int]:
-    """(keys a sparse layer reads, candidate keys) over every query of one forward, as its
-    plan lays them out (``extend_key_counts``; decode: ``k`` of ``seq_len`` per request).
-    ``dense``: a prefill served by the dense backend (it reads every candidate)."""
+def prefill_key_counts(budget: BudgetConfig, prefix_lens, extend_lens, fractions=None,
+                       dense: bool = False) -> tuple[int, int]:
+    """(keys a sparse layer reads, candidate keys) over every query of one extend forward, as
+    its plan lays them out (``extend_key_counts``). ``dense``: a prefill served by the dense
+    backend (it reads every candidate). Decode counts come from its rows' budgets directly."""
     read = cand = 0
-    fractions = fractions or [None] * len(seq_lens)
-    for i, (seq, frac) in enumerate(zip(seq_lens, fractions)):
+    fractions = fractions or [None] * len(extend_lens)
+    for prefix, extend, frac in zip(prefix_lens, extend_lens, fractions):
         k_for = (lambda v: v) if dense else request_k_for(budget, frac)
-        if is_decode:
-            r, c = k_for(seq), seq
-        else:
-            r, c = extend_key_counts(prefix_lens[i], extend_lens[i], budget.tile_size, k_for,
-                                     budget.dense_tail, budget.query_tail)
+        r, c = extend_key_counts(prefix, extend, budget.tile_size, k_for, budget.dense_tail,
+                                 budget.query_tail)
         read += r
         cand += c
     return read, cand
