@@ -57,7 +57,7 @@ class RequestTiles:
 def tile_bounds(prefix_len: int, extend_len: int, tile_size: int, query_tail: int = 0) -> list:
     """(start, first position, end position) of each query tile of an extend, in order: tiles
     of ``tile_size`` aligned to absolute positions, then one tile per query for its last
-    ``query_tail`` positions (start = the query's position). Shared by ``extend_tiles`` and the
+    ``query_tail`` positions (start = the query's position). Shared by ``tile_budgets`` and the
     batch plan of the prefill kernels (``prefill_plan.plan_prefill_tiles``)."""
     end = prefix_len + extend_len
     split = max(prefix_len, end - query_tail)  # single-query tiles from here on
@@ -69,17 +69,27 @@ def tile_bounds(prefix_len: int, extend_len: int, tile_size: int, query_tail: in
     return bounds + [(p, p, p + 1) for p in range(split, end)]
 
 
+def tile_budgets(prefix_len: int, extend_len: int, tile_size: int, k_for, dense_tail: int = 0,
+                 query_tail: int = 0):
+    """(start, budget k, first position, end position, in the dense tail) of each query tile of
+    an extend (``tile_bounds``); a tile holding any of the last ``dense_tail`` positions reads
+    all of its candidates (k = start). Shared by ``extend_tiles`` and ``extend_key_counts``."""
+    end = prefix_len + extend_len
+    for s, p0, p1 in tile_bounds(prefix_len, extend_len, tile_size, query_tail):
+        tail = dense_tail > 0 and p1 > end - dense_tail
+        yield s, (s if tail else k_for(s)), p0, p1, tail
+
+
 def extend_key_counts(prefix_len: int, extend_len: int, tile_size: int, k_for,
                       dense_tail: int = 0, query_tail: int = 0) -> tuple[int, int]:
     """(keys read, candidate keys) summed over the queries of an extend, as ``extend_tiles``
     lays them out (each query counts its tile's ``tile_k`` and ``tile_start``; the causal
     diagonal, read by every variant, is left out). Plain integers, no tensors: the backend's
     counters call it per request per prefill forward."""
-    end = prefix_len + extend_len
     read = cand = 0
-    for s, p0, p1 in tile_bounds(prefix_len, extend_len, tile_size, query_tail):
-        tail = dense_tail > 0 and p1 > end - dense_tail
-        read += (p1 - p0) * (s if tail else k_for(s))
+    for s, k, p0, p1, _ in tile_budgets(prefix_len, extend_len, tile_size, k_for, dense_tail,
+                                        query_tail):
+        read += (p1 - p0) * k
         cand += (p1 - p0) * s
     return read, cand
 
@@ -90,21 +100,20 @@ def extend_tiles(prefix_len: int, extend_len: int, tile_size: int, k_for, device
     tiles holding any of its last ``dense_tail`` positions are its dense tail; its last
     ``query_tail`` positions are tiles of one query each (selecting per query, as decode)."""
     end = prefix_len + extend_len
-    bounds = tile_bounds(prefix_len, extend_len, tile_size, query_tail)
     starts, ks, lo, hi = [], [], [], []
     dense_from = None
-    for i, (s, p0, p1) in enumerate(bounds):
-        tail = dense_tail > 0 and p1 > end - dense_tail
+    for i, (s, k, p0, p1, tail) in enumerate(tile_budgets(prefix_len, extend_len, tile_size,
+                                                          k_for, dense_tail, query_tail)):
         if tail and dense_from is None:
             dense_from = i
         starts.append(s)
-        ks.append(s if tail else k_for(s))
+        ks.append(k)
         lo.append(p0 - prefix_len)
         hi.append(p1 - prefix_len)
     counts = torch.tensor([b - a for a, b in zip(lo, hi)], device=device)
     return RequestTiles(
         q_pos=torch.arange(prefix_len, end, device=device),
-        q_tile=torch.repeat_interleave(torch.arange(len(bounds), device=device), counts),
+        q_tile=torch.repeat_interleave(torch.arange(len(starts), device=device), counts),
         tile_start=torch.tensor(starts, dtype=torch.int64, device=device),
         tile_k=torch.tensor(ks, dtype=torch.int64, device=device),
         tile_q_lo=lo,
