@@ -131,6 +131,13 @@ def check_sgl_kernel_dlopen():
     return f"{path} (sglang-kernel {dist_version('sglang-kernel')})"
 
 
+def rmsnorm_ref(x, w, eps: float):
+    """torch's RMSNorm of ``x`` [n, d] with weight ``w`` [d], in float32, back in x's dtype."""
+    import torch
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
 def check_sgl_kernel_ops():
     import sgl_kernel
     import torch
@@ -138,17 +145,12 @@ def check_sgl_kernel_ops():
     x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     eps = 1e-6
-
-    def ref_rms(v):
-        v32 = v.float()
-        return (v32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(v.dtype)
-
     errs = {}
-    errs["rmsnorm"] = (sgl_kernel.rmsnorm(x, w, eps) - ref_rms(x)).abs().max().item()
+    errs["rmsnorm"] = (sgl_kernel.rmsnorm(x, w, eps) - rmsnorm_ref(x, w, eps)).abs().max().item()
     r = torch.randn_like(x)
     xa, ra = x.clone(), r.clone()
     sgl_kernel.fused_add_rmsnorm(xa, ra, w, eps)
-    errs["fused_add_rmsnorm"] = (xa - ref_rms(x + r)).abs().max().item()
+    errs["fused_add_rmsnorm"] = (xa - rmsnorm_ref(x + r, w, eps)).abs().max().item()
     g = torch.randn(64, 2 * 4096, device="cuda", dtype=torch.bfloat16)
     ref = (torch.nn.functional.silu(g[:, :4096].float()) * g[:, 4096:].float()).to(g.dtype)
     errs["silu_and_mul"] = (sgl_kernel.silu_and_mul(g) - ref).abs().max().item()
@@ -170,9 +172,7 @@ def check_flashinfer_jit():
     x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     y = flashinfer.norm.rmsnorm(x, w, 1e-6)
-    x32 = x.float()
-    ref = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(x.dtype)
-    err = (y - ref).abs().max().item()
+    err = (y - rmsnorm_ref(x, w, 1e-6)).abs().max().item()
     assert err < 0.1, f"flashinfer rmsnorm differs from torch's: {err}"
     return f"rmsnorm compiled and ran, max |err| {err:.3g}"
 
