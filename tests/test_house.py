@@ -44,3 +44,11 @@ def test_the_patterns_catch_what_they_are_for():
     assert not HISTORY.search("a session of the sidecar")
     assert RUN_NUMBER_NAME.search("decode_kernels_s7.json") and RUN_NUMBER_NAME.search("e2e_run3.md")
     assert not RUN_NUMBER_NAME.search("served_h100.json")
+
+
+def test_readme_stays_a_front_page():
+    """What it is, the two commands, using it, the flags, one results table, links: details live
+    in docs/ (docs/status.md holds what works and what is refused)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 120, len(lines)
+    assert lines[0] == "# sglang-kascade"
