@@ -22,7 +22,7 @@ GPU host (../shared/gpu-stack staged, this package installed in /tmp/site: docs/
 Llama-3.1-8B shapes, random weights, bf16):
   PYTHONPATH=/tmp/site python3 -P bench/e2e_served.py --out $OUT/served.json \\
       --cells 1x131000,16x32768,16x4096 --time-budget-s 480 --commit <the tree's commit>
-CPU (the embedded model; what tests/test_served_bench.py runs):
+CPU (the embedded model; what tests/unit/test_served_bench.py runs):
   python bench/e2e_served.py --device cpu --model "" --cells 1x300,2x300 --new-tokens 4 \\
       --out /tmp/served.json
 Plot: python bench/plot_side_by_side.py served OUT.png served.json

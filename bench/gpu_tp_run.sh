@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tensor parallelism on a multi-GPU host, in one command: the multi-GPU tests
-# (tests/test_gpu_tp.py at --tp-size TP), then the served sweep (bench/e2e_served.py, kascade vs
+# (tests/gpu/test_gpu_tp.py at --tp-size TP), then the served sweep (bench/e2e_served.py, kascade vs
 # FlashInfer) on Llama-3.1-70B shapes (80 layers, 64 query heads, 8 KV heads; random weights,
 # bf16) at --tp-size TP. Host prepared as for bench/gpu_run_tests.sh (PYTHONPATH=/tmp/site;
 # docs/gpu-runs.md, "Tensor parallelism").
@@ -24,7 +24,7 @@ rc=0
 for phase in $phases; do
   case $phase in
     tests|tests:*)
-      args=(tests/test_gpu_tp.py)
+      args=(tests/gpu/test_gpu_tp.py)
       [[ $phase == tests:* ]] && args+=(-k "${phase#tests:}")
       bash bench/gpu_run_tests.sh "${args[@]}" 2>&1 | tee "$out/tests-tp$tp.log"
       rc=$((rc | PIPESTATUS[0]));;

@@ -4,7 +4,7 @@ admin sidecar swaps the kascade profile every ``--swap-every`` seconds.
 
 GPU host (the stack staged, this package installed in /tmp/site: docs/gpu-runs.md):
   PYTHONPATH=/tmp/site python3 -P bench/served_soak.py --out $OUT/soak --commit <the tree's commit>
-CPU (the embedded model; what tests/test_served_soak.py runs, smaller):
+CPU (the embedded model; what tests/unit/test_served_soak.py runs, smaller):
   python bench/served_soak.py --device cpu --concurrency 2 --context 200 --new-tokens 4 \\
       --duration 40 --swap-every 8 --out /tmp/soak
 

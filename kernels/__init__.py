@@ -2,7 +2,7 @@
 
 ``*_torch.py`` files are the PyTorch implementations: they serve on the CPU (and, slowly, on a
 GPU) and are the references that future GPU kernels are tested against. The independent oracle
-for the method itself (full score matrices and masks) lives in ``tests/reference.py``.
+for the method itself (full score matrices and masks) lives in ``tests/helpers/reference.py``.
 
 The other ``*_torch.py`` functions work on one request at a time with keys in position order; the
 backend gathers them from SGLang's paged pool (``req_to_token`` -> slots) before calling.

@@ -1,7 +1,7 @@
 """Prefill attention over a Kascade selection in Triton: ragged extend batches on the paged pool.
 
 Reference: ``sparse_attention_torch.sparse_attention`` (one request) and the float64 oracle
-``tests/reference.py::sparse_attention``. One program per (query tile, KV head): the tile's
+``tests/helpers/reference.py::sparse_attention``. One program per (query tile, KV head): the tile's
 queries (up to T, at absolute positions p_lo..) times the G query heads of the KV head are the
 rows of one tl.dot block (T*G rows). It attends
   1. the tile's selected candidate keys (all before the tile start, so visible to every query):

@@ -1,11 +1,11 @@
 """Prefill anchor selection in Triton: per query tile and KV head, the exact Top-k of the pooled
 post-softmax probabilities, on the paged pool, for a ragged extend batch with cached prefixes.
 
-Reference: ``selection_torch.select_topk`` (token granularity, per KV head) and the float64
-oracle ``tests/reference.py::select``. Semantics: each query's probabilities are a softmax over
-its whole causal row (keys 0..its position); they are summed over the G query heads of a KV head
-and over the tile's queries; the tile's Top-k is taken among its candidates (positions < tile
-start) with the budget ``tile_k[t]`` (= start: every candidate, a dense tile).
+Reference: ``selection_torch.select_topk`` (token granularity, per KV head) and the float64 oracle
+``tests/helpers/reference.py::select``. Semantics: each query's probabilities are a softmax over its
+whole causal row (keys 0..its position); they are summed over the G query heads of a KV head and
+over the tile's queries; the tile's Top-k is taken among its candidates (positions < tile start)
+with the budget ``tile_k[t]`` (= start: every candidate, a dense tile).
 
 Stages (no score matrix of L x L is ever held):
   1. ``_lse_kernel``   grid (tiles, KV heads): one pass over each query's causal row, the

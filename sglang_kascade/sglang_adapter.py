@@ -4,7 +4,7 @@ Supports SGLang 0.5.17 through 0.5.23: tested with 0.5.23 on CPU machines (torch
 0.5.17 on GPU hosts (torch 2.11). Where the internals differ inside that range, the choice is made
 by one named function per difference (``graph_resolution_hook``; ``_around_support_triton`` says
 why it is harmless where it is not needed), tested with fakes of each side in
-tests/test_adapter.py. Each function says which SGLang object it reads or patches and why.
+tests/unit/test_adapter.py. Each function says which SGLang object it reads or patches and why.
 Nothing else in the package imports from ``sglang`` except ``backend.py`` (the AttentionBackend
 base class). The other way round, this module calls into the package only through
 ``PACKAGE_HOOKS``, which ``plugin.register`` fills: the sidecar launcher and the graph editor hang
@@ -363,7 +363,7 @@ def _kv_pool_dtype(runner) -> str:
 
 # Server options and model kinds the backend does not serve: (what, refused when (args, model
 # config, model runner) -> bool, why). check_supported refuses the first that applies at
-# start-up; README "Not supported" lists them; tests/test_adapter.py has one case per row.
+# start-up; README "Not supported" lists them; tests/unit/test_adapter.py has one case per row.
 UNSUPPORTED = (
     ("MLA models", lambda a, mc, r: bool(getattr(r, "use_mla_backend", False)),
      "MLA models are not supported (Kascade selects over per-KV-head keys)"),

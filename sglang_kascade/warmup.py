@@ -30,7 +30,7 @@ stride compiles exactly the variants serving launches. Decode CUDA graphs compil
 with another tile size compiles its prefill variants when it is applied (DevicePath.set_budget),
 between batches.
 
-``compiled_variants`` counts the compiled variants of our kernels (tests/test_no_compile_gpu.py
+``compiled_variants`` counts the compiled variants of our kernels (tests/gpu/test_no_compile_gpu.py
 checks that workloads after the warm-up add none). ``--kascade-warmup off`` skips the warm-up.
 """
 

@@ -1,6 +1,6 @@
 """Start and stop a stock SGLang server process (``python -m sglang.launch_server``).
 
-The launcher the sweep and the end-to-end tests (tests/server_utils.py) use:
+The launcher the sweep and the end-to-end tests (tests/helpers/server_utils.py) use:
 a free port, the CPU engine switch on CPU, a log file, readiness through ``/health``, and the
 whole process group killed on exit.
 """

@@ -1,6 +1,6 @@
 """Triton prefill anchor selection (kernels/prefill_select_triton.py) against the float64 oracle
-(tests/reference.py::select, pooled post-softmax probabilities over each query's causal row) on
-fresh random inputs: ragged extend batches with cached prefixes (aligned to the tile or not),
+(tests/helpers/reference.py::select, pooled post-softmax probabilities over each query's causal row)
+on fresh random inputs: ragged extend batches with cached prefixes (aligned to the tile or not),
 shuffled paged pools (page 1/16/64), bf16/fp16, head dim 64/128, group sizes 1..8, dense and
 sparse tiles, and tile blocks smaller than the batch (the pooled-score buffer is reused).
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "bench" / "gpu_stack_0523"
 sys.path.insert(0, str(STACK))
 import derive_pins  # noqa: E402

@@ -1,6 +1,6 @@
 """The admin sidecar's HTTP API over a real control directory (no SGLang server: in-process
-scheduler channels stand in for the scheduler processes; tests/test_sidecar_server.py uses the
-real server)."""
+scheduler channels stand in for the scheduler processes; tests/server/test_sidecar_server.py uses
+the real server)."""
 
 from __future__ import annotations
 

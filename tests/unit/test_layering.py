@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "sglang_kascade"
+PKG = Path(__file__).resolve().parents[2] / "sglang_kascade"
 
 
 def test_serving_path_never_imports_the_offline_tools():
@@ -24,7 +24,7 @@ def test_serving_path_never_imports_the_offline_tools():
 def _imports(folder: str) -> set:
     """Package-relative modules imported anywhere in sglang_kascade/<folder> (any depth)."""
     found = set()
-    for path in (PKG / folder).glob("*.py"):
+    for path in (PKG / folder).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:
                 found.add(node.module.split(".")[0])

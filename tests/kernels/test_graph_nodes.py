@@ -1,5 +1,5 @@
 """graph_nodes.py on the CPU: the walk over captured nodes and the profile switch, against a
-fake driver (the real CUDA driver calls run in tests/test_device_path_gpu.py)."""
+fake driver (the real CUDA driver calls run in tests/gpu/test_device_path_gpu.py)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from sglang_kascade.profile import load_profile
 from sidecar_fixtures import (AUTH, SMOL, TOKEN, alt_profile, control,  # noqa: F401 (fixture)
                               fake_scheduler, sidecar_client, smol_profile, upload)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 
 

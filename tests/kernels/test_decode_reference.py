@@ -1,6 +1,6 @@
 """The batched decode reference (kernels/decode_torch.py) against the float64 oracle, on the CPU.
 
-Paged, shuffled pools and ragged batches (tests/decode_inputs.py). The reference is what the
+Paged, shuffled pools and ragged batches (tests/helpers/decode_inputs.py). The reference is what the
 Triton decode kernels are tested against on a GPU (test_decode_kernels_gpu.py). Tolerances:
 fp32 pooled scores rtol 1e-5; outputs rel. error 1e-5 (fp32), 1e-2 (bf16, output rounded).
 """

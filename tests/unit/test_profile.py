@@ -738,7 +738,7 @@ def test_anchor_profile_is_frozen():
 # docs/profiles.md stays accurate
 # ------------------------------------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "profiles.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "profiles.md"
 
 
 def test_docs_example_profile_is_valid():

@@ -1,6 +1,6 @@
 """The prefill-loss analysis (calibrate/attention_loss.py, calibrate/prefill_loss.py): mass kept
-and output error against a hand-computed case and the float64 oracle of tests/reference.py, the
-per-tile aggregation, the cached-prefix rule and the layer walk."""
+and output error against a hand-computed case and the float64 oracle of tests/helpers/reference.py,
+the per-tile aggregation, the cached-prefix rule and the layer walk."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HISTORY = re.compile(r"\bsession[ _-]?\d+\b", re.IGNORECASE)
 RUN_NUMBER_NAME = re.compile(r"(_s\d+|[_-]run\d+)(\.|_|$)", re.IGNORECASE)
 TEXT = {".py", ".md", ".sh", ".toml", ".txt", ".cfg", ".yml", ".yaml"}

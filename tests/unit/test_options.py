@@ -420,6 +420,6 @@ def test_dense_prefill_below_defaults_by_device_and_obeys_the_option(monkeypatch
 
 
 def test_readme_flags_table_lists_every_option():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for s in OPTION_TABLE.values():
         assert f"| `{s.flag}` | `{s.env}` |" in readme, s.flag

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # What a fresh clone lacks (.gitignore) plus version control: not copied into the build.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".gpu-stack*", ".whl", "build", "dist",
                                     "*.egg-info", "__pycache__", ".pytest_cache", "*.log")

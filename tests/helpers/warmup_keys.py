@@ -1,4 +1,5 @@
-"""Specialization keys of our kernels after the warm-up, on the CPU (tests/test_warmup_cpu.py).
+"""Specialization keys of our kernels after the warm-up, on the CPU
+(tests/kernels/test_warmup_cpu.py).
 
 Run under TRITON_INTERPRET=1 from the repository root. Every interpreted launch also computes
 the key a compiled launch would look up (Triton's own binder over the kernel's parameters with

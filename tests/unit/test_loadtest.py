@@ -15,7 +15,7 @@ from loadtest.stream import Record, StreamError, parse_sse, record_from_stream
 from loadtest.summary import (in_flight_at, parse_prometheus, percentile, server_cache_hit_rate,
                               summarize, timeline)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _chunk(content=None, finish=None, usage=None, role=False):

@@ -1,5 +1,5 @@
 """Triton prefill attention over a selection (kernels/prefill_attention_triton.py) against the
-float64 oracle (tests/reference.py::sparse_attention), on fresh random inputs: ragged extend
+float64 oracle (tests/helpers/reference.py::sparse_attention), on fresh random inputs: ragged extend
 batches with cached prefixes (aligned to the tile or not), shuffled paged pools, bf16/fp16, head
 dim 64/128, group sizes 1..8, random selections and head maps, dense tiles.
 

@@ -27,7 +27,7 @@ from sglang_kascade.kernels.decode_attention_triton import (MERGE_MAX_SPLITS, co
 from sglang_kascade.kernels.decode_plan import SCORE_CHUNKS, num_splits, score_chunk
 from sglang_kascade.kernels.topk_triton import topk_chunk
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KV_HEADS = (1, 2, 4, 8, 16, 32)
 GROUPS = (1, 2, 4, 8)
 # Top-k capacities: eager buffers (powers of two from 256), graph captures (any value).
@@ -163,13 +163,14 @@ def test_warmup_runs_every_launcher_interpreted():
 
 
 def test_workloads_after_warm_up_add_no_specialization_key():
-    """tests/warmup_keys.py under TRITON_INTERPRET: the keys a compiled launch would look up,
-    computed by Triton's own binder, for decode and prefill workloads of other batch sizes,
+    """tests/helpers/warmup_keys.py under TRITON_INTERPRET: the keys a compiled launch would look
+    up, computed by Triton's own binder, for decode and prefill workloads of other batch sizes,
     lengths (1-token extends, cached prefixes, lengths not multiples of 16), budgets and growing
     eager buffers, are all keys the warm-up launched (the GPU twin: test_no_compile_gpu.py)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "warmup_keys.py")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=900)
+    script = ROOT / "tests" / "helpers" / "warmup_keys.py"
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), (
         res.stdout[-3000:] + res.stderr[-3000:])
     assert "37 keys" in res.stdout  # the warm-up's variants at these shapes (G = 4)
