@@ -52,3 +52,17 @@ def test_readme_stays_a_front_page():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= 120, len(lines)
     assert lines[0] == "# sglang-kascade"
+
+
+def test_relative_links_in_markdown_resolve():
+    """Every relative link of a tracked Markdown file names a file or folder that exists."""
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken = []
+    for path in tracked_files():
+        if path.suffix != ".md" or not path.exists():
+            continue
+        for target in link.findall(path.read_text(errors="replace")):
+            if "://" not in target and not target.startswith("mailto:") and not (
+                    path.parent / target).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert broken == [], "\n".join(broken)
