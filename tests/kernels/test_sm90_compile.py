@@ -20,11 +20,11 @@ import pytest
 
 from sglang_kascade.config import prefill_tile_problem
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
+
+from sm90_variants import SM90_SMEM_BYTES  # tests/helpers (pythonpath in pyproject.toml)
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "sm90_variants.py"
-sys.path.insert(0, str(HELPER.parent))
-from sm90_variants import SM90_SMEM_BYTES  # noqa: E402
 
 # What a served model launches (the served dtype): every kernel of the device path.
 KERNELS = {"_score_kernel", "_pool_kernel", "_hist_kernel", "_collect_kernel",
