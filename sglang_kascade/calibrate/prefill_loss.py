@@ -47,6 +47,7 @@ from ..layers import LayerTable
 from ..policies import POLICY_TABLE, apply_policy
 from ..profile import AnchorProfile
 from .attention_loss import budget_share, layer_loss
+from .run_file import write_json
 
 FORMAT = "sglang-kascade-prefill-loss/1"
 
@@ -275,7 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode", action="store_true",
                    help="end to end: also decode the whole answer (default: its first token)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True, help="results JSON (written after every prompt)")
+    p.add_argument("--out", required=True,
+                   help="results JSON, gzip-compressed if it ends in .gz (written after every "
+                        "prompt)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
                     prompt["variants"][v.name] = res
                 del cap
                 data["prompts"].append(prompt)
-                Path(args.out).write_text(json.dumps(data))
+                write_json(args.out, data)
                 print(json.dumps({"task": task, "length": length, "index": i,
                                   "s": round(time.time() - t0, 1), **{
                                       k: {"share": r["budget"]["share"], **r.get("answer", {})}

@@ -1,12 +1,13 @@
 """``python -m sglang_kascade.calibrate.prefill_loss_report``: tables and plots of prefill_loss runs.
 
-Reads one or more ``prefill_loss`` JSON files (prompts of every file pooled, per variant name)
-and prints a markdown table per variant: the mean over sparse layers and prompts of the mass
-kept and the relative output error (body tiles, question tiles, the prompt's last query, the
-first tile of an extend after a cached prefix), the share of candidate keys read, and the first
-answer token's KL divergence from dense and argmax agreement. ``--plot-layers PNG`` draws mass
-and error per layer, ``--plot-tiles PNG`` the error per tile against its position in the prompt,
-``--plot-summary PNG`` the errors and the KL divergence per variant.
+Reads one or more ``prefill_loss`` JSON files (``.json.gz``: compressed; prompts of every file
+pooled, per variant name) and prints a markdown table per variant: the mean over sparse layers
+and prompts of the mass kept and the relative output error (body tiles, question tiles, the
+prompt's last query, the first tile of an extend after a cached prefix), the share of candidate
+keys read, and the first answer token's KL divergence from dense and argmax agreement.
+``--plot-layers PNG`` draws mass and error per layer, ``--plot-tiles PNG`` the error per tile
+against its position in the prompt, ``--plot-summary PNG`` the errors and the KL divergence per
+variant.
 
     python -m sglang_kascade.calibrate.prefill_loss_report --in a.json --in b.json \\
         [--variants base,oracle] [--plot-layers L.png] [--plot-tiles T.png]
@@ -15,8 +16,9 @@ and error per layer, ``--plot-tiles PNG`` the error per tile against its positio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+
+from .run_file import read_json
 import sys
 
 GROUPS = ("body", "question", "last", "first")
@@ -26,7 +28,7 @@ def load(paths) -> dict:
     """{variant: [per-prompt result with the prompt's task and length]}, in file order."""
     out: dict = {}
     for path in paths:
-        data = json.load(open(path))
+        data = read_json(path)
         for prompt in data["prompts"]:
             for name, res in prompt["variants"].items():
                 out.setdefault(name, []).append({**res, "task": prompt["task"],

@@ -81,3 +81,13 @@ def test_first_tile_after_a_prefix_against_the_cold_tile():
     cmp = rep.first_tile_vs_cold(data, "prefix", "base")
     assert cmp == {"partial": 0.15, "cold": 0.2, "prompts": 1}  # tile 32: cold err 0.2
     assert rep.first_tile_vs_cold(data, "base", "base") is None  # no prefix: nothing to compare
+
+
+def test_a_compressed_run_reads_as_the_plain_one(runs, tmp_path):
+    """``.json.gz`` (how results pages keep a run in git) holds the same data as the plain file."""
+    from sglang_kascade.calibrate.run_file import read_json, write_json
+
+    gz = tmp_path / "run.json.gz"
+    write_json(gz, read_json(runs))
+    assert gz.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
+    assert rep.load([gz]) == rep.load([runs])
