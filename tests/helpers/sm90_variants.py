@@ -41,31 +41,20 @@ def record(out: str, hq: int, hkv: int, d: int, dtype: str, tile: int) -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "record runs under TRITON_INTERPRET=1"
     import torch
     from triton.compiler import make_backend
-    from triton.runtime import interpreter
-    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton_launches import hook_launches
 
     backend = make_backend(_target())
-    variants, binders = {}, {}
-    interpreted_run = interpreter.InterpretedFunction.run
+    variants = {}
 
-    def run(self, *args, grid, warmup, **kwargs):
-        if id(self) not in binders:
-            kw = {k: v for k, v in self.kwargs.items()
-                  if k in ("do_not_specialize", "do_not_specialize_on_alignment")}
-            jf = JITFunction(self.fn, **kw)
-            binders[id(self)] = jf, create_function_from_signature(jf.signature, jf.params,
-                                                                   backend)
-        jf, binder = binders[id(self)]
-        bound, spec, opts = binder(*args, **kwargs)
+    def on_launch(fn, jf, bound, spec, opts, kwargs):
         launch = {k: v for k, v in kwargs.items() if k not in jf.arg_names}
         _, signature, constexprs, attrs = jf._pack_args(backend, dict(launch), bound, spec, opts)
-        rec = dict(module=self.fn.__module__, name=self.fn.__name__, signature=signature,
+        rec = dict(module=fn.__module__, name=fn.__name__, signature=signature,
                    constexprs=[[list(k), v] for k, v in constexprs.items()],
                    attrs=[[list(k), v] for k, v in attrs.items()], launch=launch)
         variants.setdefault(json.dumps(rec, sort_keys=True, default=str), rec)
-        return interpreted_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    interpreter.InterpretedFunction.run = run
+    hook_launches(backend, on_launch)
 
     from sglang_kascade.config import BudgetConfig
     from sglang_kascade.device_path import DevicePath

@@ -8,27 +8,12 @@ launch options). The warm-up runs, then decode and prefill workloads of other sh
 DevicePath; prints every key they add (none: "OK")."""
 import random, sys, time
 import torch
-from triton.runtime import interpreter as I
-from triton.runtime.jit import JITFunction, create_function_from_signature
 from triton.backends.compiler import BaseBackend
+from triton_launches import hook_launches
 
 KEYS = {}
-_binders = {}
-_orig = I.InterpretedFunction.run
-
-def _run(self, *args, grid, warmup, **kwargs):
-    b = _binders.get(id(self))
-    if b is None:
-        kw = {k: v for k, v in self.kwargs.items()
-              if k in ("do_not_specialize", "do_not_specialize_on_alignment")}
-        jf = JITFunction(self.fn, **kw)
-        b = create_function_from_signature(jf.signature, jf.params, BaseBackend)
-        _binders[id(self)] = b
-    _, spec, opts = b(*args, **kwargs)
-    KEYS.setdefault(self.fn.__name__, set()).add(repr(spec) + repr(sorted(opts.items())))
-    return _orig(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-I.InterpretedFunction.run = _run
+hook_launches(BaseBackend, lambda fn, jf, bound, spec, opts, kwargs: KEYS.setdefault(
+    fn.__name__, set()).add(repr(spec) + repr(sorted(opts.items()))))
 
 from sglang_kascade.config import BudgetConfig
 from sglang_kascade.device_path import DevicePath
