@@ -40,7 +40,9 @@ def test_no_run_numbers_in_file_names():
 
 
 def test_the_patterns_catch_what_they_are_for():
-    assert HISTORY.search("measured in Session 12") and HISTORY.search("session-3 figures")
+    # Samples built at run time, so this file itself holds no line the check would flag.
+    assert HISTORY.search("measured in Session " + "12")
+    assert HISTORY.search("session-" + "3 figures")
     assert not HISTORY.search("a session of the sidecar")
     assert RUN_NUMBER_NAME.search("decode_kernels_s7.json") and RUN_NUMBER_NAME.search("e2e_run3.md")
     assert not RUN_NUMBER_NAME.search("served_h100.json")
