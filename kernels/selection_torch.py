@@ -97,6 +97,13 @@ def pooled_tile_probs(q, k_all, tiles: RequestTiles, a: int, b: int, scale: floa
     return pooled
 
 
+def _tile_mass(tiles: RequestTiles, a: int, b: int, heads: int) -> torch.Tensor:
+    """[b-a] float32: the pooled probability of tiles [a, b) over their whole causal rows
+    (each query's row sums to 1 in each of the ``heads`` pooled query heads)."""
+    n_q = [hi - lo for lo, hi in zip(tiles.tile_q_lo[a:b], tiles.tile_q_hi[a:b])]
+    return torch.tensor(n_q, dtype=torch.float32, device=tiles.tile_start.device) * heads
+
+
 def select_topk(
     q: torch.Tensor,  # [n, Hq, D] queries of one request
     k_all: torch.Tensor,  # [S, Hkv, D] keys of the request in position order
@@ -106,7 +113,14 @@ def select_topk(
     page_tile_size: int = 16,
     block_bytes: int | None = None,  # None: block_bytes_for(q.device)
     pool_all_heads: bool = False,
+    mass: float = 1.0,
+    mass_floor: int = 0,
 ) -> Selection:
+    """Each (KV head, tile) keeps its tile_k highest pooled scores. ``mass`` < 1 (token
+    granularity only) follows the attention mass instead, with tile_k as the cap: a tile keeps
+    its fewest top keys that, with the causal diagonal (always read), hold ``mass`` of the
+    pooled probability of its queries, and at least its ``mass_floor`` top keys; the rest of
+    the slots are left invalid."""
     if tiles.all_dense:
         return Selection(dense=True)
     block_bytes = block_bytes or block_bytes_for(q.device)
@@ -128,11 +142,18 @@ def select_topk(
         key_pos = torch.arange(n_keys, device=q.device)
         candidate = key_pos[None, :] < starts[:, None]  # [nt_b, L]
         if page == 1:
+            if mass < 1.0:  # what the candidates must cover: [Hkv, nt_b]
+                need = ((pooled * candidate).sum(-1)
+                        - (1.0 - mass) * _tile_mass(tiles, a, b, hq // hkv))
             scores = pooled.masked_fill_(~candidate, NEG_INF)
             kb = min(int(k_units[a:b].max()), n_keys)
-            top = scores.topk(kb, dim=-1).indices  # [Hkv, nt_b, kb]
+            top = scores.topk(kb, dim=-1)  # [Hkv, nt_b, kb], highest first
             rank_ok = torch.arange(kb, device=q.device)[None, :] < k_units[a:b, None]
-            idx[:, a:b, :kb] = top
+            if mass < 1.0:
+                got = top.values.clamp(min=0.0)
+                floor = torch.arange(kb, device=q.device) < mass_floor
+                rank_ok = rank_ok & (((got.cumsum(-1) - got) < need[..., None]) | floor)
+            idx[:, a:b, :kb] = top.indices
             valid[:, a:b, :kb] = rank_ok.expand(hkv, -1, -1)
         else:
             n_pages = math.ceil(n_keys / page)

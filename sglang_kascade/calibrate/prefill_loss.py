@@ -18,8 +18,11 @@ Variants: ``--variant "name=T64 tile=64"``; keys ``name``, ``profile`` (probe's 
 ``shipped``, ``oracle``, ``file:PATH``, ``anchors:A,B,..``, ``drop:L,..``), ``topk``,
 ``k_min``, ``tile``, ``tail`` / ``qtail`` (``BudgetConfig.dense_tail`` / ``query_tail``),
 ``prefix`` (a cached prefix:
-``F+R`` = the tile boundary at or below fraction F of the prompt, plus R tokens; ``0`` none).
-Unset keys take the shipped profile's.
+``F+R`` = the tile boundary at or below fraction F of the prompt, plus R tokens; ``0`` none),
+``mass`` (< 1: each selection keeps the fewest top keys holding that share of its tile's
+attention, the budget's k as a cap; end-to-end runs only). Unset keys take the shipped
+profile's. End to end, ``read`` is the share of candidate keys the sparse layers' prefill
+queries actually read (``probe.read_share``; ``share`` is the budgets' k).
 
 Tiles are *question* tiles if a query of theirs is after the haystack (the question and the
 answer prefix), else *body* tiles; summaries count sparse tiles only (``tile_k < tile_start``).
@@ -92,6 +95,7 @@ class Variant:
     budget: BudgetConfig
     policy: PolicyConfig
     prefix: str = "0"  # cached prefix rule (prefix_length)
+    mass: float = 1.0  # < 1: mass-following selection (probe.use_profile), the budget's k a cap
 
 
 def prefix_length(rule: str, length: int, tile_size: int) -> int:
@@ -220,7 +224,7 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
 
     kv = dict(item.split("=", 1) for item in spec.split())
     unknown = set(kv) - {"name", "profile", "topk", "k_min", "tile", "tail", "qtail", "prefix",
-                         "policy"}
+                         "policy", "mass"}
     if unknown:
         raise SystemExit(f"--variant {spec!r}: unknown keys {sorted(unknown)}")
     profile = config_profile(kv.get("profile", "shipped"), shipped)
@@ -234,7 +238,8 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
         query_tail=int(kv.get("qtail", b.query_tail)))
     policy = PolicyConfig(kv.get("policy", "kascade"))
     return Variant(name=kv.get("name", spec), profile=apply_policy(profile, policy.name),
-                   budget=budget, policy=policy, prefix=kv.get("prefix", "0"))
+                   budget=budget, policy=policy, prefix=kv.get("prefix", "0"),
+                   mass=float(kv.get("mass", 1.0)))
 
 
 def _commit() -> str:
@@ -334,16 +339,17 @@ def main(argv=None) -> int:
                     tiles = request_tiles(v.budget, pre, length - pre, v.budget.k_for, "cpu")
                     res = summarize(losses, tiles, s.body[1], pre)
                     if dense_rows is not None:
-                        probe.use_profile(v.profile, v.budget, v.policy)
+                        probe.use_profile(v.profile, v.budget, v.policy, v.mass)
                         rows = answer_rows(model, ids, answer, pre, args.decode)
                         res["answer"] = answer_scores(rows, dense_rows, answer)
+                        res["budget"]["read"] = round(probe.read_share(), 5)
                     prompt["variants"][v.name] = res
                 del cap
                 data["prompts"].append(prompt)
                 write_json(args.out, data)
                 print(json.dumps({"task": task, "length": length, "index": i,
                                   "s": round(time.time() - t0, 1), **{
-                                      k: {"share": r["budget"]["share"], **r.get("answer", {})}
+                                      k: {**r["budget"], **r.get("answer", {})}
                                       for k, r in prompt["variants"].items()}}), flush=True)
     return 0
 

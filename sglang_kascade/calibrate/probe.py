@@ -32,6 +32,7 @@ import time
 import torch
 
 from ..config import BudgetConfig, PolicyConfig
+from ..kernels.selection_torch import select_topk
 from ..kernels.sparse_attention_torch import sparse_attention
 from ..kernels.tiles import decode_tiles
 from ..plan import request_tiles
@@ -59,23 +60,51 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
              else request_tiles(budget, s - n, n, budget.k_for, q.device))
     if _STATE["selects"][li]:
         policy: PolicyConfig = _STATE["policy"]
-        _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
-                                                         policy)
+        if _STATE["mass"] < 1.0:  # mass-following Top-k (select_topk's ``mass``)
+            _STATE["sel"] = select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scaling,
+                                        mass=_STATE["mass"], mass_floor=budget.k_min,
+                                        pool_all_heads=policy.name == "kascade_pooled")
+        else:
+            _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
+                                                             policy)
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kw)
     sel = _STATE["sel"]
     if role == "reuse":
         sel = sel.for_heads(_STATE["head_maps"][li])
+    if n > 1:
+        _count_keys(tiles.selected(), sel)
     return sparse_attention(q, k_all, v_all, tiles, sel, scaling).unsqueeze(0), None
 
 
+def _count_keys(tiles, sel) -> None:
+    """Adds one sparse layer's prefill keys to ``read_share``'s sums: per query, the keys its
+    tile's selection holds (mean over KV heads) and its tile's candidates (the diagonal out)."""
+    n_q = torch.tensor([hi - lo for lo, hi in zip(tiles.tile_q_lo, tiles.tile_q_hi)],
+                       dtype=torch.float64)
+    cand = float((n_q * tiles.tile_start.double()).sum())
+    read = cand if sel.dense else float((n_q * sel.valid.double().sum(-1).mean(0)).sum())
+    _STATE["keys"][0] += read
+    _STATE["keys"][1] += cand
+
+
+def read_share() -> float:
+    """Keys the sparse layers' prefill queries read over their candidates, since
+    ``use_profile`` (1.0 when nothing was sparse)."""
+    read, cand = _STATE.get("keys", (0.0, 0.0))
+    return read / cand if cand else 1.0
+
+
 def use_profile(profile: AnchorProfile | None, budget: BudgetConfig,
-                policy: PolicyConfig = PolicyConfig()) -> None:
+                policy: PolicyConfig = PolicyConfig(), mass: float = 1.0) -> None:
     """Roles as backend.py: a dense anchor selects only if a reuse layer reads it. Selecting
     layers call ``policy``'s selection (policies.POLICY_TABLE); ``profile`` is taken as given
-    (a policy's profile transformation is the caller's: ``config_profile``)."""
-    _STATE.update(profile=profile, budget=budget, policy=policy, sel=None)
+    (a policy's profile transformation is the caller's: ``config_profile``). ``mass`` < 1:
+    selecting layers keep the fewest top keys holding that share of their tile's attention
+    (select_topk), at least k_min and at most the budget's k."""
+    _STATE.update(profile=profile, budget=budget, policy=policy, sel=None, mass=mass,
+                  keys=[0.0, 0.0])
     if profile is None:
         return
     table = LayerTable.of(profile)

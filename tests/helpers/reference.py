@@ -189,6 +189,30 @@ def select(q, k, tiles: OracleTiles, scale, granularity="token", page=16, pool_a
     return sel, scores
 
 
+def select_mass(scores, tiles: OracleTiles, heads: int, mass: float, floor: int):
+    """Mass-following token selection: [Hkv, nt, S] bool. Per (KV head, tile), candidates by
+    pooled score (ties by lower position) are taken while fewer than ``floor`` are taken or the
+    taken ones hold less than ``need`` = candidate mass - (1 - mass) x the tile's whole mass
+    (``heads`` pooled heads x its queries, each row summing to 1), never more than the tile's k.
+    """
+    hkv, nt, S = scores.shape
+    cand = candidate_mask(tiles, S)
+    sel = torch.zeros(hkv, nt, S, dtype=torch.bool)
+    for t in range(nt):
+        whole = heads * tiles.q_tile.count(t)
+        for h in range(hkv):
+            order = sorted((j for j in range(S) if cand[t, j]),
+                           key=lambda j: (-scores[h, t, j].item(), j))
+            need = sum(scores[h, t, j].item() for j in order) - (1 - mass) * whole
+            taken = 0.0
+            for rank, j in enumerate(order[:tiles.ks[t]]):
+                if rank >= floor and taken >= need:
+                    break
+                sel[h, t, j] = True
+                taken += scores[h, t, j].item()
+    return sel
+
+
 # ------------------------------------------------------------------------------------------------
 # Baseline policies: Quest and StreamingLLM (same budget k per tile as Kascade)
 # ------------------------------------------------------------------------------------------------

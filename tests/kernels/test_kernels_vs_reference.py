@@ -205,6 +205,50 @@ def test_selection_is_valid_topk(case):
             assert sel.valid.sum(-1).tolist() == [ot.ks] * case.hkv
 
 
+MASS_CASES = [c for c in EXTEND_CASES if c.gran == "token"][:6] + DECODE_CASES[:4]
+
+
+@pytest.mark.parametrize("mass,floor", [(0.5, 0), (0.9, 3), (0.99, 0)])
+@pytest.mark.parametrize("case", MASS_CASES, ids=str)
+def test_mass_selection_matches_oracle(case, mass, floor):
+    """select_topk(mass=, mass_floor=) keeps each (head, tile)'s fewest top keys holding the mass
+    (at least the floor, at most the tile's k): the oracle's set, but where float32 and float64
+    sums part at the cut, and then by one key at most."""
+    q, k, _, scale = make_inputs(case, seed_of(case, 2))
+    kt, ot = kernel_tiles(case), oracle_tiles(case)
+    sel = select_topk(q, k, kt, scale, mass=mass, mass_floor=floor,
+                      block_bytes=case.block_bytes)
+    if sel.dense:
+        assert not is_sparse(ot)
+        return
+    got = ref.mask_from_kernel(sel, ot, case.hkv, case.seq)
+    _, scores = ref.select(q, k, ot, scale)
+    want = ref.select_mass(scores, ot, case.g, mass, floor)
+    same = (got == want).all(-1).float().mean().item()
+    assert same >= 0.95, f"only {same:.0%} of (head, tile) selections equal the oracle's"
+    assert (got.sum(-1) - want.sum(-1)).abs().max() <= 1
+    ks = torch.tensor(ot.ks)
+    assert (got.sum(-1) <= ks).all() and (got.sum(-1) >= ks.clamp(max=floor)).all()
+    # what is kept is the top of the pooled scores: a valid Top-(its count)
+    counts = ot.ks
+    for h in range(case.hkv):
+        for t in range(ot.nt):
+            n = int(got[h, t].sum())
+            if 0 < n < counts[t]:
+                cand = ref.candidate_mask(ot, case.seq)[t]
+                worst_in = scores[h, t][got[h, t]].min()
+                best_out = scores[h, t][cand & ~got[h, t]].max()
+                assert worst_in >= best_out * (1 - 1e-6)
+
+
+def test_mass_one_is_the_top_k():
+    case = EXTEND_CASES[3]
+    q, k, _, scale = make_inputs(case, seed_of(case))
+    a = select_topk(q, k, kernel_tiles(case), scale)
+    b = select_topk(q, k, kernel_tiles(case), scale, mass=1.0, mass_floor=5)
+    assert torch.equal(a.idx, b.idx) and torch.equal(a.valid, b.valid)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", ALL_CASES, ids=str)
