@@ -237,9 +237,16 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
         dense_tail=int(kv.get("tail", b.dense_tail)),
         query_tail=int(kv.get("qtail", b.query_tail)))
     policy = PolicyConfig(kv.get("policy", "kascade"))
+    mass = float(kv.get("mass", 1.0))
+    top_k = policy.name in ("kascade", "kascade_identity", "kascade_pooled", "oracle")
+    if mass < 1.0 and not (top_k and budget.granularity == "token"):
+        raise SystemExit(f"--variant {spec!r}: mass applies to the Top-k policies at token "
+                         "granularity")
+    if not 0 < mass <= 1:
+        raise SystemExit(f"--variant {spec!r}: mass must be in (0, 1]")
     return Variant(name=kv.get("name", spec), profile=apply_policy(profile, policy.name),
                    budget=budget, policy=policy, prefix=kv.get("prefix", "0"),
-                   mass=float(kv.get("mass", 1.0)))
+                   mass=mass)
 
 
 def _commit() -> str:

@@ -60,9 +60,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
              else request_tiles(budget, s - n, n, budget.k_for, q.device))
     if _STATE["selects"][li]:
         policy: PolicyConfig = _STATE["policy"]
-        if _STATE["mass"] < 1.0:  # mass-following Top-k (select_topk's ``mass``)
+        mass = _STATE.get("mass", 1.0)
+        if mass < 1.0:  # mass-following Top-k (select_topk's ``mass``)
             _STATE["sel"] = select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scaling,
-                                        mass=_STATE["mass"], mass_floor=budget.k_min,
+                                        mass=mass, mass_floor=budget.k_min,
                                         pool_all_heads=policy.name == "kascade_pooled")
         else:
             _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
@@ -73,7 +74,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     sel = _STATE["sel"]
     if role == "reuse":
         sel = sel.for_heads(_STATE["head_maps"][li])
-    if n > 1:
+    if n > 1 and "keys" in _STATE:
         _count_keys(tiles.selected(), sel)
     return sparse_attention(q, k_all, v_all, tiles, sel, scaling).unsqueeze(0), None
 

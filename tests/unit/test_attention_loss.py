@@ -12,8 +12,8 @@ import torch
 import reference as ref
 from sglang_kascade.calibrate.attention_loss import (budget_share, layer_loss, mass_kept,
                                                      output_error)
-from sglang_kascade.calibrate.prefill_loss import (CapturedLayer, Variant, prefix_length,
-                                                   summarize, walk)
+from sglang_kascade.calibrate.prefill_loss import (CapturedLayer, Variant, parse_variant,
+                                                   prefix_length, summarize, walk)
 from sglang_kascade.config import BudgetConfig, PolicyConfig
 from sglang_kascade.kernels.selection_torch import Selection, select_topk
 from sglang_kascade.kernels.tiles import extend_tiles
@@ -146,3 +146,14 @@ def test_summarize_groups_and_prefix_tiles():
     assert row["question_mass"] == pytest.approx(float(losses[1].mass[3]), abs=1e-5)
     assert row["first_mass"] == pytest.approx(float(losses[1].mass[0]), abs=1e-5)
     assert res["budget"]["share"] == round(budget_share(tiles), 5) < 1
+
+
+def test_variant_mass_key_parsed_and_refused_where_it_does_not_apply():
+    fp, _ = _tiny_model()
+    prof = _profile(fp, (0, 2), ((0, 1),) * 4)
+    v = parse_variant("name=m mass=0.9 topk=0.2", prof)
+    assert v.mass == 0.9 and v.budget.topk_fraction == 0.2
+    assert parse_variant("name=d", prof).mass == 1.0
+    for bad in ("mass=0.9 policy=quest", "mass=0", "mass=1.5"):
+        with pytest.raises(SystemExit):
+            parse_variant(bad, prof)
