@@ -157,3 +157,21 @@ def test_variant_mass_key_parsed_and_refused_where_it_does_not_apply():
     for bad in ("mass=0.9 policy=quest", "mass=0", "mass=1.5"):
         with pytest.raises(SystemExit):
             parse_variant(bad, prof)
+
+
+def test_probe_counts_the_keys_a_selection_reads():
+    """probe.read_share over a fixed Top-k selection is the budgets' share (budget_share); a
+    mass-following one reads fewer keys, never more."""
+    from sglang_kascade.calibrate import probe
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(70, 4, 8, generator=g) * 2, torch.randn(70, 2, 8, generator=g)
+    budget = BudgetConfig(0.25, 4, 8)
+    tiles = extend_tiles(0, 70, 8, budget.k_for, "cpu")
+    for mass in (1.0, 0.8):
+        probe.use_profile(None, budget)
+        probe._count_keys(tiles, select_topk(q, k, tiles, 0.35, mass=mass, mass_floor=2))
+        if mass == 1.0:
+            assert probe.read_share() == pytest.approx(budget_share(tiles))
+        else:
+            assert 0 < probe.read_share() < budget_share(tiles)
