@@ -59,7 +59,9 @@ def summary(results: list) -> dict:
             vals = [_mean([r.get(f"{g}_{m}") for r in res["layers"] if r["role"] != "dense"])
                     for res in results]
             row[f"{g}_{m}"] = _mean(vals)
-    row["share"] = _mean([res["budget"]["share"] for res in results])
+    # keys read: counted end to end where the run did (``read``; a mass-following selection
+    # reads fewer than its budgets' k), else the budgets' share
+    row["share"] = _mean([res["budget"].get("read", res["budget"]["share"]) for res in results])
     answers = [res["answer"] for res in results if "answer" in res]
     if answers:
         row["kl_first"] = _mean([a["kl_first"] for a in answers])

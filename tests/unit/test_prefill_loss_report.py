@@ -91,3 +91,14 @@ def test_a_compressed_run_reads_as_the_plain_one(runs, tmp_path):
     write_json(gz, read_json(runs))
     assert gz.read_bytes()[:2] == b"\x1f\x8b"  # gzip's magic number
     assert rep.load([gz]) == rep.load([runs])
+
+
+def test_keys_read_counted_end_to_end_win_over_the_budgets_share(runs, tmp_path):
+    data = json.loads(runs.read_text())
+    for prompt, read in zip(data["prompts"], (0.2, 0.1)):
+        prompt["variants"]["qtail"]["budget"]["read"] = read
+    path = tmp_path / "read.json"
+    path.write_text(json.dumps(data))
+    loaded = rep.load([path])
+    assert rep.summary(loaded["qtail"])["share"] == pytest.approx(0.15)
+    assert rep.summary(loaded["base"])["share"] == pytest.approx(0.375)
