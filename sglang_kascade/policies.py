@@ -40,9 +40,11 @@ def _unchanged(profile: AnchorProfile) -> AnchorProfile:
 # Selection of an anchor layer on the PyTorch path: (q [n, Hq, D], k_all [S, Hkv, D], tiles,
 # scale, budget, policy config) -> Selection, at the budget k of each tile; it covers
 # tiles.selected() (the tiles before an extend's dense tail, whose queries attend densely).
-def _topk(q, k_all, tiles, scale, budget, policy):
+# The Top-k policies also take select_topk's offline ``mass`` / ``mass_floor`` (the probe's).
+def _topk(q, k_all, tiles, scale, budget, policy, mass=1.0, mass_floor=0):
     return select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale, budget.granularity,
-                       budget.page_tile_size, pool_all_heads=policy.name == "kascade_pooled")
+                       budget.page_tile_size, pool_all_heads=policy.name == "kascade_pooled",
+                       mass=mass, mass_floor=mass_floor)
 
 
 def _quest(q, k_all, tiles, scale, budget, policy):  # pages of page_tile_size keys

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 from .run_file import read_json
-import sys
 
 GROUPS = ("body", "question", "last", "first")
 

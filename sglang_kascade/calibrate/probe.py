@@ -32,13 +32,13 @@ import time
 import torch
 
 from ..config import BudgetConfig, PolicyConfig
-from ..kernels.selection_torch import select_topk
 from ..kernels.sparse_attention_torch import sparse_attention
 from ..kernels.tiles import decode_tiles
 from ..plan import request_tiles
 from ..layers import LayerTable
 from ..policies import POLICY_TABLE
 from ..profile import AnchorProfile, derived_default_profile, find_shipped_profile, load_profile
+from .attention_loss import tile_query_counts
 
 IMPL = "kascade_probe"
 _STATE: dict = {}
@@ -60,14 +60,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
              else request_tiles(budget, s - n, n, budget.k_for, q.device))
     if _STATE["selects"][li]:
         policy: PolicyConfig = _STATE["policy"]
-        mass = _STATE.get("mass", 1.0)
-        if mass < 1.0:  # mass-following Top-k (select_topk's ``mass``)
-            _STATE["sel"] = select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scaling,
-                                        mass=mass, mass_floor=budget.k_min,
-                                        pool_all_heads=policy.name == "kascade_pooled")
-        else:
-            _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
-                                                             policy)
+        mass = _STATE.get("mass", 1.0)  # < 1: a Top-k policy's mass-following selection
+        extra = {} if mass == 1.0 else {"mass": mass, "mass_floor": budget.k_min}
+        _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
+                                                         policy, **extra)
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kw)
@@ -82,8 +78,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
 def _count_keys(tiles, sel) -> None:
     """Adds one sparse layer's prefill keys to ``read_share``'s sums: per query, the keys its
     tile's selection holds (mean over KV heads) and its tile's candidates (the diagonal out)."""
-    n_q = torch.tensor([hi - lo for lo, hi in zip(tiles.tile_q_lo, tiles.tile_q_hi)],
-                       dtype=torch.float64)
+    n_q = tile_query_counts(tiles)  # [nt]
     cand = float((n_q * tiles.tile_start.double()).sum())
     read = cand if sel.dense else float((n_q * sel.valid.double().sum(-1).mean(0)).sum())
     _STATE["keys"][0] += read
