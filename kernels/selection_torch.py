@@ -46,6 +46,20 @@ class Selection:
             return self
         return Selection(False, self.idx[head_map], self.valid[head_map])
 
+    def narrow(self, tile_k: torch.Tensor) -> "Selection":
+        """The first ``tile_k`` [nt] slots of each tile: its tile_k highest keys where the slots
+        are in rank order (``select_topk`` at token granularity, ``rerank_selection``)."""
+        if self.dense:
+            return self
+        rank = torch.arange(self.idx.shape[-1], device=self.idx.device)
+        return Selection(False, self.idx, self.valid & (rank < tile_k[:, None]))
+
+
+def wide_k(tile_k: torch.Tensor, widen: float) -> torch.Tensor:
+    """ceil(widen * tile_k) [nt]: the candidates an anchor keeps for its reuse layers to re-rank
+    (policy kascade_rerank). The slack keeps an exact product (2.0 * 64) from gaining a key."""
+    return torch.ceil(tile_k.double() * widen - 1e-9).long()
+
 
 def tile_blocks(tiles: RequestTiles, row_bytes: int, block_bytes: int) -> Iterator[tuple]:
     """Consecutive tile ranges [a, b) whose queries' score rows fit in ``block_bytes``.
@@ -115,8 +129,12 @@ def select_topk(
     pool_all_heads: bool = False,
     mass: float = 1.0,
     mass_floor: int = 0,
+    widen: float = 1.0,
 ) -> Selection:
-    """Each (KV head, tile) keeps its tile_k highest pooled scores. ``mass`` < 1 (token
+    """Each (KV head, tile) keeps its tile_k highest pooled scores, highest first at token
+    granularity. ``widen`` > 1 (token granularity) keeps ceil(widen * tile_k) of them (at most
+    the tile's candidates): the candidates a reuse layer re-ranks (``rerank_selection``);
+    ``narrow(tiles.tile_k)`` is then the anchor's own Top-k. ``mass`` < 1 (token
     granularity only) follows the attention mass instead, with tile_k as the cap: a tile keeps
     its fewest top keys that, with the causal diagonal (always read), hold ``mass`` of the
     pooled probability of its queries, and at least its ``mass_floor`` top keys; the rest of
@@ -127,7 +145,11 @@ def select_topk(
     hkv_all, hq = k_all.shape[1], q.shape[1]
     hkv = 1 if pool_all_heads else hkv_all  # heads with their own selection
     page = page_tile_size if granularity == "page" else 1
+    if widen != 1.0 and (page != 1 or mass < 1.0):
+        raise ValueError("widen applies to token granularity without mass")
     k_units = (tiles.tile_k + page - 1) // page  # [nt] tokens, or key tiles in page mode
+    if widen != 1.0:
+        k_units = torch.minimum(wide_k(tiles.tile_k, widen), tiles.tile_start)
     kmax = int(k_units.max()) * page
     nt = tiles.num_tiles
     idx = torch.zeros(hkv, nt, kmax, dtype=torch.int64, device=q.device)

@@ -9,6 +9,8 @@ tiles at a time.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from .selection_torch import Selection, block_bytes_for, tile_blocks
@@ -39,6 +41,52 @@ def dense_causal_attention(q, k_all, v_all, q_pos, scale, block_bytes=None, slot
     return out
 
 
+class TileBlock(NamedTuple):
+    """One block of tiles [a, b), its queries and the keys each tile attends, gathered."""
+    q_idx: torch.Tensor  # [nt, Tm] query rows of each tile (padding rows repeat the first)
+    q_ok: torch.Tensor  # [nt, Tm] bool: a real query (not padding)
+    qt: torch.Tensor  # [Hkv*nt, G*Tm, D] float32 queries, a group's heads stacked as rows
+    keys: torch.Tensor  # [Hkv*nt, K+Ld, D] float32: the selection's slots, then the diagonal
+    vals: Optional[torch.Tensor]  # [Hkv*nt, K+Ld, Dv] float32, or None when not asked for
+    mask: torch.Tensor  # [Hkv*nt, G*Tm, K+Ld] bool: the key is selected (valid) or causal
+
+
+def tile_block(q_kv, k_rows, v_rows, tiles: RequestTiles, sel: Selection, a: int, b: int,
+               n_pos: int, slots=None) -> TileBlock:
+    """Gathers tiles [a, b) of ``tiles`` (already ``selected()``): q_kv [n, Hkv, G, D] float32,
+    k_rows / v_rows the keys / values flattened to [rows * Hkv, D] (``v_rows`` None: no values).
+    Each tile's keys are its selection's K slots, then its diagonal block [start, start + Ld)."""
+    dev = q_kv.device
+    hkv, g = q_kv.shape[1], q_kv.shape[2]
+    heads = torch.arange(hkv, device=dev)[:, None, None]
+    nt = b - a
+    lo_q = torch.tensor(tiles.tile_q_lo[a:b], device=dev)
+    hi_q = torch.tensor(tiles.tile_q_hi[a:b], device=dev)
+    tm = int((hi_q - lo_q).max())
+    q_idx = lo_q[:, None] + torch.arange(tm, device=dev)  # [nt, Tm]
+    q_ok = q_idx < hi_q[:, None]
+    q_idx = torch.where(q_ok, q_idx, lo_q[:, None])
+    pos = tiles.q_pos[q_idx]  # [nt, Tm]
+    starts = tiles.tile_start[a:b]
+    n_diag = max(0, int((pos - starts[:, None]).max()) + 1)
+    diag_pos = starts[:, None] + torch.arange(n_diag, device=dev)  # [nt, Ld]
+    key_pos = torch.cat([sel.idx[:, a:b], diag_pos.expand(hkv, -1, -1)], dim=-1)
+    key_pos = key_pos.clamp(max=n_pos - 1)  # [Hkv, nt, K+Ld]
+    allowed = torch.cat([  # [Hkv, nt, Tm, K+Ld]
+        sel.valid[:, a:b, None, :].expand(-1, -1, tm, -1),
+        (diag_pos[:, None, :] <= pos[:, :, None]).expand(hkv, -1, -1, -1),
+    ], dim=-1)
+    rows = (key_pos if slots is None else slots[key_pos]) * hkv + heads  # [Hkv, nt, K+Ld]
+    d = k_rows.shape[-1]
+    keys = k_rows.index_select(0, rows.flatten()).view(hkv * nt, -1, d).float()
+    vals = None
+    if v_rows is not None:
+        vals = v_rows.index_select(0, rows.flatten()).view(hkv * nt, -1, v_rows.shape[-1]).float()
+    qt = q_kv[q_idx].permute(2, 0, 3, 1, 4).flatten(0, 1).flatten(1, 2)
+    mask = allowed.unsqueeze(2).expand(-1, -1, g, -1, -1).flatten(0, 1).flatten(1, 2)
+    return TileBlock(q_idx, q_ok, qt, keys, vals, mask)
+
+
 def sparse_attention(
     q: torch.Tensor,  # [n, Hq, D]
     k_all: torch.Tensor,  # [S, Hkv, D], or the KV pool [slots, Hkv, D] with ``slots``
@@ -65,37 +113,12 @@ def sparse_attention(
     # each tile's keys are one index_select (7x faster than [heads, rows] indexing on the CPU)
     k_rows, v_rows = k_all.flatten(0, 1), v_all.flatten(0, 1)
     q_kv = q.float().unflatten(1, (hkv, -1))  # [n, Hkv, G, D]
-    heads = torch.arange(hkv, device=q.device)[:, None, None]
     for a, b in tile_blocks(tiles, row_bytes=8 * hq, block_bytes=block_bytes):
-        nt = b - a
-        lo_q = torch.tensor(tiles.tile_q_lo[a:b], device=q.device)
-        hi_q = torch.tensor(tiles.tile_q_hi[a:b], device=q.device)
-        tm = int((hi_q - lo_q).max())
-        q_idx = lo_q[:, None] + torch.arange(tm, device=q.device)  # [nt, Tm]
-        q_ok = q_idx < hi_q[:, None]
-        q_idx = torch.where(q_ok, q_idx, lo_q[:, None])
-        pos = tiles.q_pos[q_idx]  # [nt, Tm]
-        starts = tiles.tile_start[a:b]
-
-        # Keys of each tile: its selection, then its diagonal block [start, start + Ld).
-        n_diag = max(0, int((pos - starts[:, None]).max()) + 1)
-        diag_pos = starts[:, None] + torch.arange(n_diag, device=q.device)  # [nt, Ld]
-        key_pos = torch.cat([sel.idx[:, a:b], diag_pos.expand(hkv, -1, -1)], dim=-1)
-        key_pos = key_pos.clamp(max=n_pos - 1)  # [Hkv, nt, K+Ld]
-        allowed = torch.cat([  # [Hkv, nt, Tm, K+Ld]
-            sel.valid[:, a:b, None, :].expand(-1, -1, tm, -1),
-            (diag_pos[:, None, :] <= pos[:, :, None]).expand(hkv, -1, -1, -1),
-        ], dim=-1)
-        rows = (key_pos if slots is None else slots[key_pos]) * hkv + heads  # [Hkv, nt, K+Ld]
-        keys = k_rows.index_select(0, rows.flatten()).view(hkv * nt, -1, k_all.shape[-1])
-        vals = v_rows.index_select(0, rows.flatten()).view(hkv * nt, -1, v_all.shape[-1])
-        keys, vals = keys.float(), vals.float()  # [Hkv*nt, K+Ld, D]
-        # Queries: [Hkv*nt, G*Tm, D], the group's heads stacked as rows.
-        qt = q_kv[q_idx].permute(2, 0, 3, 1, 4).flatten(0, 1).flatten(1, 2)
-        mask = allowed.unsqueeze(2).expand(-1, -1, hq // hkv, -1, -1).flatten(0, 1).flatten(1, 2)
+        blk = tile_block(q_kv, k_rows, v_rows, tiles, sel, a, b, n_pos, slots)
         o = torch.nn.functional.scaled_dot_product_attention(
-            qt, keys, vals, attn_mask=mask, scale=scale)  # [Hkv*nt, G*Tm, Dv]
-        o = o.unflatten(0, (hkv, nt)).unflatten(2, (hq // hkv, tm))  # [Hkv, nt, G, Tm, Dv]
+            blk.qt, blk.keys, blk.vals, attn_mask=blk.mask, scale=scale)  # [Hkv*nt, G*Tm, Dv]
+        tm = blk.q_idx.shape[1]
+        o = o.unflatten(0, (hkv, b - a)).unflatten(2, (hq // hkv, tm))  # [Hkv, nt, G, Tm, Dv]
         o = o.permute(1, 3, 0, 2, 4).flatten(2, 3)  # [nt, Tm, Hq, Dv]
-        out[q_idx[q_ok]] = o[q_ok].to(q.dtype)
+        out[blk.q_idx[blk.q_ok]] = o[blk.q_ok].to(q.dtype)
     return out

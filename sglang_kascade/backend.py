@@ -254,7 +254,10 @@ class KascadeAttnBackend(AttentionBackend):
         """Why this process cannot serve ``profile`` at ``budget`` under ``policy``, or None:
         what the field checks of a profile (config.check_budget_fields) cannot know, because it
         depends on the device and the model. On CUDA, the Triton prefill kernels' tile limit
-        (config.prefill_tile_problem)."""
+        (config.prefill_tile_problem). Policy kascade_rerank re-ranks keys, so token granularity."""
+        if policy.name == "kascade_rerank" and budget.granularity != "token":
+            return (f"policy kascade_rerank re-ranks single keys: granularity must be 'token', "
+                    f"not {budget.granularity!r}")
         if self.device_path.enabled and self.device_path.applies(False, policy, budget):
             m = profile.model
             return prefill_tile_problem(budget.tile_size, m.num_q_heads // m.num_kv_heads,
@@ -412,16 +415,19 @@ class KascadeAttnBackend(AttentionBackend):
             self.plan = plan_forward(self.req_to_token_pool.req_to_token, *self._plan_args,
                                      self.budget, self._fractions)
         plan = self.plan
-        select = POLICY_TABLE[self.policy.name].select
+        policy = POLICY_TABLE[self.policy.name]
         sels = []
         for r, req in enumerate(plan.requests):
+            q_req = q3[req.q_lo:req.q_hi]
             if self.layers.selects[layer_id]:  # scores every key: the request's keys gathered whole
                 k_all = k_buf.index_select(0, req.slots)  # [S, Hkv, D]
-                plan.selections[r] = select(q3[req.q_lo:req.q_hi], k_all, req.tiles,
-                                            layer.scaling, self.budget, self.policy)
-                sels.append(plan.selections[r])
+                plan.selections[r] = policy.select(q_req, k_all, req.tiles, layer.scaling,
+                                                   self.budget, self.policy)
+                sels.append(policy.attend(plan.selections[r], req.tiles))
             elif role == "reuse":
-                sels.append(plan.selections[r].for_heads(self.head_maps[layer_id]))
+                read = plan.selections[r].for_heads(self.head_maps[layer_id])
+                sels.append(policy.reuse(read, q_req, k_buf, req.tiles, layer.scaling,
+                                         slots=req.slots))
         if role == "dense_anchor" or all(sel.dense for sel in sels):
             # Layer 0, or nothing to skip (short contexts, fraction 1.0): SGLang's dense kernel.
             return self._dense(q, k, v, layer, forward_batch, False, decode, **kwargs)

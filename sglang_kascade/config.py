@@ -16,9 +16,15 @@ from typing import NamedTuple, Optional
 GRANULARITIES = ("token", "page")
 # Selection policies of the backend (docs/profiles.md). All select at the same budget k
 # (BudgetConfig.k_for) per tile / decode step, so comparisons share every other line of code.
-POLICIES = ("kascade", "kascade_identity", "kascade_pooled", "oracle", "quest", "streaming")
+POLICIES = ("kascade", "kascade_identity", "kascade_pooled", "kascade_rerank", "oracle", "quest",
+            "streaming")
 DEFAULT_POLICY = "kascade"
 DEFAULT_SINK_TOKENS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024)
+# kascade_rerank: an anchor keeps this many candidates per key a reuse layer attends (C * k).
+# 2 as measured on the embedded model (docs/results/prefill-accuracy.md).
+DEFAULT_RERANK = 2.0
+# Its upper bound: at C * k >= the candidates a reuse layer scores every key, as an anchor does.
+MAX_RERANK = 64.0
 # Prefill below this many tokens runs dense on CUDA: there the anchors' selection (scoring every
 # key twice) eats most of what the reuse layers save. Measured on the H100, Llama-3.1-8B shapes
 # (docs/results/e2e-h100.md): sparse prefill TTFT 0.093 vs FlashInfer 0.096 s at 4K (3%, at an
@@ -134,6 +140,13 @@ OPTION_TABLE = {
         f"{DEFAULT_SINK_TOKENS}).",
         default=DEFAULT_SINK_TOKENS, allowed=(0, MAX_BUDGET_KEYS),
     ),
+    "rerank": Setting(
+        "--kascade-rerank", "SGLANG_KASCADE_RERANK", float,
+        f"Candidates per attended key of the 'kascade_rerank' policy, in [1, {MAX_RERANK:g}] "
+        f"(default {DEFAULT_RERANK:g}): anchors keep C * k keys, each reuse layer attends the k "
+        "its own queries weigh most among them.",
+        default=DEFAULT_RERANK,
+    ),
     "dense_prefill_below": Setting(
         "--kascade-dense-prefill-below", "SGLANG_KASCADE_DENSE_PREFILL_BELOW", int,
         "Extend (prefill) forwards whose longest sequence is shorter than this many tokens run "
@@ -190,6 +203,7 @@ class KascadeOptions:
     query_tail: Optional[int] = None
     policy: Optional[str] = None
     sink_tokens: Optional[int] = None
+    rerank: Optional[float] = None
     dense_prefill_below: Optional[int] = None
     control_dir: Optional[str] = None
     admin_port: Optional[int] = None
@@ -197,7 +211,8 @@ class KascadeOptions:
     warmup: Optional[str] = None
 
     def __post_init__(self):
-        check_policy_fields(policy=self.policy, sink_tokens=self.sink_tokens, where="option")
+        check_policy_fields(policy=self.policy, sink_tokens=self.sink_tokens,
+                            rerank=self.rerank, where="option")
         for name in ("admin_port", "dense_prefill_below"):
             check_int_range(name, getattr(self, name), where="option")
         if self.warmup is not None and self.warmup.strip().lower() not in WARMUP_CHOICES:
@@ -313,11 +328,15 @@ def check_int_range(name: str, value, *, where: str) -> None:
         raise KascadeConfigError(f"{where} {name}={value!r}: must be an integer in {lo}..{hi}")
 
 
-def check_policy_fields(*, where: str, policy=None, sink_tokens=None) -> None:
+def check_policy_fields(*, where: str, policy=None, sink_tokens=None, rerank=None) -> None:
     """Range checks of the policy options. ``None`` values are skipped."""
     if policy is not None and policy not in OPTION_TABLE["policy"].allowed:
         raise KascadeConfigError(f"{where} policy={policy!r}: must be one of {POLICIES}")
     check_int_range("sink_tokens", sink_tokens, where=where)
+    if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, (int, float))
+                               or not 1.0 <= rerank <= MAX_RERANK):
+        raise KascadeConfigError(f"{where} rerank={rerank!r}: must be a number in "
+                                 f"[1, {MAX_RERANK:g}]")
 
 
 def check_budget_fields(*, where: str, topk_fraction=None, k_min=None, tile_size=None,
@@ -423,12 +442,14 @@ class PolicyConfig:
 
     name: str = DEFAULT_POLICY
     sink_tokens: int = DEFAULT_SINK_TOKENS  # used by "streaming" only
+    rerank: float = DEFAULT_RERANK  # used by "kascade_rerank" only
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():
             if value is None:
                 raise KascadeConfigError(f"policy {name}=None: must be set")
-        check_policy_fields(where="PolicyConfig", policy=self.name, sink_tokens=self.sink_tokens)
+        check_policy_fields(where="PolicyConfig", policy=self.name, sink_tokens=self.sink_tokens,
+                            rerank=self.rerank)
 
 
 # ---- a request's own budget (SGLang's custom sampling parameters) ---------------------------

@@ -2,7 +2,8 @@
 
 A policy is what changes between the method and its baselines at an equal budget: a profile
 transformation (e.g. every layer an anchor), the selection function an anchor layer calls on the
-PyTorch path, and whether the batched Triton path (device_path.py) serves it. Everything else
+PyTorch path, what an anchor and a reuse layer attend of that selection, and whether the batched
+Triton path (device_path.py) serves it. Everything else
 (tiles, budgets ``BudgetConfig.k_for``, paging, the causal diagonal, the attention kernel, dense
 delegation) is shared, so policies are compared on the same code. The names (and their order) are
 ``config.POLICIES``, the option's allowed values.
@@ -16,7 +17,8 @@ from typing import Callable
 
 from .config import POLICIES
 from .kernels.quest_torch import select_quest
-from .kernels.selection_torch import select_topk
+from .kernels.rerank_torch import rerank_selection
+from .kernels.selection_torch import Selection, select_topk
 from .kernels.streaming_torch import select_streaming
 from .profile import AnchorProfile
 
@@ -47,6 +49,14 @@ def _topk(q, k_all, tiles, scale, budget, policy, mass=1.0, mass_floor=0):
                        mass=mass, mass_floor=mass_floor)
 
 
+def _topk_wide(q, k_all, tiles, scale, budget, policy, mass=1.0, mass_floor=0):
+    """kascade_rerank's anchors: ceil(rerank * k) candidates per tile, highest first."""
+    if mass != 1.0:
+        raise ValueError("policy kascade_rerank does not follow the attention mass")
+    return select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale, budget.granularity,
+                       budget.page_tile_size, widen=policy.rerank)
+
+
 def _quest(q, k_all, tiles, scale, budget, policy):  # pages of page_tile_size keys
     return select_quest(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale,
                         budget.page_tile_size)
@@ -54,6 +64,25 @@ def _quest(q, k_all, tiles, scale, budget, policy):  # pages of page_tile_size k
 
 def _streaming(q, k_all, tiles, scale, budget, policy):
     return select_streaming(tiles.selected(), k_all.shape[1], policy.sink_tokens)
+
+
+# What a selecting layer attends of its own selection: (selection, tiles) -> Selection.
+def _all_of(sel: Selection, tiles) -> Selection:
+    return sel
+
+
+def _its_top_k(sel: Selection, tiles) -> Selection:  # the wide selection's first k slots
+    return sel.narrow(tiles.selected().tile_k)
+
+
+# What a reuse layer attends: (the selection mapped to its heads, q [n, Hq, D], keys
+# [S, Hkv, D] or the pool with slots, tiles, scale, slots) -> Selection.
+def _as_read(sel: Selection, q, k_all, tiles, scale, slots=None) -> Selection:
+    return sel
+
+
+def _reranked(sel: Selection, q, k_all, tiles, scale, slots=None) -> Selection:
+    return rerank_selection(q[:tiles.tail_q_lo], k_all, tiles, sel, scale, slots=slots)
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,8 @@ class Policy:
     # a KV head's selection depends on that head's queries and keys only, so TP ranks, each
     # holding some of the heads, select as TP 1 does (tp.py)
     per_kv_head: bool = True
+    attend: Callable = _all_of  # what a selecting layer attends of its selection
+    reuse: Callable = _as_read  # what a reuse layer attends of the selection it reads
 
 
 POLICY_TABLE = {p.name: p for p in (
@@ -72,6 +103,9 @@ POLICY_TABLE = {p.name: p for p in (
     Policy("kascade_identity", identity_head_map, _topk, on_device=True),
     Policy("kascade_pooled", _unchanged, _topk, on_device=False,
            per_kv_head=False),  # pooled over all heads
+    # anchors keep rerank * k candidates, reuse layers attend their own k of them
+    Policy("kascade_rerank", _unchanged, _topk_wide, on_device=False, attend=_its_top_k,
+           reuse=_reranked),
     Policy("oracle", every_layer_selects, _topk, on_device=True),  # exact Top-k in every layer
     Policy("quest", every_layer_selects, _quest, on_device=False),  # own pages in every layer
     Policy("streaming", every_layer_selects, _streaming, on_device=False),  # sinks + window

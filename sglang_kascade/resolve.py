@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .config import (DEFAULT_POLICY, DEFAULT_SINK_TOKENS, BudgetConfig, KascadeConfigError,
-                     KascadeOptions, PolicyConfig)
+from .config import (DEFAULT_POLICY, DEFAULT_RERANK, DEFAULT_SINK_TOKENS, BudgetConfig,
+                     KascadeConfigError, KascadeOptions, PolicyConfig)
 from .profile import (AnchorProfile, ModelFingerprint, derived_default_profile,
                       find_shipped_profile, load_profile)
 from .policies import POLICY_TABLE, apply_policy
@@ -51,6 +51,7 @@ def resolve_policy(options: KascadeOptions) -> PolicyConfig:
     return PolicyConfig(
         name=options.policy or DEFAULT_POLICY,
         sink_tokens=DEFAULT_SINK_TOKENS if options.sink_tokens is None else options.sink_tokens,
+        rerank=DEFAULT_RERANK if options.rerank is None else float(options.rerank),
     )
 
 

@@ -17,7 +17,7 @@ Offline, no server. Per evaluation prompt (``sglang_kascade.eval.tasks``, the he
 Variants: ``--variant "name=T64 tile=64"``; keys ``name``, ``profile`` (probe's configs:
 ``shipped``, ``oracle``, ``file:PATH``, ``anchors:A,B,..``, ``drop:L,..``), ``topk``,
 ``k_min``, ``tile``, ``tail`` / ``qtail`` (``BudgetConfig.dense_tail`` / ``query_tail``),
-``prefix`` (a cached prefix:
+``policy`` (``--kascade-policy``), ``rerank`` (``--kascade-rerank``), ``prefix`` (a cached prefix:
 ``F+R`` = the tile boundary at or below fraction F of the prompt, plus R tokens; ``0`` none),
 ``mass`` (< 1: each selection keeps the fewest top keys holding that share of its tile's
 attention, the budget's k as a cap; end-to-end runs only). Unset keys take the shipped
@@ -116,22 +116,24 @@ def walk(layers: list, variant: Variant, prefix: int = 0, own: bool = True) -> l
     profile, budget, policy = variant.profile, variant.budget, variant.policy
     table = LayerTable.of(profile)
     roles, selects = table.roles, table.selects
-    select = POLICY_TABLE[policy.name].select
+    pol = POLICY_TABLE[policy.name]
     length = layers[0].q.shape[0]
     tiles = request_tiles(budget, prefix, length - prefix, budget.k_for, "cpu")
     out, current = [], None
     for li, (role, lay) in enumerate(zip(roles, layers)):
         q = lay.q[prefix:]
         if selects[li]:
-            current = select(q, lay.k, tiles, lay.scale, budget, policy)
+            current = pol.select(q, lay.k, tiles, lay.scale, budget, policy)
         if role in ("dense", "dense_anchor"):
             out.append(None)
             continue
         if role == "anchor":
-            sel, own_sel = current, None
+            sel, own_sel = pol.attend(current, tiles), None
         else:
-            sel = current.for_heads(torch.tensor(profile.head_map[li]))
-            own_sel = select(q, lay.k, tiles, lay.scale, budget, policy) if own else None
+            sel = pol.reuse(current.for_heads(torch.tensor(profile.head_map[li])), q, lay.k,
+                            tiles, lay.scale)
+            own_sel = (pol.attend(pol.select(q, lay.k, tiles, lay.scale, budget, policy), tiles)
+                       if own else None)
         loss = layer_loss(role, q, lay.k, lay.v, tiles, sel, lay.scale, own_sel)
         if role == "anchor":
             loss.own_mass = loss.mass
@@ -224,7 +226,7 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
 
     kv = dict(item.split("=", 1) for item in spec.split())
     unknown = set(kv) - {"name", "profile", "topk", "k_min", "tile", "tail", "qtail", "prefix",
-                         "policy", "mass"}
+                         "policy", "rerank", "mass"}
     if unknown:
         raise SystemExit(f"--variant {spec!r}: unknown keys {sorted(unknown)}")
     profile = config_profile(kv.get("profile", "shipped"), shipped)
@@ -236,7 +238,8 @@ def parse_variant(spec: str, shipped: AnchorProfile) -> Variant:
         k_min=int(kv.get("k_min", b.k_min)), tile_size=int(kv.get("tile", b.tile_size)),
         dense_tail=int(kv.get("tail", b.dense_tail)),
         query_tail=int(kv.get("qtail", b.query_tail)))
-    policy = PolicyConfig(kv.get("policy", "kascade"))
+    policy = PolicyConfig(kv.get("policy", "kascade"),
+                          rerank=float(kv.get("rerank", PolicyConfig.rerank)))
     mass = float(kv.get("mass", 1.0))
     top_k = policy.name in ("kascade", "kascade_identity", "kascade_pooled", "oracle")
     if mass < 1.0 and not (top_k and budget.granularity == "token"):

@@ -67,9 +67,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kw)
-    sel = _STATE["sel"]
+    pol = POLICY_TABLE[_STATE["policy"].name]
     if role == "reuse":
-        sel = sel.for_heads(_STATE["head_maps"][li])
+        sel = pol.reuse(_STATE["sel"].for_heads(_STATE["head_maps"][li]), q, k_all, tiles, scaling)
+    else:
+        sel = pol.attend(_STATE["sel"], tiles)
     if n > 1 and "keys" in _STATE:
         _count_keys(tiles.selected(), sel)
     return sparse_attention(q, k_all, v_all, tiles, sel, scaling).unsqueeze(0), None

@@ -213,6 +213,36 @@ def select_mass(scores, tiles: OracleTiles, heads: int, mass: float, floor: int)
     return sel
 
 
+def rerank(q, k, tiles: OracleTiles, scale, cand_sel):
+    """A reuse layer's own Top-k among its candidates (policy kascade_rerank): [Hkv, nt, S] bool.
+
+    ``cand_sel`` [Hkv, nt, S] bool: each (KV head, tile)'s candidate keys. Every query of the
+    tile and every query head of the group takes its softmax over (the candidates + its causal
+    diagonal keys start..pos) only; the candidates' probabilities are summed over those queries
+    and heads, and the tile's k highest sums are kept (ties by lower position)."""
+    hkv, hq = k.shape[1], q.shape[1]
+    g = hq // hkv
+    S = k.shape[0]
+    logits = logits64(q, k, scale)  # [Hq, n, S]
+    sel = torch.zeros(hkv, tiles.nt, S, dtype=torch.bool)
+    for kvh in range(hkv):
+        for t in range(tiles.nt):
+            score = torch.zeros(S, dtype=torch.float64)
+            for i, (pos, qt) in enumerate(zip(tiles.q_pos, tiles.q_tile)):
+                if qt != t:
+                    continue
+                keys = cand_sel[kvh, t].clone()
+                keys[tiles.starts[t]:pos + 1] = True
+                for h in range(kvh * g, (kvh + 1) * g):
+                    p = logits[h, i].masked_fill(~keys, float("-inf")).softmax(-1)
+                    score += p * cand_sel[kvh, t]
+            order = sorted((j for j in range(S) if cand_sel[kvh, t, j]),
+                           key=lambda j: (-score[j].item(), j))
+            for j in order[:tiles.ks[t]]:
+                sel[kvh, t, j] = True
+    return sel
+
+
 # ------------------------------------------------------------------------------------------------
 # Baseline policies: Quest and StreamingLLM (same budget k per tile as Kascade)
 # ------------------------------------------------------------------------------------------------

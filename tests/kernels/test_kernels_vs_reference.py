@@ -18,6 +18,7 @@ import torch
 
 import reference as ref
 from sglang_kascade.config import BudgetConfig
+from sglang_kascade.kernels.rerank_torch import rerank_selection
 from sglang_kascade.kernels.selection_torch import Selection, select_topk
 from sglang_kascade.kernels.sparse_attention_torch import dense_causal_attention, sparse_attention
 from sglang_kascade.kernels.tiles import decode_tiles, extend_tiles
@@ -246,6 +247,79 @@ def test_mass_one_is_the_top_k():
     a = select_topk(q, k, kernel_tiles(case), scale)
     b = select_topk(q, k, kernel_tiles(case), scale, mass=1.0, mass_floor=5)
     assert torch.equal(a.idx, b.idx) and torch.equal(a.valid, b.valid)
+
+
+RERANK_CASES = ([c for c in EXTEND_CASES if c.gran == "token"][:7] + DECODE_CASES[:4]
+                + [c for c in EXTEND_CASES if c.gran == "token" and c.block_bytes == TINY][:1])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contig", "paged"])
+@pytest.mark.parametrize("widen", [1.5, 3.0])
+@pytest.mark.parametrize("case", RERANK_CASES, ids=str)
+def test_rerank_matches_oracle(case, widen, paged):
+    """Policy kascade_rerank: an anchor keeps ceil(widen * k) keys; a reuse layer (other q, k;
+    a permuted head map) keeps its own k of them by its softmax over candidates + diagonal."""
+    q_a, k_a, _, scale = make_inputs(case, seed_of(case, 3))
+    q, k, _, _ = make_inputs(case, seed_of(case, 4))
+    kt, ot = kernel_tiles(case), oracle_tiles(case)
+    wide = select_topk(q_a, k_a, kt, scale, widen=widen, block_bytes=case.block_bytes)
+    if wide.dense:
+        assert not is_sparse(ot)
+        return
+    head_map = torch.arange(case.hkv).flip(0)
+    read = wide.for_heads(head_map)
+    cand = ref.mask_from_kernel(read, ot, case.hkv, case.seq)  # [Hkv, nt, S]
+    assert (cand.sum(-1) == torch.tensor([min(math.ceil(widen * kk - 1e-9), s) for kk, s in
+                                          zip(ot.ks, ot.starts)])).all()
+    slots = None
+    k_in = k
+    if paged:  # the keys in a pool of 2S rows, at shuffled slots
+        torch.manual_seed(seed_of(case, 5))
+        slots = torch.randperm(2 * case.seq)[:case.seq]
+        k_in = torch.randn(2 * case.seq, case.hkv, case.d)
+        k_in[slots] = k
+    got_sel = rerank_selection(q, k_in, kt, read, scale, block_bytes=case.block_bytes,
+                               slots=slots)
+    got = ref.mask_from_kernel(got_sel, ot, case.hkv, case.seq)
+    want = ref.rerank(q, k, ot, scale, cand)
+    assert not (got & ~cand).any(), "a re-ranked key outside the candidates"
+    assert got.sum(-1).tolist() == [[min(kk, c) for kk, c in zip(ot.ks, row)]
+                                    for row in cand.sum(-1).tolist()]
+    same = (got == want).all(-1).float().mean().item()
+    assert same >= 0.95, f"only {same:.0%} of (head, tile) selections equal the oracle's"
+
+
+def test_rerank_over_every_key_is_the_own_top_k():
+    """Candidates = every key: the re-ranked k are the layer's own Top-k (the softmax over
+    candidates + diagonal is then the whole causal row)."""
+    case = EXTEND_CASES[3]
+    q, k, _, scale = make_inputs(case, seed_of(case))
+    kt = kernel_tiles(case)
+    own = select_topk(q, k, kt, scale)
+    every = select_topk(q, k, kt, scale, widen=1e6)
+    got = rerank_selection(q, k, kt, every, scale)
+    ot = oracle_tiles(case)
+    a, b = (ref.mask_from_kernel(s, ot, case.hkv, case.seq) for s in (own, got))
+    assert (a == b).all(-1).float().mean().item() >= 0.95
+
+
+def test_narrow_of_a_wide_selection_is_the_top_k():
+    for case in EXTEND_CASES[:6] + DECODE_CASES[:3]:
+        if case.gran != "token":
+            continue
+        q, k, _, scale = make_inputs(case, seed_of(case))
+        kt, ot = kernel_tiles(case), oracle_tiles(case)
+        own = select_topk(q, k, kt, scale)
+        narrowed = select_topk(q, k, kt, scale, widen=2.5).narrow(kt.tile_k)
+        assert torch.equal(ref.mask_from_kernel(own, ot, case.hkv, case.seq),
+                           ref.mask_from_kernel(narrowed, ot, case.hkv, case.seq)), str(case)
+
+
+def test_widen_is_token_granularity_only():
+    case = EXTEND_CASES[3]
+    q, k, _, scale = make_inputs(case, seed_of(case))
+    with pytest.raises(ValueError, match="token granularity"):
+        select_topk(q, k, kernel_tiles(case), scale, granularity="page", widen=2.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],

@@ -68,11 +68,12 @@ def test_option_table_covers_every_option_and_budget_field():
     assert list(OPTION_TABLE) == option_fields
     budget_fields = {f.name for f in dataclasses.fields(BudgetConfig)}
     policy_fields = {f.name for f in dataclasses.fields(PolicyConfig)}
-    assert policy_fields == {"name", "sink_tokens"}
+    assert policy_fields == {"name", "sink_tokens", "rerank"}
     operations = {"control_dir", "admin_port", "admin_token_file"}  # hot-swap sidecar
     operations |= {"dense_prefill_below"}  # when sparsity pays (serving, not the budget)
     operations |= {"warmup"}  # Triton kernels compiled at start-up (warmup.py)
-    assert budget_fields == set(option_fields) - {"profile", "policy", "sink_tokens"} - operations
+    assert budget_fields == (set(option_fields) - {"profile", "policy", "sink_tokens", "rerank"}
+                             - operations)
     for name, s in OPTION_TABLE.items():
         assert s.flag.startswith("--kascade-") and s.env.startswith("SGLANG_KASCADE_")
         assert s.type in (str, int, float) and s.help

@@ -20,8 +20,8 @@ import torch
 
 import reference as ref
 import test_backend_vs_reference as tb
-from sglang_kascade.config import (DEFAULT_POLICY, DEFAULT_SINK_TOKENS, OPTION_TABLE, POLICIES,
-                                   KascadeConfigError, KascadeOptions, PolicyConfig)
+from sglang_kascade.config import (DEFAULT_POLICY, DEFAULT_RERANK, DEFAULT_SINK_TOKENS, OPTION_TABLE,
+                                   POLICIES, KascadeConfigError, KascadeOptions, PolicyConfig)
 from sglang_kascade.kernels.quest_torch import select_quest
 from sglang_kascade.kernels.selection_torch import select_topk
 from sglang_kascade.kernels.sparse_attention_torch import sparse_attention
@@ -52,8 +52,8 @@ def clean_env(monkeypatch):
 
 
 def test_policy_tables_cover_every_policy():
-    assert POLICIES == ("kascade", "kascade_identity", "kascade_pooled", "oracle", "quest",
-                        "streaming")
+    assert POLICIES == ("kascade", "kascade_identity", "kascade_pooled", "kascade_rerank",
+                        "oracle", "quest", "streaming")
     assert tuple(POLICY_TABLE) == POLICIES
     assert DEVICE_POLICIES == ("kascade", "kascade_identity", "oracle")
     assert DEFAULT_POLICY == "kascade" and DEFAULT_SINK_TOKENS == 4
@@ -61,6 +61,8 @@ def test_policy_tables_cover_every_policy():
     assert OPTION_TABLE["policy"].allowed == POLICIES
     assert OPTION_TABLE["sink_tokens"][:3] == ("--kascade-sink-tokens",
                                                "SGLANG_KASCADE_SINK_TOKENS", int)
+    assert OPTION_TABLE["rerank"][:3] == ("--kascade-rerank", "SGLANG_KASCADE_RERANK", float)
+    assert OPTION_TABLE["rerank"].default == DEFAULT_RERANK == 2.0
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -72,6 +74,8 @@ def test_every_policy_is_a_valid_option(policy):
 @pytest.mark.parametrize("field,value", [
     ("policy", "Kascade"), ("policy", "h2o"), ("policy", ""), ("policy", 1),
     ("sink_tokens", -1), ("sink_tokens", 1.5), ("sink_tokens", True), ("sink_tokens", "4"),
+    ("rerank", 0.5), ("rerank", 65.0), ("rerank", float("nan")), ("rerank", True),
+    ("rerank", "2"),
 ])
 def test_bad_policy_options_are_refused(field, value):
     with pytest.raises(KascadeConfigError) as ei:
@@ -87,6 +91,8 @@ def test_resolved_policy_needs_values():
         PolicyConfig(name=None)
     with pytest.raises(KascadeConfigError, match="sink_tokens=None"):
         PolicyConfig(sink_tokens=None)
+    with pytest.raises(KascadeConfigError, match="rerank=None"):
+        PolicyConfig(rerank=None)
 
 
 def test_policy_defaults_and_overrides():
@@ -94,6 +100,9 @@ def test_policy_defaults_and_overrides():
     assert resolve_policy(KascadeOptions()) == PolicyConfig() == PolicyConfig("kascade", 4)
     assert resolve_policy(KascadeOptions(policy="streaming", sink_tokens=0)) == \
         PolicyConfig("streaming", 0)
+    assert resolve_policy(KascadeOptions(policy="kascade_rerank", rerank=3)) == \
+        PolicyConfig("kascade_rerank", rerank=3.0)
+    assert KascadeOptions.from_env({ENV["rerank"]: "1.5"}).rerank == 1.5
 
 
 def test_policy_from_env_and_flags_over_env():
@@ -282,13 +291,19 @@ def test_pooling_over_all_heads_changes_selections():
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
 def test_every_policy_selects_the_kascade_budget(case):
-    """Through each policy's selection: k keys per (KV head, tile), or ceil(k/P) pages (Quest)."""
+    """Through each policy's selection, what a selecting layer attends: k keys per (KV head,
+    tile), or ceil(k/P) pages (Quest); kascade_rerank's anchors keep ceil(C * k) for reuse."""
     q, k, _, scale = make_inputs(case, seed_of(case, 15))
     kt, ot = kernel_tiles(case), oracle_tiles(case)
     budget = dataclasses.replace(case.budget, page_tile_size=5)
     for policy in POLICIES:
-        sel = POLICY_TABLE[policy].select(q, k, kt, scale, budget, PolicyConfig(policy))
+        pol = POLICY_TABLE[policy]
+        read = pol.select(q, k, kt, scale, budget, PolicyConfig(policy))
+        sel = pol.attend(read, kt)
         assert sel.dense == kt.all_dense, policy
+        if policy == "kascade_rerank" and not read.dense:
+            wide = [min(math.ceil(DEFAULT_RERANK * kk), s) for s, kk in zip(ot.starts, ot.ks)]
+            assert read.valid.sum(-1).tolist() == [wide] * case.hkv
         mask = ref.mask_from_kernel(sel, ot, case.hkv, case.seq)
         for t, (s, kk) in enumerate(zip(ot.starts, ot.ks)):
             for h in range(case.hkv):
@@ -317,8 +332,16 @@ BACKEND_CASES = [
 ]
 
 
+RERANK = 2.5  # kascade_rerank's candidates per key here: not the default, so it is seen to reach
+
+
 def policy_config(policy: str) -> PolicyConfig:
-    return PolicyConfig(policy, SINK)
+    return PolicyConfig(policy, SINK, rerank=RERANK)
+
+
+def serves(case, policy: str) -> bool:
+    """kascade_rerank re-ranks single keys: a page-granularity profile is refused at start-up."""
+    return not (policy == "kascade_rerank" and case[1] == "page")
 
 
 def run_policy_oracle(scn: tb.Scenario, policy: str, backend_sel: dict):
@@ -360,6 +383,12 @@ def run_policy_oracle(scn: tb.Scenario, policy: str, backend_sel: dict):
                     elif policy == "streaming":
                         sel = ref.streaming_select(tiles, m.hkv, S, SINK)
                         bad = [] if torch.equal(got, sel) else ["streaming selection differs"]
+                    elif policy == "kascade_rerank":  # C * k candidates, then the top k
+                        wide = ref.OracleTiles(tiles.q_pos, tiles.q_tile, tiles.starts, [
+                            min(math.ceil(RERANK * kk - 1e-9), s)
+                            for kk, s in zip(tiles.ks, tiles.starts)])
+                        sel, scores = ref.select(q, K, wide, m.scale)
+                        bad = ref.topk_violations(got, scores, wide)
                     else:
                         sel, scores = ref.select(q, K, tiles, m.scale, gran, page,
                                                  pool_all_heads=policy == "kascade_pooled")
@@ -371,6 +400,14 @@ def run_policy_oracle(scn: tb.Scenario, policy: str, backend_sel: dict):
                     masks[f, st.name, lid] = sel
                 if dense:
                     out = ref.dense_attention(q, K, V, tiles.q_pos, m.scale)
+                elif policy == "kascade_rerank":
+                    if selects:  # its own top k of its candidates
+                        attended, _ = ref.select(q, K, tiles, m.scale)
+                        attended &= sel
+                    else:
+                        cand = torch.stack([sel[int(a)] for a in head_maps[lid]])
+                        attended = ref.rerank(q, K, tiles, m.scale, cand)
+                    out = ref.sparse_attention(q, K, V, tiles, attended, m.scale)
                 else:
                     out = ref.sparse_attention(q, K, V, tiles, sel, m.scale,
                                                head_map=head_maps[lid])
@@ -382,6 +419,10 @@ _POLICY_RUNS = {}
 
 
 def policy_runs(case, policy):
+    if not serves(case, policy):
+        with pytest.raises(KascadeConfigError, match="kascade_rerank re-ranks single keys"):
+            tb.run_backend(tb.build(case), batched=True, policy=policy_config(policy))
+        pytest.skip("refused at start-up (checked)")
     key = (tb.case_id(case), policy)
     if key not in _POLICY_RUNS:
         scn = tb.build(case)
@@ -403,6 +444,7 @@ def test_backend_policy_matches_oracle(case, policy):
     pd = scn.profile_dict
     page = pd["page_tile_size"]
     by_pages = policy == "quest" or (pd["granularity"] == "page" and policy not in ("streaming",))
+    widen = RERANK if policy == "kascade_rerank" else 1.0  # what anchors keep for reuse layers
     kfn = lambda s: ref.budget_k(s, pd["topk_fraction"], pd["k_min"], pd["round_to"])  # noqa: E731
     n_sparse = 0
     for (f, name, lid), mask in masks.items():
@@ -417,7 +459,7 @@ def test_backend_policy_matches_oracle(case, policy):
                     pages = {int(j) // page for j in row.nonzero().flatten()}
                     assert len(pages) == math.ceil(kk / page)
                 else:
-                    assert int(row.sum()) == kk
+                    assert int(row.sum()) == min(math.ceil(widen * kk - 1e-9), tiles.starts[t])
         if policy == "kascade_pooled" or policy == "streaming":
             assert all(torch.equal(mask[0], mask[h]) for h in range(scn.model.hkv))
     assert n_sparse >= len(masks) // 2
@@ -447,7 +489,8 @@ def test_backend_policy_roles_and_dense_delegation(case, policy):
 @pytest.mark.parametrize("case", BACKEND_CASES, ids=tb.case_id)
 def test_policies_give_different_outputs(case):
     """Each pair of policies differs somewhere; where two policies must agree, they do."""
-    runs = {p: policy_runs(case, p) for p in POLICIES}
+    served = [p for p in POLICIES if serves(case, p)]
+    runs = {p: policy_runs(case, p) for p in served}
     scn = runs["kascade"][0]
     pd = scn.profile_dict
     ident = list(range(scn.model.hkv))
@@ -458,7 +501,7 @@ def test_policies_give_different_outputs(case):
                    for key in keys if key[2] in layers)
 
     non_dense = {key[2] for key in keys}
-    for a, b in itertools.combinations(POLICIES, 2):
+    for a, b in itertools.combinations(served, 2):
         if {a, b} == {"kascade", "kascade_identity"} and all(
                 pd["head_map"][lid] == ident for lid in non_dense):
             continue
@@ -467,6 +510,8 @@ def test_policies_give_different_outputs(case):
     anchors = set(pd["anchor_layers"]) - set(pd["dense_layers"])
     assert diff("kascade", "oracle", anchors) < 1e-6
     assert diff("kascade", "kascade_identity", anchors) < 1e-6
+    if "kascade_rerank" in served:  # an anchor attends its own top k of its C * k
+        assert diff("kascade", "kascade_rerank", anchors) < 1e-6
     # reuse layers with an identity head map are the same under kascade and kascade_identity
     same_map = {lid for lid in non_dense - anchors if pd["head_map"][lid] == ident}
     if same_map:
