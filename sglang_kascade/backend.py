@@ -29,7 +29,7 @@ from .kernels.sparse_attention_torch import sparse_attention
 from .layers import LayerTable
 from .plan import ForwardPlan, plan_forward, prefill_key_counts
 from .profile import AnchorProfile
-from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy
+from .policies import DEVICE_POLICIES, POLICY_TABLE, apply_policy, budget_problem
 from .resolve import resolve_budget, tp_problem
 from .tp import TPLayout
 
@@ -254,10 +254,10 @@ class KascadeAttnBackend(AttentionBackend):
         """Why this process cannot serve ``profile`` at ``budget`` under ``policy``, or None:
         what the field checks of a profile (config.check_budget_fields) cannot know, because it
         depends on the device and the model. On CUDA, the Triton prefill kernels' tile limit
-        (config.prefill_tile_problem). Policy kascade_rerank re-ranks keys, so token granularity."""
-        if policy.name == "kascade_rerank" and budget.granularity != "token":
-            return (f"policy kascade_rerank re-ranks single keys: granularity must be 'token', "
-                    f"not {budget.granularity!r}")
+        (config.prefill_tile_problem). What a policy needs of a budget (policies.budget_problem)."""
+        why = budget_problem(policy, budget)
+        if why:
+            return why
         if self.device_path.enabled and self.device_path.applies(False, policy, budget):
             m = profile.model
             return prefill_tile_problem(budget.tile_size, m.num_q_heads // m.num_kv_heads,

@@ -114,6 +114,16 @@ assert tuple(POLICY_TABLE) == POLICIES
 DEVICE_POLICIES = tuple(name for name, p in POLICY_TABLE.items() if p.on_device)
 
 
+def budget_problem(policy, budget) -> str | None:
+    """Why ``policy`` (a PolicyConfig) cannot select at ``budget``, or None: kascade_rerank
+    re-ranks single keys, so it needs token granularity. Asked at start-up and before a hot swap
+    (backend.serve_problem)."""
+    if policy.name == "kascade_rerank" and budget.granularity != "token":
+        return (f"policy kascade_rerank re-ranks single keys: granularity must be 'token', "
+                f"not {budget.granularity!r}")
+    return None
+
+
 def apply_policy(profile: AnchorProfile, policy: str) -> AnchorProfile:
     """The profile a policy runs with."""
     return POLICY_TABLE[policy].transform(profile)

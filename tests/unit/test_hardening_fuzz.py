@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sglang_kascade.config import (MAX_BUDGET_KEYS, MAX_PAGE_TILE_SIZE, MAX_TILE_SIZE, POLICIES,
                                    KascadeConfigError, PolicyConfig)
 from sglang_kascade.plugin import profile_validator
+from sglang_kascade.policies import budget_problem
 from sglang_kascade.profile import ModelFingerprint
 from test_backend_vs_reference import CASES, build, run_backend
 from test_hot_swap_backend import channel_for, request
@@ -73,7 +74,9 @@ def profiles(draw) -> dict:
 @given(data=profiles(), policy=st.sampled_from(POLICIES))
 def test_a_random_profile_is_refused_or_served(tmp_path_factory, data, policy):
     tmp = tmp_path_factory.mktemp("control")
-    channel = channel_for(tmp, BASE.profile_dict)
+    # as the server's validator (backend.hot_swap_problem): what the policy needs of a budget
+    channel = channel_for(tmp, BASE.profile_dict,
+                          check=lambda p: budget_problem(PolicyConfig(name=policy), p.budget))
     try:
         channel._validate(data)
     except KascadeConfigError:
