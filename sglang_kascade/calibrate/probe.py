@@ -69,7 +69,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
                                       dropout=dropout, scaling=scaling, **kw)
     pol = POLICY_TABLE[_STATE["policy"].name]
     if role == "reuse":
-        sel = pol.reuse(_STATE["sel"].for_heads(_STATE["head_maps"][li]), q, k_all, tiles, scaling)
+        read = _STATE["sel"].for_heads(_STATE["head_maps"][li])
+        sel = pol.reuse(read, q, k_all, tiles, scaling)
     else:
         sel = pol.attend(_STATE["sel"], tiles)
     if n > 1 and "keys" in _STATE:

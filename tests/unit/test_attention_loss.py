@@ -132,6 +132,21 @@ def test_walk_roles_own_oracle_and_dense_budget():
         assert float(x.err2.sum()) < 1e-10 * float(x.ref2.sum())
 
 
+def test_walk_rerank_sits_between_reuse_and_oracle():
+    """policy kascade_rerank in the walk: anchors keep their own Top-k; a reuse layer re-ranking
+    every candidate (C large) keeps what its own Top-k keeps, as under the oracle."""
+    fp, cap = _tiny_model()
+    prof = _profile(fp, (0, 2), ((0, 1), (1, 1), (0, 1), (0, 0)))
+    plain = walk(cap, Variant("k", prof, prof.budget, PolicyConfig()))
+    every = walk(cap, Variant("r", prof, prof.budget, PolicyConfig("kascade_rerank", rerank=64)))
+    assert torch.allclose(every[2].mass, plain[2].mass)  # the anchor attends its own Top-k
+    for li in (1, 3):
+        assert torch.allclose(every[li].mass, every[li].own_mass, atol=1e-6)
+        assert float(every[li].mass.sum()) >= float(plain[li].mass.sum()) - 1e-6
+    v = parse_variant("name=r policy=kascade_rerank rerank=3", prof)
+    assert v.policy == PolicyConfig("kascade_rerank", rerank=3.0)
+
+
 def test_summarize_groups_and_prefix_tiles():
     fp, cap = _tiny_model()
     prof = _profile(fp, (0, 2), ((0, 1),) * 4)
