@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .config import (DEFAULT_POLICY, DEFAULT_RERANK, DEFAULT_SINK_TOKENS, BudgetConfig,
-                     KascadeConfigError, KascadeOptions, PolicyConfig)
+from .config import (DEFAULT_POLICY, DEFAULT_RERANK, DEFAULT_SINK_TOKENS, OPTION_TABLE,
+                     BudgetConfig, KascadeConfigError, KascadeOptions, PolicyConfig)
 from .profile import (AnchorProfile, ModelFingerprint, derived_default_profile,
                       find_shipped_profile, load_profile)
 from .policies import POLICY_TABLE, apply_policy
@@ -47,11 +47,26 @@ def resolve_budget(profile: AnchorProfile, options: KascadeOptions) -> BudgetCon
     return dataclasses.replace(profile.budget, **overrides)
 
 
+# Options that only one policy reads: given under another policy, they are ignored, with a warning.
+POLICY_OPTIONS = {"sink_tokens": "streaming", "rerank": "kascade_rerank"}
+
+
 def resolve_policy(options: KascadeOptions) -> PolicyConfig:
+    """The policy and its parameters; a parameter of another policy keeps its default (so the
+    config says what runs) and is reported once."""
+    name = options.policy or DEFAULT_POLICY
+    given = {}
+    for option, policy in POLICY_OPTIONS.items():
+        value = getattr(options, option)
+        if value is not None and name != policy:
+            logger.warning("kascade: %s is ignored: only --kascade-policy %s reads it (this "
+                           "server runs %s)", OPTION_TABLE[option].flag, policy, name)
+        elif value is not None:
+            given[option] = value
     return PolicyConfig(
-        name=options.policy or DEFAULT_POLICY,
-        sink_tokens=DEFAULT_SINK_TOKENS if options.sink_tokens is None else options.sink_tokens,
-        rerank=DEFAULT_RERANK if options.rerank is None else float(options.rerank),
+        name=name,
+        sink_tokens=given.get("sink_tokens", DEFAULT_SINK_TOKENS),
+        rerank=float(given.get("rerank", DEFAULT_RERANK)),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import logging
 import math
 
 import pytest
@@ -103,6 +104,17 @@ def test_policy_defaults_and_overrides():
     assert resolve_policy(KascadeOptions(policy="kascade_rerank", rerank=3)) == \
         PolicyConfig("kascade_rerank", rerank=3.0)
     assert KascadeOptions.from_env({ENV["rerank"]: "1.5"}).rerank == 1.5
+
+
+def test_an_option_of_another_policy_is_ignored_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="sglang_kascade"):
+        assert resolve_policy(KascadeOptions(rerank=3.0)) == PolicyConfig()
+        assert resolve_policy(KascadeOptions(policy="quest", sink_tokens=2)).name == "quest"
+        resolve_policy(KascadeOptions(policy="kascade_rerank", rerank=3.0))
+    said = [r.getMessage() for r in caplog.records]
+    assert any("--kascade-rerank is ignored" in m and "runs kascade)" in m for m in said)
+    assert any("--kascade-sink-tokens is ignored" in m and "runs quest)" in m for m in said)
+    assert len(said) == 2
 
 
 def test_policy_from_env_and_flags_over_env():
