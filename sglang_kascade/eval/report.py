@@ -168,7 +168,7 @@ def markdown(data: dict, source: str, plot_name: str | None, command: str,
                "[docs/evaluation.md](../evaluation.md).")
     out.append("")
     models = sorted({str(r.get("model")) for r in tab.rows if r.get("model")})
-    seeds = sorted({r.get("seed") for r in tab.rows if r.get("seed") is not None})
+    seeds = sorted({r.get("seed") for r in tab.rows if r.get("seed") is not None}, key=str)
     out.append(f"Model: {', '.join(models) or '-'}. Samples per (task, length) cell: "
                f"{', '.join(map(str, tab.samples())) or '-'}. Seed: "
                f"{', '.join(map(str, seeds)) or '-'}. Score: fraction of samples answered "
@@ -301,7 +301,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m sglang_kascade.eval.report",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--in", dest="inp", type=Path, required=True, help="results JSON")
+    p.add_argument("--in", dest="inp", type=Path, action="append", required=True,
+                   help="results JSON; given again, files of other seeds pooled cell by cell "
+                        "(results.pool)")
     p.add_argument("--out", type=Path, required=True, help="markdown page to write")
     p.add_argument("--title", default=None, help="page title")
     p.add_argument("--note-file", type=Path, default=None,
@@ -309,10 +311,16 @@ def main(argv=None) -> int:
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG to write (default: --out with .png); 'none' for no plot")
     args = p.parse_args(argv)
-    if not args.inp.exists():
-        print(f"error: {args.inp} does not exist", file=sys.stderr)
+    missing = [str(p) for p in args.inp if not p.exists()]
+    if missing:
+        print(f"error: {', '.join(missing)} does not exist", file=sys.stderr)
         return 2
-    data = results_io.load(args.inp)
+    try:
+        data = (results_io.load(args.inp[0]) if len(args.inp) == 1
+                else results_io.pool([results_io.load(p) for p in args.inp]))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     plot_path = None
     if args.plot is None or str(args.plot).lower() != "none":
         plot_path = args.plot or args.out.with_suffix(".png")
@@ -324,7 +332,8 @@ def main(argv=None) -> int:
         plot_rel = str(Path(plot_path).resolve()) if plot_path else None
     command = "python -m sglang_kascade.eval.report " + shlex.join(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(data, str(args.inp), plot_rel, command, args.title,
+    args.out.write_text(markdown(data, " + ".join(map(str, args.inp)), plot_rel, command,
+                                 args.title,
                                  args.note_file.read_text().strip() if args.note_file else None))
     print(f"wrote {args.out}" + (f" and {plot_path}" if plot_path else ""))
     return 0

@@ -1,6 +1,7 @@
 """The results JSON: rows of (label, policy, budget, task, context_length, score, n) and the runs
 that produced them. Writing merges: a row replaces an earlier row with the same
-(label, task, context_length); runs are appended."""
+(label, task, context_length); runs are appended. ``pool`` reads several files of other prompts
+(seeds) as one."""
 
 from __future__ import annotations
 
@@ -42,6 +43,47 @@ def merge(data: dict, rows, run: dict | None = None, extra: dict | None = None) 
     if extra:
         data.update(extra)
     return data
+
+
+def pool(datas: list) -> dict:
+    """Several results files of the same configurations on other prompts (other seeds) as one.
+
+    The rows of one (label, task, context_length) become one row: outcomes concatenated in the
+    order of ``datas``, ``n`` their sum, ``score`` / ``partial`` / ``spent`` shares weighted by
+    samples, ``seed`` the seeds joined by "+" (so rows pool-paired with dense must pool the same
+    seeds in the same order). Runs are appended. One cell with the same seed twice is refused:
+    the same prompts would count twice."""
+    groups: dict = {}
+    for data in datas:
+        for r in data.get("rows", []):
+            groups.setdefault(row_key(r), []).append(r)
+    rows = []
+    for key, group in groups.items():
+        seeds = [str(r.get("seed")) for r in group]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"cell {key}: seed {seeds} given twice (the same prompts)")
+        if len(group) == 1:
+            rows.append(group[0])
+            continue
+        n = sum(r["n"] for r in group)
+        row = dict(group[0], n=n, seed="+".join(seeds))
+        for field in ("score", "partial"):
+            if all(field in r for r in group):
+                row[field] = round(sum(r[field] * r["n"] for r in group) / n, 4)
+        if all("outcomes" in r for r in group):
+            row["outcomes"] = [x for r in group for x in r["outcomes"]]
+        else:
+            row.pop("outcomes", None)
+        if all(isinstance(r.get("spent"), dict) for r in group):
+            parts = set.intersection(*(set(r["spent"]) for r in group))
+            row["spent"] = {k: round(sum(r["spent"][k] * r["n"] for r in group) / n, 4)
+                            for k in parts if all(isinstance(r["spent"][k], (int, float))
+                                                  for r in group)}
+        rows.append(row)
+    out = empty()
+    out["rows"] = sort_rows(rows)
+    out["runs"] = [run for data in datas for run in data.get("runs", [])]
+    return out
 
 
 def sort_rows(rows):

@@ -352,6 +352,45 @@ def test_report_pairs_rows_with_dense_sample_by_sample(tmp_path):
     assert "| old@0.10 | " not in md.split("## Paired against dense")[1].split("##")[0]
 
 
+def test_report_pools_files_of_other_seeds(tmp_path):
+    """Two results files of the same rows on other prompts: one row per cell with both files'
+    outcomes, paired with dense over all of them; the same seed twice is refused."""
+    from sglang_kascade.eval import report
+
+    def row(label, policy, seed, outcomes, spent=None):
+        r = {"label": label, "policy": policy, "budget": None if policy == "dense" else 0.1,
+             "task": "passkey", "context_length": 1024, "score": sum(outcomes) / len(outcomes),
+             "partial": 0.5, "n": len(outcomes), "seed": seed, "model": "M",
+             "prompt_format": "chat", "outcomes": outcomes}
+        if spent is not None:
+            r["spent"] = {"extend": spent, "decode": 0.1}
+        return r
+
+    a = results.merge(results.empty(), [row("dense", "dense", 0, [1, 1, 0]),
+                                        row("k@0.1", "kascade", 0, [1, 0, 0], 0.2)])
+    b = results.merge(results.empty(), [row("dense", "dense", 2, [0, 1, 1, 1]),
+                                        row("k@0.1", "kascade", 2, [1, 1, 0, 0], 0.1)])
+    pooled = results.pool([a, b])
+    k = [r for r in pooled["rows"] if r["label"] == "k@0.1"][0]
+    assert k["outcomes"] == [1, 0, 0, 1, 1, 0, 0] and k["n"] == 7 and k["seed"] == "0+2"
+    assert k["score"] == round(3 / 7, 4) and k["spent"]["extend"] == round(1.0 / 7, 4)
+    with pytest.raises(ValueError, match="given twice"):
+        results.pool([a, a])
+    paths = []
+    for name, data in (("a", a), ("b", b)):
+        paths += ["--in", str(tmp_path / f"{name}.json")]
+        results.save(data, tmp_path / f"{name}.json")
+    out = tmp_path / "pooled.md"
+    assert report.main(paths + ["--out", str(out), "--plot", "none"]) == 0
+    md = out.read_text()
+    # dense 1,1,0,0,1,1,1 against k 1,0,0,1,1,0,0: both right 2, both wrong 1, only k 1,
+    # only dense 3
+    assert "| k@0.1 | 1 | 7 | 2 | 1 | 1 | 3 | 0.625 |" in md
+    assert "Seed: 0+2." in md
+    assert report.main(["--in", str(tmp_path / "a.json"), "--in", str(tmp_path / "a.json"),
+                        "--out", str(out), "--plot", "none"]) == 2
+
+
 def test_sweep_gives_kascade_servers_a_control_dir_and_reads_the_budget_spent(tmp_path):
     """The sweep's budget-spent figure: a kascade server gets a control directory (a dense one
     or one that names its own does not), and the schedulers' key counters are summed."""
