@@ -308,6 +308,8 @@ def main(argv=None) -> int:
     p.add_argument("--title", default=None, help="page title")
     p.add_argument("--note-file", type=Path, default=None,
                    help="markdown file whose text goes under the title")
+    p.add_argument("--only", default=None,
+                   help="comma list of labels: render these rows only (default: every row)")
     p.add_argument("--plot", type=Path, default=None,
                    help="PNG to write (default: --out with .png); 'none' for no plot")
     args = p.parse_args(argv)
@@ -321,6 +323,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.only:
+        keep = [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = sorted(set(keep) - {r["label"] for r in data["rows"]})
+        if unknown:
+            print(f"error: --only: no rows labelled {unknown}", file=sys.stderr)
+            return 2
+        data = dict(data, rows=[r for r in data["rows"] if r["label"] in keep],
+                    runs=[r for r in data["runs"] if r.get("label") in keep])
     plot_path = None
     if args.plot is None or str(args.plot).lower() != "none":
         plot_path = args.plot or args.out.with_suffix(".png")

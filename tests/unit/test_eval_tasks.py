@@ -389,6 +389,9 @@ def test_report_pools_files_of_other_seeds(tmp_path):
     assert "Seed: 0+2." in md
     assert report.main(["--in", str(tmp_path / "a.json"), "--in", str(tmp_path / "a.json"),
                         "--out", str(out), "--plot", "none"]) == 2
+    assert report.main(paths + ["--out", str(out), "--plot", "none", "--only", "dense"]) == 0
+    assert "| k@0.1 |" not in out.read_text()
+    assert report.main(paths + ["--out", str(out), "--plot", "none", "--only", "nope"]) == 2
 
 
 def test_sweep_gives_kascade_servers_a_control_dir_and_reads_the_budget_spent(tmp_path):
