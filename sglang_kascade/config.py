@@ -21,7 +21,8 @@ POLICIES = ("kascade", "kascade_identity", "kascade_pooled", "kascade_rerank", "
 DEFAULT_POLICY = "kascade"
 DEFAULT_SINK_TOKENS = 4  # StreamingLLM's attention sinks (Xiao et al. 2024)
 # kascade_rerank: an anchor keeps this many candidates per key a reuse layer attends (C * k).
-# 2 as measured on the embedded model (docs/results/prefill-accuracy.md).
+# 2 as measured on the embedded model at 9.7% of the keys (docs/results/prefill-accuracy.md):
+# C = 3 answered no more prompts, and each reuse layer scores C * k keys.
 DEFAULT_RERANK = 2.0
 # Its upper bound: at C * k >= the candidates a reuse layer scores every key, as an anchor does.
 MAX_RERANK = 64.0
