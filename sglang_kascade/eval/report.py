@@ -103,8 +103,20 @@ def paired(tab: Table, base: str, label: str) -> dict | None:
             losses += y and not x
     if not cells:
         return None
-    return dict(cells=cells, samples=both + wins + losses + neither, both=both, neither=neither,
-                wins=wins, losses=losses, p=sign_test_p(wins, losses))
+    n = both + wins + losses + neither
+    lo, hi = difference_interval(wins, losses, n)
+    return dict(cells=cells, samples=n, both=both, neither=neither, wins=wins, losses=losses,
+                p=sign_test_p(wins, losses), diff=(wins - losses) / n, lo=lo, hi=hi)
+
+
+def difference_interval(wins: int, losses: int, n: int, z: float = 1.96) -> tuple:
+    """95% interval of the paired difference in the share answered, (wins - losses) / n: the
+    normal approximation for paired proportions (the sample variance of the per-sample
+    differences, each +1, -1 or 0). With every cell the same size this is the difference of
+    the rows' averages; its lower end above -0.02 says "not 2 points below" at 97.5%."""
+    d = (wins - losses) / n
+    var = max(0.0, (wins + losses) / n - d * d) / n
+    return d - z * math.sqrt(var), d + z * math.sqrt(var)
 
 
 def paired_section(tab: Table) -> list:
@@ -119,16 +131,22 @@ def paired_section(tab: Table) -> list:
         c = paired(tab, base, lab)
         if c:
             lines.append(f"| {lab} | {c['cells']} | {c['samples']} | {c['both']} | "
-                         f"{c['neither']} | {c['wins']} | {c['losses']} | {c['p']:.3f} |")
+                         f"{c['neither']} | {c['wins']} | {c['losses']} | {c['p']:.3f} | "
+                         f"{100 * c['diff']:+.1f} ({100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}) |")
     if not lines:
         return []
     return [f"## Paired against {base}", "",
             f"The same prompts, sample by sample (cells where both rows hold per-sample outcomes "
             f"with the same model, seed, sample count and prompt format). *Only this row* / *only "
             f"{base}*: samples one answered exactly and the other did not; *p*: two-sided exact "
-            "sign test on those (a small p says the difference is unlikely to be chance).", "",
+            "sign test on those (a small p says the difference is unlikely to be chance); "
+            "*difference*: (only this row - only "
+            f"{base}) / samples in points, with its 95% interval (normal approximation for "
+            "paired proportions; a lower end above -2 says the row is not 2 points below "
+            f"{base} at 97.5%).", "",
             f"| label | cells | samples | both right | both wrong | only this row | only {base} "
-            "| p |", "|---|---:|---:|---:|---:|---:|---:|---:|"] + lines + [""]
+            "| p | difference (95%) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *lines, ""]
 
 
 def _pct(x):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -347,9 +348,23 @@ def test_report_pairs_rows_with_dense_sample_by_sample(tmp_path):
     assert report.main(["--in", str(src), "--out", str(out), "--plot", "none"]) == 0
     md = out.read_text()
     assert "## Paired against dense" in md
-    assert "| kascade@0.10 | 2 | 8 | 3 | 3 | 1 | 1 | 1.000 |" in md
-    assert "| oracle@0.10 | 1 | 4 | 0 | 2 | 0 | 2 | 0.500 |" in md
+    assert "| kascade@0.10 | 2 | 8 | 3 | 3 | 1 | 1 | 1.000 | +0.0 (-34.6, +34.6) |" in md
+    assert "| oracle@0.10 | 1 | 4 | 0 | 2 | 0 | 2 | 0.500 | -50.0 (-99.0, -1.0) |" in md
     assert "| old@0.10 | " not in md.split("## Paired against dense")[1].split("##")[0]
+
+
+def test_difference_interval_of_paired_outcomes():
+    """(wins - losses) / n with the normal interval of paired proportions; against a direct
+    computation from the per-sample differences (+1, -1, 0)."""
+    from sglang_kascade.eval.report import difference_interval
+
+    diffs = [1] * 14 + [-1] * 6 + [0] * 124
+    mean = sum(diffs) / len(diffs)
+    var = sum((x - mean) ** 2 for x in diffs) / len(diffs)
+    lo, hi = difference_interval(14, 6, 144)
+    assert lo == pytest.approx(mean - 1.96 * math.sqrt(var / 144))
+    assert hi == pytest.approx(mean + 1.96 * math.sqrt(var / 144))
+    assert difference_interval(0, 0, 10) == (0.0, 0.0)
 
 
 def test_report_pools_files_of_other_seeds(tmp_path):
@@ -385,7 +400,7 @@ def test_report_pools_files_of_other_seeds(tmp_path):
     md = out.read_text()
     # dense 1,1,0,0,1,1,1 against k 1,0,0,1,1,0,0: both right 2, both wrong 1, only k 1,
     # only dense 3
-    assert "| k@0.1 | 1 | 7 | 2 | 1 | 1 | 3 | 0.625 |" in md
+    assert "| k@0.1 | 1 | 7 | 2 | 1 | 1 | 3 | 0.625 | -28.6 (-80.4, +23.3) |" in md
     assert "Seed: 0+2." in md
     assert report.main(["--in", str(tmp_path / "a.json"), "--in", str(tmp_path / "a.json"),
                         "--out", str(out), "--plot", "none"]) == 2
