@@ -43,18 +43,12 @@ def _unchanged(profile: AnchorProfile) -> AnchorProfile:
 # scale, budget, policy config) -> Selection, at the budget k of each tile; it covers
 # tiles.selected() (the tiles before an extend's dense tail, whose queries attend densely).
 # The Top-k policies also take select_topk's offline ``mass`` / ``mass_floor`` (the probe's).
+# kascade_rerank's anchors keep ceil(rerank * k) candidates per tile, highest first.
 def _topk(q, k_all, tiles, scale, budget, policy, mass=1.0, mass_floor=0):
     return select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale, budget.granularity,
                        budget.page_tile_size, pool_all_heads=policy.name == "kascade_pooled",
-                       mass=mass, mass_floor=mass_floor)
-
-
-def _topk_wide(q, k_all, tiles, scale, budget, policy, mass=1.0, mass_floor=0):
-    """kascade_rerank's anchors: ceil(rerank * k) candidates per tile, highest first."""
-    if mass != 1.0:
-        raise ValueError("policy kascade_rerank does not follow the attention mass")
-    return select_topk(q[:tiles.tail_q_lo], k_all, tiles.selected(), scale, budget.granularity,
-                       budget.page_tile_size, widen=policy.rerank)
+                       mass=mass, mass_floor=mass_floor,
+                       widen=policy.rerank if policy.name == "kascade_rerank" else 1.0)
 
 
 def _quest(q, k_all, tiles, scale, budget, policy):  # pages of page_tile_size keys
@@ -104,7 +98,7 @@ POLICY_TABLE = {p.name: p for p in (
     Policy("kascade_pooled", _unchanged, _topk, on_device=False,
            per_kv_head=False),  # pooled over all heads
     # anchors keep rerank * k candidates, reuse layers attend their own k of them
-    Policy("kascade_rerank", _unchanged, _topk_wide, on_device=False, attend=_its_top_k,
+    Policy("kascade_rerank", _unchanged, _topk, on_device=False, attend=_its_top_k,
            reuse=_reranked),
     Policy("oracle", every_layer_selects, _topk, on_device=True),  # exact Top-k in every layer
     Policy("quest", every_layer_selects, _quest, on_device=False),  # own pages in every layer

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .config import (DEFAULT_POLICY, DEFAULT_RERANK, DEFAULT_SINK_TOKENS, OPTION_TABLE,
-                     BudgetConfig, KascadeConfigError, KascadeOptions, PolicyConfig)
+from .config import (DEFAULT_POLICY, OPTION_TABLE, BudgetConfig, KascadeConfigError,
+                     KascadeOptions, PolicyConfig)
 from .profile import (AnchorProfile, ModelFingerprint, derived_default_profile,
                       find_shipped_profile, load_profile)
 from .policies import POLICY_TABLE, apply_policy
@@ -62,12 +62,8 @@ def resolve_policy(options: KascadeOptions) -> PolicyConfig:
             logger.warning("kascade: %s is ignored: only --kascade-policy %s reads it (this "
                            "server runs %s)", OPTION_TABLE[option].flag, policy, name)
         elif value is not None:
-            given[option] = value
-    return PolicyConfig(
-        name=name,
-        sink_tokens=given.get("sink_tokens", DEFAULT_SINK_TOKENS),
-        rerank=float(given.get("rerank", DEFAULT_RERANK)),
-    )
+            given[option] = OPTION_TABLE[option].type(value)  # rerank 3 -> 3.0
+    return PolicyConfig(name=name, **given)  # the others: PolicyConfig's defaults
 
 
 def tp_problem(profile: AnchorProfile, policy: PolicyConfig, layout: TPLayout) -> str | None:

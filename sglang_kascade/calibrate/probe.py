@@ -58,16 +58,15 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     n, s = q.shape[0], k_all.shape[0]
     tiles = (decode_tiles(s, budget.k_for, q.device) if n == 1 and s > 1
              else request_tiles(budget, s - n, n, budget.k_for, q.device))
+    policy: PolicyConfig = _STATE["policy"]
+    pol = POLICY_TABLE[policy.name]
     if _STATE["selects"][li]:
-        policy: PolicyConfig = _STATE["policy"]
         mass = _STATE.get("mass", 1.0)  # < 1: a Top-k policy's mass-following selection
         extra = {} if mass == 1.0 else {"mass": mass, "mass_floor": budget.k_min}
-        _STATE["sel"] = POLICY_TABLE[policy.name].select(q, k_all, tiles, scaling, budget,
-                                                         policy, **extra)
+        _STATE["sel"] = pol.select(q, k_all, tiles, scaling, budget, policy, **extra)
     if role in ("dense", "dense_anchor"):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kw)
-    pol = POLICY_TABLE[_STATE["policy"].name]
     if role == "reuse":
         read = _STATE["sel"].for_heads(_STATE["head_maps"][li])
         sel = pol.reuse(read, q, k_all, tiles, scaling)
